@@ -1,0 +1,113 @@
+"""Audio decoding through ffmpeg, and the crop/pad policy that gives every clip the same length."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import ffmpeg
+import numpy as np
+
+CropPolicy = Literal["pad", "repeat", "center"]
+
+
+class FfmpegNotFoundError(RuntimeError):
+    """No ffmpeg binary could be found."""
+
+
+class AudioDecodeError(RuntimeError):
+    """ffmpeg could not decode a file (missing, corrupt, not audio, or empty)."""
+
+
+@lru_cache(maxsize=1)
+def find_ffmpeg() -> str:
+    """The ffmpeg binary: $MELLOW_FFMPEG, else `ffmpeg` on PATH, else the one shipped in imageio-ffmpeg."""
+    override = os.environ.get("MELLOW_FFMPEG")
+    if override:
+        if Path(override).is_file() or shutil.which(override):
+            return override
+        raise FfmpegNotFoundError(
+            f"MELLOW_FFMPEG={override!r} is not an executable file; point it at an ffmpeg binary or unset it"
+        )
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as error:
+        raise FfmpegNotFoundError(
+            "ffmpeg not found: install it (`apt-get install ffmpeg`), put it on PATH, set MELLOW_FFMPEG, "
+            f"or install the `imageio-ffmpeg` package ({error})"
+        ) from error
+
+
+def decode_audio(
+    path: str | Path,
+    sample_rate: int,
+    offset_seconds: float | None = None,
+    duration_seconds: float | None = None,
+) -> np.ndarray:
+    """Decode any format ffmpeg reads into mono float32 at `sample_rate`, shape (samples,).
+
+    `offset_seconds`/`duration_seconds` go before `-i`, so ffmpeg seeks instead of decoding what it skips.
+    """
+    input_options: dict[str, float] = {}
+    if offset_seconds:
+        input_options["ss"] = offset_seconds
+    if duration_seconds:
+        input_options["t"] = duration_seconds
+    stream = ffmpeg.input(str(path), **input_options).output(
+        "pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate
+    )
+    try:
+        samples, _ = stream.run(cmd=find_ffmpeg(), capture_stdout=True, capture_stderr=True, quiet=True)
+    except ffmpeg.Error as error:
+        message = error.stderr.decode(errors="replace").strip().splitlines()
+        raise AudioDecodeError(f"{path}: {message[-1] if message else 'ffmpeg failed'}") from None
+    waveform = np.frombuffer(samples, dtype=np.float32)
+    if waveform.size == 0:
+        raise AudioDecodeError(f"{path}: decoded to zero samples (empty or not audio)")
+    if not np.isfinite(waveform).all():
+        raise AudioDecodeError(f"{path}: decoded samples contain NaN or infinity")
+    return waveform
+
+
+def encode_audio_file(waveform: np.ndarray, sample_rate: int, path: Path, channels: int = 1) -> None:
+    """Write a mono float waveform to `path` in the format its suffix names (wav, flac, mp3, ogg, ...)."""
+    data = np.ascontiguousarray(np.repeat(waveform[:, None], channels, axis=1), dtype=np.float32)
+    codec = {".wav": "pcm_s16le", ".flac": "flac", ".mp3": "libmp3lame", ".ogg": "libvorbis"}.get(path.suffix)
+    output_options = {"acodec": codec} if codec else {}
+    process = (
+        ffmpeg.input("pipe:", format="f32le", ac=channels, ar=sample_rate)
+        .output(str(path), **output_options)
+        .overwrite_output()
+        .run_async(cmd=find_ffmpeg(), pipe_stdin=True, quiet=True)
+    )
+    _, stderr = process.communicate(input=data.tobytes())
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, "ffmpeg", stderr=stderr)
+
+
+def fit_length(waveform: np.ndarray, num_samples: int, policy: CropPolicy) -> tuple[np.ndarray, float]:
+    """Crop or pad `waveform` to `num_samples`; return it with the fraction of it that is real audio.
+
+    pad: keep the start, zero-pad the end. center: crop around the middle, zero-pad both ends.
+    repeat: tile short clips (all of the result counts as real audio), crop long ones at the start.
+    """
+    length = waveform.shape[0]
+    if length >= num_samples:
+        start = (length - num_samples) // 2 if policy == "center" else 0
+        return waveform[start : start + num_samples], 1.0
+    if policy == "repeat":
+        repeats = -(-num_samples // length)
+        return np.tile(waveform, repeats)[:num_samples], 1.0
+    before = (num_samples - length) // 2 if policy == "center" else 0
+    padded = np.zeros(num_samples, dtype=waveform.dtype)
+    padded[before : before + length] = waveform
+    return padded, length / num_samples

@@ -1,0 +1,176 @@
+"""The `mellow` command line. Each stage script in stages/ runs one of these commands."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from mellow.audio import FfmpegNotFoundError
+from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted, to_dict
+from mellow.encoders import EncoderConfig
+from mellow.evaluate import EvalConfig
+from mellow.model import ModelConfig
+from mellow.precompute import PrecomputeConfig
+from mellow.prepare import PrepareConfig
+from mellow.progress import console
+from mellow.store import StoreConfig, StoreMismatchError
+from mellow.train import TrainConfig
+
+app = typer.Typer(help="mellow: a staged training pipeline for small audio-language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig}
+
+
+def friendly_errors(command):
+    """Turn configuration and input errors into one red line and exit code 2, instead of a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FfmpegNotFoundError, StoreMismatchError) as error:
+            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(code=2) from None
+    return wrapper
+
+
+@app.command("prepare")
+@friendly_errors
+def prepare_command(
+    source: str = cli_option(PrepareConfig, "source"),
+    name: str = cli_option(PrepareConfig, "name"),
+    root: Path = cli_option(PrepareConfig, "root"),
+    num_clips: int = cli_option(PrepareConfig, "num_clips"),
+    max_seconds: float = cli_option(PrepareConfig, "max_seconds"),
+    seed: int = cli_option(PrepareConfig, "seed"),
+    val_fraction: float = cli_option(PrepareConfig, "val_fraction"),
+    test_fraction: float = cli_option(PrepareConfig, "test_fraction"),
+    comparisons_per_clip: int = cli_option(PrepareConfig, "comparisons_per_clip"),
+    workers: int = cli_option(PrepareConfig, "workers"),
+    overwrite: bool = cli_option(PrepareConfig, "overwrite"),
+) -> None:
+    """Stage 00: write a dataset folder (audio files + manifests) from a source."""
+    from mellow import prepare
+
+    prepare.run(PrepareConfig(**{k: v for k, v in locals().items() if k != "prepare"}))
+
+
+@app.command("precompute")
+@friendly_errors
+def precompute_command(
+    dataset: Path = typer.Argument(..., help="Dataset folder made by 00_prepare (holds audio.jsonl)."),
+    encoder: str = cli_option(EncoderConfig, "name", "--encoder"),
+    clip_seconds: float = cli_option(EncoderConfig, "clip_seconds"),
+    crop: str = cli_option(EncoderConfig, "crop"),
+    tokens: int = cli_option(EncoderConfig, "tokens"),
+    batch_size: int = cli_option(EncoderConfig, "batch_size"),
+    device: str = cli_option(EncoderConfig, "device"),
+    store_root: Path = cli_option(StoreConfig, "root", "--store-root"),
+    shard_megabytes: int = cli_option(StoreConfig, "shard_megabytes"),
+    shard_clips: int = cli_option(StoreConfig, "shard_clips"),
+    zstd_level: int = cli_option(StoreConfig, "zstd_level"),
+    decode_workers: int = cli_option(PrecomputeConfig, "decode_workers"),
+    max_failures: float = cli_option(PrecomputeConfig, "max_failures"),
+) -> None:
+    """Stage 01: decode every clip through ffmpeg, run the frozen encoder once, write the embedding store."""
+    from mellow import precompute
+
+    config = PrecomputeConfig(
+        dataset=dataset,
+        encoder=EncoderConfig(name=encoder, clip_seconds=clip_seconds, crop=crop, tokens=tokens,
+                              batch_size=batch_size, device=device),
+        store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips,
+                          zstd_level=zstd_level),
+        decode_workers=decode_workers, max_failures=max_failures)
+    try:
+        precompute.run(config)
+    except RuntimeError as error:  # too many failed clips: the store is complete, the run is not a success
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(code=1) from None
+
+
+def load_train_configs(config_file: Path | None, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
+    """YAML sections (train:, model:) overlaid with dotted CLI overrides, validated."""
+    values: dict[str, dict] = {section: {} for section in TRAIN_SECTIONS}
+    if config_file is not None:
+        for section, entries in load_yaml(config_file).items():
+            if section not in TRAIN_SECTIONS:
+                raise ValueError(f"--config {config_file}: unknown section {section!r}; use "
+                                 f"{', '.join(TRAIN_SECTIONS)}")
+            values[section].update(entries or {})
+    for section, entries in parse_dotted(overrides).items():
+        if section not in TRAIN_SECTIONS:
+            raise ValueError(f"--{section}.*: unknown section; use {', '.join(TRAIN_SECTIONS)}")
+        values[section].update(entries)
+    return build(TrainConfig, values["train"], "train"), build(ModelConfig, values["model"], "model")
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Options (--section.name VALUE; also settable in the YAML file):\n\n"
+             + help_table(TRAIN_SECTIONS))
+@friendly_errors
+def train_command(
+    context: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with train: and model: sections."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --train.run_dir exactly."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """Stage 03: train the projector (+ decoder) from the store. Runs under torchrun for several processes."""
+    from mellow import train
+
+    train_config, model_config = load_train_configs(config, context.args)
+    if print_config:
+        console.print(yaml.safe_dump({"train": to_dict(train_config), "model": to_dict(model_config)}))
+        return
+    train.run(train_config, model_config, resume=resume)
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    run: Path = typer.Argument(..., help="A training run folder, or one checkpoint folder inside it."),
+    which: str = cli_option(EvalConfig, "which"),
+    split: str = cli_option(EvalConfig, "split"),
+    store: Optional[Path] = cli_option(EvalConfig, "store"),
+    dataset: Optional[Path] = cli_option(EvalConfig, "dataset"),
+    batch_size: int = cli_option(EvalConfig, "batch_size"),
+    max_new_tokens: int = cli_option(EvalConfig, "max_new_tokens"),
+    max_examples: int = cli_option(EvalConfig, "max_examples"),
+    device: str = cli_option(EvalConfig, "device"),
+) -> None:
+    """Stage 04: generate answers for a split from the store and score them per task."""
+    from mellow import evaluate
+
+    evaluate.run(EvalConfig(**{k: v for k, v in locals().items() if k != "evaluate"}))
+
+
+@app.command("quickstart")
+@friendly_errors
+def quickstart_command(
+    root: Path = typer.Option(Path("."), help="Folder under which datasets/, shards/ and checkpoints/ go."),
+    encoder: str = typer.Option("whisper-tiny", help="Audio encoder: whisper-tiny, mel, or hf:<dir>."),
+    num_clips: int = typer.Option(800, help="Synthetic clips to generate."),
+    updates: int = typer.Option(1200, help="Training updates."),
+) -> None:
+    """Run prepare -> precompute -> train -> eval on the built-in synthetic set and print the scores."""
+    from mellow import quickstart
+
+    quickstart.run(root=root, encoder=encoder, num_clips=num_clips, updates=updates)
+
+
+def main() -> None:
+    app(sys.argv[1:])
+
+
+def run_stage(command: str) -> None:
+    """Entry point of the stage scripts: `stages/03_train.py ARGS` is `mellow train ARGS`."""
+    app([command, *sys.argv[1:]], prog_name=f"{Path(sys.argv[0]).name}")
+
+
+if __name__ == "__main__":
+    main()

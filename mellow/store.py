@@ -1,0 +1,178 @@
+"""The embedding store: a Zarr v3 group of per-clip encoder tokens, sharded, checksummed and self-describing.
+
+    shards/<dataset>/<encoder-tag>/
+        store.zarr/       emb (N, T, D) float16, one chunk per clip, sharding codec (S clips per shard file),
+                          zstd + crc32c; valid (N,) int16, valid tokens per clip, chunked like the shards
+        parts/            shard-00000.json ... one per finished shard, written after its data: the commit marker
+        index.jsonl       id -> row, duration, source path, audio sha256, status (written by finalize)
+        meta.json         fingerprint (encoder, weights hash, preprocessing, pooling, dtype, code version), counts
+        report.json       what the precompute run did, with every skipped clip and its reason
+
+A shard's rows are written in one piece by one process and only then marked done, so a crash leaves at worst
+an unmarked shard, which the next run recomputes. Readers use only marked shards (through the index).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+import mellow
+from mellow.config import describe_differences, setting
+from mellow.files import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+
+FORMAT_VERSION = 1
+
+
+class StoreMismatchError(ValueError):
+    """A store's fingerprint differs from what the caller expects."""
+
+
+@dataclass
+class StoreConfig:
+    root: Path = setting(Path("shards"), "Folder that holds all stores: <root>/<dataset>/<encoder-tag>/.")
+    shard_megabytes: int = setting(128, "Target size of one shard file before compression, in MB.")
+    shard_clips: int = setting(0, "Clips per shard; overrides shard_megabytes when > 0.")
+    zstd_level: int = setting(3, "zstd compression level of the embeddings (1 fast .. 19 small).")
+
+    def __post_init__(self) -> None:
+        if self.shard_megabytes < 1 or self.shard_clips < 0:
+            raise ValueError("--shard-megabytes must be >= 1 and --shard-clips >= 0")
+        if not 1 <= self.zstd_level <= 22:
+            raise ValueError(f"--zstd-level {self.zstd_level} must be between 1 and 22")
+
+    def clips_per_shard(self, tokens: int, dim: int) -> int:
+        if self.shard_clips:
+            return self.shard_clips
+        return max(1, self.shard_megabytes * 2**20 // (tokens * dim * 2))
+
+
+def code_version() -> str:
+    return f"mellow-{mellow.__version__}/store-v{FORMAT_VERSION}"
+
+
+class StoreWriter:
+    """Creates (or reopens) a store and writes it one whole shard at a time."""
+
+    def __init__(self, path: Path, num_rows: int, fingerprint: dict, config: StoreConfig) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        tokens, dim = fingerprint["tokens"], fingerprint["dim"]
+        self.clips_per_shard = config.clips_per_shard(tokens, dim)
+        self.num_rows = num_rows
+        meta_path = path / "meta.json"
+        if meta_path.exists():
+            self._check_existing(read_json(meta_path))
+            group = zarr.open_group(path / "store.zarr", mode="r+")
+            self.emb, self.valid = group["emb"], group["valid"]
+            self.clips_per_shard = self.emb.shards[0]
+            return
+        group = zarr.open_group(path / "store.zarr", mode="w", zarr_format=3)
+        self.emb = group.create_array(
+            "emb", shape=(num_rows, tokens, dim), chunks=(1, tokens, dim),
+            shards=(self.clips_per_shard, tokens, dim), dtype="float16", fill_value=0,
+            compressors=[ZstdCodec(level=config.zstd_level), Crc32cCodec()],
+        )
+        self.valid = group.create_array(
+            "valid", shape=(num_rows,), chunks=(self.clips_per_shard,), dtype="int16", fill_value=0,
+            compressors=[ZstdCodec(level=config.zstd_level), Crc32cCodec()],
+        )
+        write_json_atomic(meta_path, {"fingerprint": fingerprint, "rows": num_rows, "complete": False,
+                                      "clips_per_shard": self.clips_per_shard, "code_version": code_version()})
+
+    def _check_existing(self, meta: dict) -> None:
+        differences = describe_differences(meta["fingerprint"], self.fingerprint)
+        if meta["rows"] != self.num_rows:
+            differences.append(f"rows: store has {meta['rows']}, manifest has {self.num_rows}")
+        if differences:
+            raise StoreMismatchError(f"{self.path} holds a different store:\n  " + "\n  ".join(differences)
+                                     + "\nremove that folder (or use another --store-root) to rebuild it")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.clips_per_shard)
+
+    def shard_rows(self, shard: int) -> range:
+        return range(shard * self.clips_per_shard, min((shard + 1) * self.clips_per_shard, self.num_rows))
+
+    def _marker(self, shard: int) -> Path:
+        return self.path / "parts" / f"shard-{shard:05d}.json"
+
+    def is_done(self, shard: int) -> bool:
+        return self._marker(shard).exists()
+
+    def write_shard(self, shard: int, embeddings: np.ndarray, valid: np.ndarray, records: list[dict]) -> None:
+        """Write a whole shard's rows, then its marker (the commit). `records` describe each row."""
+        rows = self.shard_rows(shard)
+        assert embeddings.shape[0] == len(rows) == len(records), "a shard is written whole"
+        self._remove_shard_files(shard)
+        self.emb[rows.start : rows.stop] = embeddings
+        self.valid[rows.start : rows.stop] = valid
+        write_json_atomic(self._marker(shard), {"shard": shard, "rows": [rows.start, rows.stop],
+                                                "records": records})
+
+    def _remove_shard_files(self, shard: int) -> None:
+        """Delete what an interrupted run left of this shard: zarr merges a write into an existing shard file,
+        and a truncated one fails its checksum, so an uncommitted shard is always rewritten from nothing."""
+        for array, coordinates in ((self.emb, (shard, 0, 0)), (self.valid, (shard,))):
+            key = array.metadata.encode_chunk_key(coordinates)
+            (self.path / "store.zarr" / array.path / key).unlink(missing_ok=True)
+
+    def finalize(self, extra_meta: dict) -> dict:
+        """Write index.jsonl and the completed meta.json from the shard markers; return the meta."""
+        missing = [shard for shard in range(self.num_shards) if not self.is_done(shard)]
+        if missing:
+            raise RuntimeError(f"cannot finalize {self.path}: shards {missing[:10]} are not done")
+        index = []
+        for shard in range(self.num_shards):
+            index.extend(read_json(self._marker(shard))["records"])
+        write_jsonl_atomic(self.path / "index.jsonl", index)
+        ok = sum(record["status"] == "ok" for record in index)
+        meta = {**read_json(self.path / "meta.json"), **extra_meta, "complete": True,
+                "counts": {"rows": len(index), "ok": ok, "failed": len(index) - ok}}
+        write_json_atomic(self.path / "meta.json", meta)
+        return meta
+
+
+class EmbeddingStore:
+    """Read side of a finished store (training, eval). Only complete stores open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{self.path} is not an embedding store (no meta.json); run 01_precompute")
+        self.meta = read_json(meta_path)
+        if not self.meta.get("complete"):
+            raise ValueError(f"{self.path} is incomplete (precompute was interrupted); rerun 01_precompute")
+        self.fingerprint: dict = self.meta["fingerprint"]
+        self.index = read_jsonl(self.path / "index.jsonl")
+        self.rows = {record["id"]: record["row"] for record in self.index if record["status"] == "ok"}
+        group = zarr.open_group(self.path / "store.zarr", mode="r")
+        self.emb, self.valid = group["emb"], group["valid"]
+
+    @property
+    def tokens(self) -> int:
+        return self.fingerprint["tokens"]
+
+    @property
+    def dim(self) -> int:
+        return self.fingerprint["dim"]
+
+    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """All embeddings (N, T, D) float16 and valid counts (N,), read shard by shard (sequential I/O)."""
+        return self.emb[:], self.valid[:]
+
+    def check_fingerprint(self, expected: dict, what: str) -> None:
+        differences = describe_differences(expected, self.fingerprint)
+        if differences:
+            raise StoreMismatchError(f"{what} expects a store made differently from {self.path}:\n  "
+                                     + "\n  ".join(differences))
+
+    def describe(self) -> str:
+        return json.dumps({"path": str(self.path), **self.meta}, indent=2)

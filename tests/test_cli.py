@@ -1,0 +1,103 @@
+"""The command line: every stage end to end through `mellow ...`, stage scripts, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mellow.cli import app
+from mellow.files import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_all_stages_end_to_end_then_rerun(tmp_path):
+    datasets, shards, run_dir = tmp_path / "datasets", tmp_path / "shards", tmp_path / "checkpoints" / "e2e"
+    code, output = invoke("prepare", "--root", datasets, "--num-clips", 16, "--max-seconds", 2.5)
+    assert code == 0, output
+    assert "prepared" in output and (datasets / "synth" / "prepare.json").is_file()
+    code, output = invoke("precompute", datasets / "synth", "--encoder", "mel", "--tokens", 4, "--clip-seconds",
+                          2.5, "--store-root", shards, "--shard-clips", 6)
+    assert code == 0, output
+    [store] = list((shards / "synth").iterdir())
+    assert read_json(store / "meta.json")["counts"]["ok"] == 16
+    code, output = invoke("train", f"--train.store={store}", f"--train.dataset={datasets / 'synth'}",
+                          f"--train.run_dir={run_dir}", "--train.max_updates", 4, "--train.batch_size", 4,
+                          "--train.val_every", 2, "--model.tiny_hidden", 32, "--model.tiny_layers", 1,
+                          "--model.tiny_heads", 2)
+    assert code == 0, output
+    assert (run_dir / "config.yaml").is_file() and read_json(run_dir / "latest.json")["update"] == 4
+    code, output = invoke("eval", run_dir, "--split", "val", "--max-new-tokens", 6)
+    assert code == 0, output
+    assert (run_dir / "step-000004" / "eval-val" / "scores.json").is_file()
+    assert "evaluated" in output
+    # every stage is re-runnable: done work is skipped
+    code, output = invoke("prepare", "--root", datasets, "--num-clips", 16, "--max-seconds", 2.5)
+    assert code == 0 and "already prepared" in output
+    code, output = invoke("precompute", datasets / "synth", "--encoder", "mel", "--tokens", 4, "--clip-seconds",
+                          2.5, "--store-root", shards, "--shard-clips", 6)
+    assert code == 0 and "0 shard(s) computed, 3 already done" in output.replace("\n", " ")
+    code, output = invoke("train", f"--train.store={store}", f"--train.run_dir={run_dir}", "--resume",
+                          f"--train.dataset={datasets / 'synth'}", "--train.max_updates", 4,
+                          "--train.batch_size", 4, "--model.tiny_hidden", 32, "--model.tiny_layers", 1,
+                          "--model.tiny_heads", 2)
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("script", ["00_prepare", "01_precompute", "03_train", "04_eval"])
+def test_stage_scripts_show_help(script):
+    completed = subprocess.run([sys.executable, str(REPO / "stages" / f"{script}.py"), "--help"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "Usage" in completed.stdout and "Stage 0" in completed.stdout
+
+
+def test_train_help_lists_every_option():
+    code, output = invoke("train", "--help")
+    assert code == 0
+    for option in ("--train.lr", "--train.max_updates", "--model.decoder", "--model.decoder_mode"):
+        assert option in output
+
+
+def test_bad_encoder_name_is_a_clear_error(tiny_dataset, tmp_path):
+    code, output = invoke("precompute", tiny_dataset, "--encoder", "no-such-encoder", "--store-root", tmp_path)
+    assert code == 2
+    assert "--encoder 'no-such-encoder' is unknown" in output and "whisper-tiny" in output
+
+
+def test_nonexistent_input_path_is_a_clear_error(tmp_path):
+    code, output = invoke("precompute", tmp_path / "nowhere", "--encoder", "mel")
+    assert code == 2 and "no audio.jsonl there; run 00_prepare first" in output
+    code, output = invoke("eval", tmp_path / "no-run")
+    assert code == 2 and "no such folder" in output
+    code, output = invoke("train", f"--train.store={tmp_path / 'no-store'}")
+    assert code == 2 and "is not an embedding store" in output
+
+
+def test_bad_config_values_name_the_option(tmp_path):
+    code, output = invoke("train", "--train.lr", "fast")
+    assert code == 2 and "train.lr='fast' is not a valid float" in output
+    code, output = invoke("train", "--train.batchsize", "4")
+    assert code == 2 and "unknown option(s) train.batchsize" in output
+    code, output = invoke("train", "--model.decoder_mode", "sideways")
+    assert code == 2 and "model.decoder_mode='sideways' is not one of full, frozen" in output
+
+
+def test_missing_ffmpeg_stops_precompute_with_a_clear_error(tiny_dataset, tmp_path):
+    env = {**os.environ, "MELLOW_FFMPEG": str(tmp_path / "no-ffmpeg")}
+    completed = subprocess.run([sys.executable, "-m", "mellow.cli", "precompute", str(tiny_dataset), "--encoder",
+                                "mel", "--store-root", str(tmp_path)], capture_output=True, text=True, env=env,
+                               timeout=120)
+    assert completed.returncode == 2
+    assert "MELLOW_FFMPEG" in completed.stdout and "not an executable file" in completed.stdout

@@ -1,0 +1,128 @@
+"""Model contracts: masked audio padding, the no-audio embedding, answer-only loss, and decoders that load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from mellow import train
+from mellow.data import ExampleSet, load_examples
+from mellow.model import ModelConfig
+from mellow.store import EmbeddingStore
+from mellow.train import TrainConfig, build_model, find_checkpoint, load_trained_model
+
+
+@pytest.fixture(scope="module")
+def tiny(mel_store, tiny_dataset):
+    store = EmbeddingStore(mel_store)
+    model, tokenizer = build_model(ModelConfig(**TINY_MODEL, projector_dropout=0.0), store.dim, seed=0)
+    examples = ExampleSet(load_examples(tiny_dataset, "train"), store, tokenizer, max_text_tokens=96)
+    return model.eval(), examples
+
+
+def _loss(model, batch) -> float:
+    with torch.no_grad():
+        return model(batch).item()
+
+
+def test_padded_audio_tokens_are_not_attended(tiny):
+    model, examples = tiny
+    index = next(i for i, item in enumerate(examples.items) if examples.valid[item.row1] < 4)
+    batch = examples.batch([index])
+    changed = {**batch, "audio1": batch["audio1"].clone()}
+    changed["audio1"][0, int(batch["audio1_valid"][0]) :] = 100.0
+    assert _loss(model, changed) == pytest.approx(_loss(model, batch), abs=1e-5)
+    changed["audio1"][0, 0] = 100.0  # a valid token does matter
+    assert _loss(model, changed) != pytest.approx(_loss(model, batch), abs=1e-3)
+
+
+def test_single_audio_examples_use_the_learned_no_audio_embedding(tiny):
+    model, examples = tiny
+    index = next(i for i, item in enumerate(examples.items) if item.row2 < 0)
+    batch = examples.batch([index])
+    changed = {**batch, "audio2": torch.randn_like(batch["audio2"])}
+    assert _loss(model, changed) == pytest.approx(_loss(model, batch), abs=1e-6)
+    original = _loss(model, batch)
+    with torch.no_grad():
+        model.no_audio_embedding.add_(1.0)
+    try:
+        moved = _loss(model, batch)
+    finally:
+        with torch.no_grad():
+            model.no_audio_embedding.sub_(1.0)
+    assert moved != pytest.approx(original, abs=1e-4)  # the learned embedding is what fills the slot
+
+
+def test_loss_is_on_answer_tokens_only_and_ignores_batch_padding(tiny):
+    model, examples = tiny
+    short = min(range(len(examples)), key=lambda i: len(examples.items[i].prompt_ids))
+    long = max(range(len(examples)), key=lambda i: len(examples.items[i].prompt_ids + examples.items[i].answer_ids))
+    alone = examples.batch([short])
+    labels = alone["labels"][0]
+    answer = examples.items[short].answer_ids
+    assert labels[labels != -100].tolist() == answer and answer[-1] == examples.tokenizer.eos_token_id
+    together = examples.batch([short, long])
+    with torch.no_grad():
+        pair = model(together).item()
+        single_long = model(examples.batch([long])).item()
+    assert pair == pytest.approx((_loss(model, alone) + single_long) / 2, rel=1e-4)  # each example weighs 1
+    model.loss_weighting = "token"
+    try:
+        n_short, n_long = len(answer), len(examples.items[long].answer_ids)
+        expected = (_loss(model, alone) * n_short + single_long * n_long) / (n_short + n_long)
+        assert _loss(model, together) == pytest.approx(expected, rel=1e-4)
+    finally:
+        model.loss_weighting = "example"
+
+
+def test_greedy_generation_is_batch_invariant(tiny):
+    model, examples = tiny
+    eos = examples.tokenizer.eos_token_id
+    indices = list(range(6))
+    together = model.generate(examples.batch(indices, for_generation=True), 6, eos)
+    alone = [model.generate(examples.batch([i], for_generation=True), 6, eos)[0] for i in indices]
+    assert together == alone
+
+
+def test_local_decoder_folder_frozen_mode_saves_only_trainable_parts(mel_store, tiny_dataset, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mellow.decoders import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    decoder_dir = tmp_path / "decoder"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(decoder_dir)
+    tokenizer.save_pretrained(decoder_dir)
+    model_config = ModelConfig(decoder=f"hf:{decoder_dir}", decoder_mode="frozen")
+    run_dir = tmp_path / "run"
+    train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=2, batch_size=4,
+                          val_every=0), model_config)
+    checkpoint = find_checkpoint(run_dir)
+    saved = torch.load(checkpoint / "model.pt")
+    assert saved and not any(key.startswith("language_model.") for key in saved)
+    model, _, _ = load_trained_model(checkpoint, torch.device("cpu"))
+    assert torch.equal(model.audio_projector.linear1.weight, saved["audio_projector.linear1.weight"])
+
+
+def test_bad_decoder_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown; use tiny, smollm2-135m or hf:<dir>"):
+        ModelConfig(decoder="gpt-17")
+    with pytest.raises(ValueError, match="no config.json"):
+        ModelConfig(decoder=f"hf:{tmp_path}")
+    with pytest.raises(ValueError, match="cannot learn"):
+        ModelConfig(decoder="tiny", decoder_mode="frozen")
+
+
+def test_bundled_smollm2_converts_from_gguf_and_speaks():
+    from mellow.decoders import load_decoder, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = load_decoder("smollm2-135m", tokenizer, (0, 0, 0)).eval()
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0])

@@ -1,0 +1,89 @@
+"""Training from the store: checkpoints, exact resume, and a real 2-process torchrun run (gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import TINY_MODEL
+
+from mellow import train
+from mellow.files import read_json, read_jsonl
+from mellow.model import ModelConfig
+from mellow.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(store: Path, dataset: Path, run_dir: Path, **overrides) -> TrainConfig:
+    values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=8, batch_size=4, lr=3e-3,
+                  warmup_updates=2, val_every=4, save_every=4, log_every=1, seed=5)
+    return TrainConfig(**{**values, **overrides})
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {row["update"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
+
+
+def test_train_writes_checkpoints_and_loss_falls(mel_store, tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=30, save_every=10, val_every=10,
+                               keep_last=2), ModelConfig(**TINY_MODEL))
+    assert result.updates == 30
+    losses = _losses(run_dir)
+    assert sum(list(losses.values())[-5:]) < sum(list(losses.values())[:5])
+    latest = read_json(run_dir / "latest.json")
+    assert latest == {"path": "step-000030", "update": 30}
+    checkpoint = run_dir / latest["path"]
+    for name in ("model.pt", "optimizer.pt", "trainer.json", "rng-rank0.pt"):
+        assert (checkpoint / name).is_file()
+    trainer = read_json(checkpoint / "trainer.json")
+    assert trainer["update"] == 30 and trainer["world_size"] == 1
+    assert trainer["config"]["model"]["tiny_hidden"] == 32
+    assert trainer["store_fingerprint"]["encoder"] == "mel"
+    assert len([p for p in run_dir.glob("step-*")]) <= 3  # keep_last 2, plus best
+    assert not list(run_dir.glob(".*tmp"))
+
+
+def test_resume_after_a_stop_continues_with_the_same_losses_and_weights(mel_store, tiny_dataset, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    model = ModelConfig(**TINY_MODEL)
+    train.run(_config(mel_store, tiny_dataset, straight), model)
+    train.run(_config(mel_store, tiny_dataset, stopped, stop_after=3), model)
+    assert read_json(stopped / "latest.json")["update"] == 3
+    train.run(_config(mel_store, tiny_dataset, stopped), model, resume=True)
+    expected, resumed = _losses(straight), _losses(stopped)
+    assert [resumed[u] for u in range(4, 9)] == [expected[u] for u in range(4, 9)]
+    first = torch.load(straight / "step-000008" / "model.pt")
+    second = torch.load(stopped / "step-000008" / "model.pt")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_existing_run_without_resume_is_refused(mel_store, tiny_dataset, tmp_path):
+    import pytest
+
+    run_dir = tmp_path / "run"
+    train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=2), ModelConfig(**TINY_MODEL))
+    with pytest.raises(ValueError, match="--resume"):
+        train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=2), ModelConfig(**TINY_MODEL))
+
+
+def test_torchrun_two_processes(mel_store, tiny_dataset, tmp_path):
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "stages" / "03_train.py"), f"--train.store={mel_store}", f"--train.dataset={tiny_dataset}",
+               f"--train.run_dir={run_dir}", "--train.max_updates=6", "--train.batch_size=4",
+               "--train.save_every=3", "--train.val_every=3", "--train.log_every=1"]
+    command += [f"--model.{key}={value}" for key, value in TINY_MODEL.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    trainer = read_json(run_dir / "step-000006" / "trainer.json")
+    assert trainer["world_size"] == 2
+    assert (run_dir / "step-000006" / "rng-rank1.pt").is_file()
+    assert len(_losses(run_dir)) == 6
+    assert completed.stdout.count("trained ") == 1  # only rank 0 prints
