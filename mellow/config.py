@@ -128,5 +128,6 @@ def help_table(sections: dict[str, type]) -> str:
     for section, cls in sections.items():
         for spec in fields(cls):
             default = spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[misc]
-            lines.append(f"--{section}.{spec.name} (default {str(default) if isinstance(default, Path) else repr(default)}): {spec.metadata.get('help', '')}")
+            shown = str(default) if isinstance(default, Path) else repr(default)
+            lines.append(f"--{section}.{spec.name} (default {shown}): {spec.metadata.get('help', '')}")
     return "\n\n".join(lines)

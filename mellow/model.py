@@ -24,7 +24,8 @@ from mellow.decoders import validate_decoder_name
 @dataclass
 class ModelConfig:
     decoder: str = setting("tiny", "Language model: tiny (random init), smollm2-135m (bundled), or hf:<dir>.")
-    decoder_mode: Literal["full", "frozen"] = setting("full", "Train the decoder (full) or only the projector (frozen).")
+    decoder_mode: Literal["full", "frozen"] = setting(
+        "full", "Train the decoder (full) or only the projector (frozen).")
     tiny_hidden: int = setting(256, "Width of the tiny decoder.")
     tiny_layers: int = setting(4, "Layers of the tiny decoder.")
     tiny_heads: int = setting(4, "Attention heads of the tiny decoder.")

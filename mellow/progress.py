@@ -25,6 +25,7 @@ class StageProgress(Progress):
 def progress_bar(transient: bool = False) -> StageProgress:
     return StageProgress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}", justify="right"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}", justify="right"), TimeElapsedColumn(), TextColumn("eta"),
+        TimeRemainingColumn(),
         console=console, transient=transient, disable=not _is_rank_zero(),
     )

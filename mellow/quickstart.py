@@ -37,7 +37,7 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     stage = time.time()
     run_dir = root / "checkpoints" / f"quickstart-{stored.store_path.name}"
     train.run(TrainConfig(store=stored.store_path, dataset=dataset, run_dir=run_dir, max_updates=updates,
-                          val_every=updates // 4, save_every=updates // 4),
+                          val_every=max(1, updates // 4), save_every=max(1, updates // 4)),
               ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4), resume=True)
     timings["train"] = time.time() - stage
     console.rule("[bold]04 eval")

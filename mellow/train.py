@@ -52,15 +52,17 @@ class TrainConfig:
     clip_grad: float = setting(1.0, "Gradient-norm clipping threshold (0 disables).")
     val_every: int = setting(250, "Validate every this many updates (0 disables).")
     val_examples: int = setting(512, "Validation examples used each time (0: all).")
-    save_every: int = setting(250, "Save a checkpoint every this many updates (and always at the end).")
+    save_every: int = setting(250, "Save a checkpoint every this many updates (0: only at the end and best).")
     keep_last: int = setting(2, "Numbered checkpoints kept besides the best one.")
     log_every: int = setting(10, "Write metrics every this many updates.")
     seed: int = setting(0, "Seed for initialisation, data order and dropout.")
     device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
     max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
+    length_buckets: int = setting(1, "Micro-batches sorted by length together to cut padding (1: off). Faster "
+                                     "per update, but the task-homogeneous batches learned slower here.")
 
     def __post_init__(self) -> None:
-        positive = ("max_updates", "batch_size", "grad_accum", "log_every", "max_text_tokens")
+        positive = ("max_updates", "batch_size", "grad_accum", "log_every", "max_text_tokens", "length_buckets")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 1")
@@ -151,26 +153,45 @@ def _optimizer(model: MellowModel, train: TrainConfig) -> torch.optim.Optimizer:
             is_matrix = parameter.dim() >= 2 and "embed" not in name
             (decay if is_matrix else no_decay).append(parameter)
     return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr, betas=(0.9, 0.98))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr, betas=(0.9, 0.98), fused=True)
 
 
-def micro_batches(num_examples: int, micro_batch: int, seed: int, start: int, context: DistributedContext):
-    """Yield (micro-batch number, this rank's example indices) from micro-batch `start` on, forever.
+def epoch_micro_batches(lengths: list[int], micro_batch: int, seed: int, epoch: int,
+                        bucket: int) -> list[list[int]]:
+    """The global micro-batches of one epoch, a pure function of (seed, epoch).
 
-    Each epoch is a permutation drawn from (seed, epoch); a global micro-batch is split across ranks.
+    With `bucket` > 1, each run of `bucket` micro-batches of a random permutation is sorted by text length
+    before it is cut, and the cut micro-batches are shuffled again: batches hold similar lengths, so far less
+    padding is computed, while the epoch stays a random order.
     """
-    per_epoch = num_examples // micro_batch
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    per_epoch = len(lengths) // micro_batch
+    order = order[: per_epoch * micro_batch]
+    batches = []
+    span = micro_batch * max(bucket, 1)
+    for start in range(0, len(order), span):
+        group = order[start : start + span]
+        if bucket > 1:
+            group = sorted(group, key=lambda index: lengths[index])
+        cut = [group[i : i + micro_batch] for i in range(0, len(group), micro_batch)]
+        shuffled = torch.randperm(len(cut), generator=generator).tolist() if bucket > 1 else range(len(cut))
+        batches.extend(cut[i] for i in shuffled)
+    return batches
+
+
+def micro_batches(lengths: list[int], micro_batch: int, seed: int, start: int, context: DistributedContext,
+                  bucket: int):
+    """Yield this rank's example indices for every global micro-batch from number `start` on, forever."""
+    per_epoch = len(lengths) // micro_batch
     if per_epoch == 0:
-        raise ValueError(f"the training split has {num_examples} examples, fewer than one micro-batch "
+        raise ValueError(f"the training split has {len(lengths)} examples, fewer than one micro-batch "
                          f"({micro_batch}); lower --train.batch_size")
-    number = start
+    epoch, offset = divmod(start, per_epoch)
     while True:
-        epoch, offset = divmod(number, per_epoch)
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        for position in range(offset, per_epoch):
-            chunk = order[position * micro_batch : (position + 1) * micro_batch]
-            yield number, chunk[context.rank :: context.world_size].tolist()
-            number += 1
+        for batch in epoch_micro_batches(lengths, micro_batch, seed, epoch, bucket)[offset:]:
+            yield batch[context.rank :: context.world_size]
+        epoch, offset = epoch + 1, 0
 
 
 def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, context: DistributedContext,
@@ -193,7 +214,9 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved_config(train, model_config)))
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
     micro_batch = train.batch_size // train.grad_accum
-    batches = micro_batches(len(train_set), micro_batch, train.seed, update * train.grad_accum, context)
+    lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in train_set.items]
+    batches = micro_batches(lengths, micro_batch, train.seed, update * train.grad_accum, context,
+                            train.length_buckets)
     stop_at = min(train.max_updates, update + train.stop_after) if train.stop_after else train.max_updates
     window_loss, window_start, last_loss = 0.0, time.time(), float("nan")
     meta = {"store_fingerprint": store.fingerprint, "store": str(train.store)}
@@ -201,8 +224,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         task = progress.add_task("training", total=train.max_updates, completed=update)
         while update < stop_at:
             model.train()
-            for micro in range(train.grad_accum):
-                _, indices = next(batches)
+            for _ in range(train.grad_accum):
+                indices = next(batches)
                 loss = wrapped(move_to(train_set.batch(indices), device)) / train.grad_accum
                 loss.backward()
                 window_loss += loss.item()
@@ -226,7 +249,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                 progress.console.print(f"update {update}: validation loss {val_loss:.4f}")
             is_best = val_loss is not None and (best_val is None or val_loss < best_val)
             best_val = val_loss if is_best else best_val
-            if update % train.save_every == 0 or update == stop_at or is_best:
+            if (train.save_every and update % train.save_every == 0) or update == stop_at or is_best:
                 save_checkpoint(train, model_config, model, optimizer, scheduler, update, best_val, is_best,
                                 context, meta)
             progress.update(task, completed=update)
@@ -304,8 +327,9 @@ def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim
 
 def report(result: TrainResult) -> None:
     best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    console.print(f"[bold green]trained[/] {result.run_dir}: {result.updates} updates, last loss "
-                  f"{result.final_loss:.4f}{best} in {result.seconds:.1f} s")
+    last = "nothing left to train" if math.isnan(result.final_loss) else f"last loss {result.final_loss:.4f}"
+    console.print(f"[bold green]trained[/] {result.run_dir}: {result.updates} updates, {last}{best} "
+                  f"in {result.seconds:.1f} s")
 
 
 def find_checkpoint(path: Path, which: str = "latest") -> Path:

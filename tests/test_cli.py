@@ -101,3 +101,14 @@ def test_missing_ffmpeg_stops_precompute_with_a_clear_error(tiny_dataset, tmp_pa
                                timeout=120)
     assert completed.returncode == 2
     assert "MELLOW_FFMPEG" in completed.stdout and "not an executable file" in completed.stdout
+
+
+def test_quickstart_runs_every_stage_and_prints_scores(tmp_path):
+    code, output = invoke("quickstart", "--root", tmp_path, "--num-clips", 20, "--updates", 3)
+    assert code == 0, output
+    assert "quickstart finished" in output and "test scores" in output and "yes_no" in output
+    [run_dir] = list((tmp_path / "checkpoints").iterdir())
+    assert read_json(run_dir / "latest.json")["update"] == 3
+    assert list(run_dir.glob("step-*/eval-test/scores.json"))
+    code, output = invoke("quickstart", "--root", tmp_path, "--num-clips", 20, "--updates", 3)
+    assert code == 0 and "already prepared" in output  # a second run reuses every stage's output

@@ -116,13 +116,22 @@ def test_bad_decoder_settings_are_clear_errors(tmp_path):
         ModelConfig(decoder="tiny", decoder_mode="frozen")
 
 
-def test_bundled_smollm2_converts_from_gguf_and_speaks():
+def test_bundled_smollm2_converts_from_gguf_speaks_and_trains_frozen(mel_store, tiny_dataset):
     from mellow.decoders import load_decoder, load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
-    model = load_decoder("smollm2-135m", tokenizer, (0, 0, 0)).eval()
-    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    language_model = load_decoder("smollm2-135m", tokenizer, (0, 0, 0)).eval()
+    assert language_model.config.hidden_size == 576 and language_model.config.num_hidden_layers == 30
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        output = language_model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0])
+
+    store = EmbeddingStore(mel_store)
+    model, _ = build_model(ModelConfig(decoder="smollm2-135m", decoder_mode="frozen"), store.dim, seed=0)
+    examples = ExampleSet(load_examples(tiny_dataset, "train"), store, tokenizer, max_text_tokens=64)
+    loss = model(examples.batch([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.audio_projector.linear1.weight.grad is not None
+    assert all(p.grad is None for p in model.language_model.parameters())

@@ -87,3 +87,18 @@ def test_torchrun_two_processes(mel_store, tiny_dataset, tmp_path):
     assert (run_dir / "step-000006" / "rng-rank1.pt").is_file()
     assert len(_losses(run_dir)) == 6
     assert completed.stdout.count("trained ") == 1  # only rank 0 prints
+
+
+def test_epoch_order_is_deterministic_covers_each_example_once_and_buckets_lengths():
+    from mellow.train import epoch_micro_batches
+
+    lengths = [(index * 37) % 50 for index in range(103)]
+    first = epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=5)
+    assert first == epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=5)
+    assert first != epoch_micro_batches(lengths, 4, seed=1, epoch=1, bucket=5)
+    flat = [index for batch in first for index in batch]
+    assert len(flat) == len(set(flat)) == 100 and all(len(batch) == 4 for batch in first)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in first) / len(first)
+    unbucketed = epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=1)
+    spread_plain = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in unbucketed) / len(first)
+    assert spread < spread_plain / 2
