@@ -89,7 +89,7 @@ def precompute_command(
         decode_workers=decode_workers, max_failures=max_failures)
     try:
         precompute.run(config)
-    except RuntimeError as error:  # too many failed clips: the store is complete, the run is not a success
+    except precompute.TooManyFailuresError as error:  # the store is complete, but the run is not a success
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(code=1) from None
 

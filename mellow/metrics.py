@@ -31,27 +31,25 @@ def option_letter(text: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def chosen_option(example: dict, prediction: str) -> int | None:
-    """Which option a multiple-choice prediction picks, by its text (the MMAU protocol), else by its letter."""
-    letter = option_letter(prediction)
-    text = normalize(re.sub(r"^\s*\(?[a-dA-D][\)\.:]\s*", "", prediction))
+def chosen_option(example: dict, text: str) -> int | None:
+    """Index of the option a multiple-choice answer names: by its text (the MMAU protocol), or by a bare
+    letter ('b', 'b)'); a letter followed by an option's text counts as that text."""
     options = [normalize(option) for option in example["options"]]
-    if text in options:
-        return options.index(text)
-    if letter is not None and "abcd".index(letter) < len(options) and text in ("", letter):
+    without_letter = normalize(re.sub(r"^\s*\(?[a-dA-D][\)\.:]\s+", "", text))
+    for candidate in (normalize(text), without_letter):
+        if candidate in options:
+            return options.index(candidate)
+    letter = option_letter(text)
+    if letter is not None and without_letter in ("", letter) and "abcd".index(letter) < len(options):
         return "abcd".index(letter)
     return None
 
 
 def is_correct(example: dict, prediction: str) -> bool:
     if example["task"] == "multiple_choice":
-        return chosen_option(example, prediction) == "abcd".index(option_letter(example["answer"]) or "a")
+        expected = chosen_option(example, example["answer"])
+        return expected is not None and chosen_option(example, prediction) == expected
     return normalize(prediction) == normalize(example["answer"])
-
-
-def letter_is_correct(example: dict, prediction: str) -> bool:
-    """Multiple choice scored by the option letter alone (stricter: the model must also copy the letter)."""
-    return option_letter(prediction) == option_letter(example["answer"])
 
 
 def chance_level(example: dict) -> float:
@@ -89,9 +87,6 @@ def score(examples: list[dict], predictions: list[str]) -> dict[str, dict]:
             correct = sum(is_correct(examples[i], predictions[i]) for i in indices)
             chance = sum(chance_level(examples[i]) for i in indices) / len(indices)
             results[name] = {"count": len(indices), "accuracy": correct / len(indices), "chance": chance}
-            if task == "multiple_choice":
-                letters = sum(letter_is_correct(examples[i], predictions[i]) for i in indices)
-                results[name]["letter_accuracy"] = letters / len(indices)
         else:
             references = [examples[i].get("references") or [examples[i]["answer"]] for i in indices]
             results[name] = {"count": len(indices), **caption_scores([predictions[i] for i in indices], references)}

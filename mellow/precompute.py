@@ -24,6 +24,10 @@ from mellow.progress import console, progress_bar
 from mellow.store import StoreConfig, StoreWriter, code_version
 
 
+class TooManyFailuresError(RuntimeError):
+    """More clips failed than --max-failures allows (the store itself is complete and usable)."""
+
+
 @dataclass
 class PrecomputeConfig:
     dataset: Path = setting(Path("datasets/synth"), "Dataset folder made by 00_prepare (holds audio.jsonl).")
@@ -169,5 +173,5 @@ def report(config: PrecomputeConfig, writer: StoreWriter, result: PrecomputeResu
         console.print(f"  [yellow]skipped[/] {failure['id']}: {failure['reason']}")
     fraction = counts["failed"] / max(counts["rows"], 1)
     if fraction > config.max_failures:
-        raise RuntimeError(f"{counts['failed']} of {counts['rows']} clips failed ({fraction:.1%}), more than "
+        raise TooManyFailuresError(f"{counts['failed']} of {counts['rows']} clips failed ({fraction:.1%}), more than "
                            f"--max-failures {config.max_failures:.1%}; see {result.store_path / 'report.json'}")

@@ -12,7 +12,7 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
-console = Console(quiet=not _is_rank_zero(), stderr=False)
+console = Console(quiet=not _is_rank_zero(), soft_wrap=True)  # long paths stay on one line
 
 
 class StageProgress(Progress):

@@ -181,9 +181,8 @@ def _multiple_choice(rng: Random, question: str, correct: str, distractors: list
     rng.shuffle(options)
     letters = "abcd"
     listed = " ".join(f"{letters[i]}) {option}" for i, option in enumerate(options))
-    letter = letters[options.index(correct)]
-    return _example("multiple_choice", subtask, scene, None, f"{question} {listed}", f"{letter}) {correct}",
-                    options=options)
+    # The answer is the option's text, as in MMAU; scoring also accepts a bare option letter.
+    return _example("multiple_choice", subtask, scene, None, f"{question} {listed}", correct, options=options)
 
 
 def single_clip_examples(scene: Scene, rng: Random) -> list[dict]:

@@ -116,7 +116,7 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool,
                          "--train.run_dir")
     if not latest.exists():
         if resume:
-            console.print(f"[yellow]--resume: no checkpoint in {train.run_dir} yet; starting from scratch")
+            console.print(f"no checkpoint in {train.run_dir} yet; starting a new run")
         return None
     checkpoint = train.run_dir / read_json(latest)["path"]
     saved = read_json(checkpoint / "trainer.json")

@@ -20,6 +20,18 @@ def test_normalisation_and_option_letters():
     assert metrics.option_letter("banana") is None
 
 
+def test_multiple_choice_answers_are_matched_by_option_text_or_bare_letter():
+    example = {"task": "multiple_choice", "answer": "noise burst", "options": ["tone", "noise burst", "chirp"]}
+    assert metrics.is_correct(example, "Noise burst.")
+    assert metrics.is_correct(example, "b)")
+    assert metrics.is_correct(example, "b) noise burst")
+    assert not metrics.is_correct(example, "a) tone")
+    assert not metrics.is_correct(example, "a")
+    assert not metrics.is_correct(example, "a loud noise burst and a tone")
+    lettered = {**example, "answer": "b) noise burst"}  # answers written with their letter work the same
+    assert metrics.is_correct(lettered, "noise burst") and not metrics.is_correct(lettered, "c")
+
+
 def test_scores_are_exact_on_perfect_and_wrong_answers():
     examples = [
         {"task": "yes_no", "subtask": "silence", "answer": "yes"},

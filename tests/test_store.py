@@ -124,3 +124,27 @@ def test_unknown_encoder_and_missing_folder_are_clear_errors(tmp_path):
         EncoderConfig(name="wav2vec-huge")
     with pytest.raises(ValueError, match="is not a directory"):
         EncoderConfig(name=f"hf:{tmp_path / 'nothing'}")
+
+
+def test_bad_clips_are_skipped_with_reasons_and_the_failure_limit_is_enforced(tiny_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from mellow.cli import app
+
+    dataset = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, dataset)
+    records = read_jsonl(dataset / "audio.jsonl")
+    (dataset / records[2]["path"]).write_bytes(b"not audio at all" * 64)  # corrupt
+    (dataset / records[5]["path"]).unlink()  # missing
+    arguments = ["precompute", str(dataset), "--encoder", "mel", "--tokens", "4", "--clip-seconds", "3",
+                 "--store-root", str(tmp_path / "shards")]
+    result = CliRunner().invoke(app, arguments + ["--max-failures", "0.05"])
+    assert result.exit_code == 1 and "2 of 24 clips failed" in result.output
+    [store_path] = list((tmp_path / "shards" / "broken").iterdir())
+    report = read_json(store_path / "report.json")
+    assert {failure["id"] for failure in report["failures"]} == {records[2]["id"], records[5]["id"]}
+    assert all(failure["reason"].startswith("failed: ") for failure in report["failures"])
+    store = EmbeddingStore(store_path)
+    assert len(store.rows) == 22 and records[2]["id"] not in store.rows
+    result = CliRunner().invoke(app, arguments + ["--max-failures", "0.1"])
+    assert result.exit_code == 0 and "22 clips ok, 2 failed" in result.output
