@@ -36,7 +36,7 @@ class PrepareConfig:
     seed: int = setting(0, "Random seed: the same seed gives the same clips, captions and tasks.")
     val_fraction: float = setting(0.1, "Fraction of clips in the validation split.")
     test_fraction: float = setting(0.15, "Fraction of clips in the test split.")
-    comparisons_per_clip: int = setting(2, "Two-audio pairs drawn per clip of a split (synth only).")
+    comparisons_per_clip: int = setting(3, "Two-audio pairs drawn per clip of a split (synth only).")
     workers: int = setting(0, "Parallel workers writing audio files (0: one per CPU core).")
     overwrite: bool = setting(False, "Replace an existing dataset made with a different config.")
 

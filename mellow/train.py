@@ -120,6 +120,7 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool,
         return None
     checkpoint = train.run_dir / read_json(latest)["path"]
     saved = read_json(checkpoint / "trainer.json")
+    EmbeddingStore(train.store).check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
     if saved["world_size"] != context.world_size:
         raise ValueError(f"{checkpoint} was saved by {saved['world_size']} process(es) and this run has "
                          f"{context.world_size}; resume with the same world size (exact resume needs it)")

@@ -102,3 +102,22 @@ def test_epoch_order_is_deterministic_covers_each_example_once_and_buckets_lengt
     unbucketed = epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=1)
     spread_plain = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in unbucketed) / len(first)
     assert spread < spread_plain / 2
+
+
+def test_resume_refuses_a_store_made_differently(mel_store, tiny_dataset, tmp_path):
+    import json
+    import shutil
+
+    import pytest
+
+    from mellow.store import StoreMismatchError
+
+    run_dir = tmp_path / "run"
+    train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, stop_after=2), ModelConfig(**TINY_MODEL))
+    other = tmp_path / "other-store"
+    shutil.copytree(mel_store, other)
+    meta = read_json(other / "meta.json")
+    meta["fingerprint"]["clip_seconds"] = 10.0
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreMismatchError, match="clip_seconds: expected 3.0, found 10.0"):
+        train.run(_config(other, tiny_dataset, run_dir, max_updates=4), ModelConfig(**TINY_MODEL), resume=True)
