@@ -18,7 +18,7 @@ from rich.table import Table
 from mellow import metrics
 from mellow.config import setting
 from mellow.data import ExampleSet, load_examples, move_to
-from mellow.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore
 from mellow.train import find_checkpoint, load_trained_model
@@ -69,8 +69,6 @@ def run(config: EvalConfig) -> EvalResult:
 
 
 def validate_args(config: EvalConfig) -> tuple[Path, EmbeddingStore, list[dict]]:
-    from mellow.files import read_json
-
     checkpoint = find_checkpoint(config.run, config.which)
     trainer = read_json(checkpoint / "trainer.json")
     store = EmbeddingStore(config.store or Path(trainer["store"]))

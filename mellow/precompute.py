@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +100,7 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
 
 def _decode(record: dict, dataset: Path, encoder: AudioEncoder, config: EncoderConfig) -> tuple[np.ndarray, float]:
     path = record["path"] if "://" in record["path"] else dataset / record["path"]
-    waveform = decode_audio(path, encoder.sample_rate, duration_seconds=None)
+    waveform = decode_audio(path, encoder.sample_rate)
     if float(np.abs(waveform).max()) == 0.0:
         raise AudioDecodeError(f"{path}: all samples are zero (digital silence)")
     return fit_length(waveform, int(round(config.clip_seconds * encoder.sample_rate)), config.crop)
@@ -119,7 +119,7 @@ def _decoded_in_order(pool: ThreadPoolExecutor, records: list[dict], config: Pre
 
 
 def encode_shard(config: PrecomputeConfig, encoder: AudioEncoder, pool: ThreadPoolExecutor, records: list[dict],
-                 rows: range, advance) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                 rows: range, advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Decode and encode the clips of one shard; failed clips get zero rows and a reason in the index."""
     tokens, dim = config.encoder.tokens, encoder.dim
     embeddings = np.zeros((len(records), tokens, dim), dtype=np.float16)

@@ -14,7 +14,6 @@ an unmarked shard, which the next run recomputes. Readers use only marked shards
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +172,3 @@ class EmbeddingStore:
         if differences:
             raise StoreMismatchError(f"{what} expects a store made differently from {self.path}:\n  "
                                      + "\n  ".join(differences))
-
-    def describe(self) -> str:
-        return json.dumps({"path": str(self.path), **self.meta}, indent=2)

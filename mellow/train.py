@@ -24,11 +24,18 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from mellow import distributed
-from mellow.config import setting, to_dict
+from mellow.config import build, setting, to_dict
 from mellow.data import ExampleSet, load_examples, move_to
 from mellow.decoders import load_decoder, load_tokenizer
 from mellow.distributed import DistributedContext
-from mellow.files import read_json, replace_directory, write_json_atomic, write_text_atomic
+from mellow.files import (
+    read_json,
+    read_jsonl,
+    replace_directory,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from mellow.model import MellowModel, ModelConfig
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore
@@ -210,6 +217,9 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     if checkpoint is not None:
         update, best_val = load_checkpoint(checkpoint, model, optimizer, scheduler, context)
         console.print(f"resuming {train.run_dir} from update {update} ({checkpoint.name})")
+        if context.is_main:  # a killed run may have logged updates past its last checkpoint: drop them
+            kept = [row for row in read_jsonl(train.run_dir / "metrics.jsonl") if row["update"] <= update]
+            write_jsonl_atomic(train.run_dir / "metrics.jsonl", kept)
     elif context.is_main:
         train.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved_config(train, model_config)))
@@ -345,8 +355,6 @@ def find_checkpoint(path: Path, which: str = "latest") -> Path:
 
 def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[MellowModel, object, dict]:
     """Rebuild the model of a checkpoint and load its weights; returns (model, tokenizer, trainer.json)."""
-    from mellow.config import build
-
     trainer = read_json(checkpoint / "trainer.json")
     model_config = build(ModelConfig, trainer["config"]["model"], "model")
     model, tokenizer = build_model(model_config, trainer["store_fingerprint"]["dim"], seed=0)

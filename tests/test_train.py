@@ -54,9 +54,12 @@ def test_resume_after_a_stop_continues_with_the_same_losses_and_weights(mel_stor
     train.run(_config(mel_store, tiny_dataset, straight), model)
     train.run(_config(mel_store, tiny_dataset, stopped, stop_after=3), model)
     assert read_json(stopped / "latest.json")["update"] == 3
+    with open(stopped / "metrics.jsonl", "a") as handle:  # as if killed after logging an unsaved update
+        handle.write('{"update": 4, "loss": 123.0}\n')
     train.run(_config(mel_store, tiny_dataset, stopped), model, resume=True)
     expected, resumed = _losses(straight), _losses(stopped)
-    assert [resumed[u] for u in range(4, 9)] == [expected[u] for u in range(4, 9)]
+    assert [resumed[u] for u in range(1, 9)] == [expected[u] for u in range(1, 9)]
+    assert len(read_jsonl(stopped / "metrics.jsonl")) == len(read_jsonl(straight / "metrics.jsonl"))
     first = torch.load(straight / "step-000008" / "model.pt")
     second = torch.load(stopped / "step-000008" / "model.pt")
     assert first.keys() == second.keys()
