@@ -149,6 +149,39 @@ def eval_command(
     evaluate.run(EvalConfig(**{k: v for k, v in locals().items() if k != "evaluate"}))
 
 
+store_app = typer.Typer(help="Inspect and check embedding stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("info")
+@friendly_errors
+def store_info_command(path: Path = typer.Argument(..., help="A store folder (shards/<dataset>/<tag>).")) -> None:
+    """Summarise a store: fingerprint, rows, shards, failed clips, size on disk."""
+    from mellow.store import EmbeddingStore
+
+    store = EmbeddingStore(path)
+    size = sum(f.stat().st_size for f in (path / "store.zarr").rglob("*") if f.is_file())
+    console.print(yaml.safe_dump({"store": str(path), "fingerprint": store.fingerprint,
+                                  "rows": store.meta["rows"], "clips_per_shard": store.meta["clips_per_shard"],
+                                  "counts": store.meta["counts"], "bytes_on_disk": size,
+                                  "bytes_per_clip": round(size / max(store.meta["rows"], 1), 1)},
+                                 sort_keys=False))
+
+
+@store_app.command("verify")
+@friendly_errors
+def store_verify_command(path: Path = typer.Argument(..., help="A store folder (shards/<dataset>/<tag>).")) -> None:
+    """Check every chunk checksum and the index; name the clip and shard of any damage (exit 1 if any)."""
+    from mellow.store import verify_store
+
+    problems = verify_store(path)
+    for problem in problems:
+        console.print(f"[bold red]damaged:[/] {problem}", highlight=False)
+    if problems:
+        raise typer.Exit(code=1)
+    console.print(f"[bold green]verified[/] {path}: every chunk checksum and the index are intact")
+
+
 @app.command("quickstart")
 @friendly_errors
 def quickstart_command(

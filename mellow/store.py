@@ -118,9 +118,8 @@ class StoreWriter:
     def _remove_shard_files(self, shard: int) -> None:
         """Delete what an interrupted run left of this shard: zarr merges a write into an existing shard file,
         and a truncated one fails its checksum, so an uncommitted shard is always rewritten from nothing."""
-        for array, coordinates in ((self.emb, (shard, 0, 0)), (self.valid, (shard,))):
-            key = array.metadata.encode_chunk_key(coordinates)
-            (self.path / "store.zarr" / array.path / key).unlink(missing_ok=True)
+        for array in (self.emb, self.valid):
+            shard_file(self.path, array, shard).unlink(missing_ok=True)
 
     def finalize(self, extra_meta: dict) -> dict:
         """Write index.jsonl and the completed meta.json from the shard markers; return the meta."""
@@ -172,3 +171,40 @@ class EmbeddingStore:
         if differences:
             raise StoreMismatchError(f"{what} expects a store made differently from {self.path}:\n  "
                                      + "\n  ".join(differences))
+
+
+def shard_file(store_path: Path, array: zarr.Array, shard: int) -> Path:
+    """The file that holds shard `shard` of `array` (emb or valid)."""
+    coordinates = (shard,) + (0,) * (array.ndim - 1)
+    return store_path / "store.zarr" / array.path / array.metadata.encode_chunk_key(coordinates)
+
+
+def verify_store(path: Path) -> list[str]:
+    """Check every chunk checksum, the values and the index; return one line per problem (empty: all good).
+
+    Each shard is read whole; a shard that fails is read clip by clip, so a damaged chunk is named by clip id.
+    """
+    store = EmbeddingStore(path)
+    problems = []
+    rows = [record["row"] for record in store.index]
+    if sorted(rows) != list(range(store.meta["rows"])):
+        problems.append(f"index.jsonl lists rows {len(rows)} for a store of {store.meta['rows']} rows")
+    per_shard = store.meta["clips_per_shard"]
+    by_row = {record["row"]: record for record in store.index}
+    for shard in range(-(-store.meta["rows"] // per_shard)):
+        start, stop = shard * per_shard, min((shard + 1) * per_shard, store.meta["rows"])
+        try:
+            store.emb[start:stop]
+            store.valid[start:stop]
+            continue
+        except Exception:  # any codec error: find the clips it hits
+            pass
+        for row in range(start, stop):
+            try:
+                store.emb[row]
+                store.valid[row]
+            except Exception as error:
+                clip = by_row.get(row, {}).get("id", "?")
+                problems.append(f"clip {clip} (row {row}) in shard {shard} "
+                                f"({shard_file(path, store.emb, shard)}): {type(error).__name__}: {error}")
+    return problems

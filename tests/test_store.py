@@ -148,3 +148,25 @@ def test_bad_clips_are_skipped_with_reasons_and_the_failure_limit_is_enforced(ti
     assert len(store.rows) == 22 and records[2]["id"] not in store.rows
     result = CliRunner().invoke(app, arguments + ["--max-failures", "0.1"])
     assert result.exit_code == 0 and "22 clips ok, 2 failed" in result.output
+
+
+def test_store_verify_names_the_clip_and_shard_of_a_flipped_byte(mel_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from mellow.cli import app
+
+    copy = tmp_path / "store"
+    shutil.copytree(mel_store, copy)
+    result = CliRunner().invoke(app, ["store", "verify", str(copy)])
+    assert result.exit_code == 0 and "verified" in result.output
+    result = CliRunner().invoke(app, ["store", "info", str(copy)])
+    assert result.exit_code == 0 and "bytes_per_clip" in result.output and "encoder: mel" in result.output
+    shard = copy / "store.zarr" / "emb" / "c" / "1" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # inside the first chunk of shard 1 (rows 8..15)
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["store", "verify", str(copy)])
+    assert result.exit_code == 1
+    index = read_jsonl(copy / "index.jsonl")
+    assert f"clip {index[8]['id']} (row 8) in shard 1" in result.output
+    assert "checksum" in result.output and result.output.count("damaged:") == 1  # the other clips read fine
