@@ -14,6 +14,7 @@ from mellow.audio import FfmpegNotFoundError
 from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted, to_dict
 from mellow.encoders import EncoderConfig
 from mellow.evaluate import EvalConfig
+from mellow.files import read_json
 from mellow.model import ModelConfig
 from mellow.precompute import PrecomputeConfig
 from mellow.prepare import PrepareConfig
@@ -76,8 +77,13 @@ def precompute_command(
     zstd_level: int = cli_option(StoreConfig, "zstd_level"),
     decode_workers: int = cli_option(PrecomputeConfig, "decode_workers"),
     max_failures: float = cli_option(PrecomputeConfig, "max_failures"),
+    rank: int = cli_option(PrecomputeConfig, "rank"),
+    world_size: int = cli_option(PrecomputeConfig, "world_size"),
 ) -> None:
-    """Stage 01: decode every clip through ffmpeg, run the frozen encoder once, write the embedding store."""
+    """Stage 01: decode every clip through ffmpeg, run the frozen encoder once, write the embedding store.
+
+    Several processes split the work by whole shards: `torchrun --nproc_per_node=N stages/01_precompute.py`,
+    a SLURM job array, or explicit --rank/--world-size; the last one to finish writes the index."""
     from mellow import precompute
 
     config = PrecomputeConfig(
@@ -86,7 +92,7 @@ def precompute_command(
                               batch_size=batch_size, device=device),
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips,
                           zstd_level=zstd_level),
-        decode_workers=decode_workers, max_failures=max_failures)
+        decode_workers=decode_workers, max_failures=max_failures, rank=rank, world_size=world_size)
     try:
         precompute.run(config)
     except precompute.TooManyFailuresError as error:  # the store is complete, but the run is not a success
@@ -166,6 +172,29 @@ def store_info_command(path: Path = typer.Argument(..., help="A store folder (sh
                                   "counts": store.meta["counts"], "bytes_on_disk": size,
                                   "bytes_per_clip": round(size / max(store.meta["rows"], 1), 1)},
                                  sort_keys=False))
+
+
+@store_app.command("finalize")
+@friendly_errors
+def store_finalize_command(
+    path: Path = typer.Argument(..., help="A store folder whose shards are all written."),
+    max_failures: float = cli_option(PrecomputeConfig, "max_failures"),
+) -> None:
+    """Write index.jsonl and meta.json once every shard is done (normally the last precompute process does)."""
+    from mellow.precompute import TooManyFailuresError, check_failures, finalize_store
+    from mellow.store import StoreWriter
+
+    writer = StoreWriter.open_existing(path)
+    if not writer.all_done():
+        missing = [shard for shard in range(writer.num_shards) if not writer.is_done(shard)]
+        raise ValueError(f"{path}: shards {missing[:10]} are not written yet; run 01_precompute for them first")
+    counts = finalize_store(writer, read_json(path / "meta.json").get("dataset", "?"), 0.0)
+    console.print(f"[bold green]finalized[/] {path}: {counts['ok']} clips ok, {counts['failed']} failed")
+    try:
+        check_failures(path, counts, max_failures)
+    except TooManyFailuresError as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(code=1) from None
 
 
 @store_app.command("verify")

@@ -35,6 +35,10 @@ class PrecomputeConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
     max_failures: float = setting(0.05, "Exit with an error if more than this fraction of clips fail.")
+    rank: int = setting(-1, "This process's part of the work: shards rank, rank+world, ... (-1: from torchrun's "
+                            "RANK or SLURM_ARRAY_TASK_ID, else 0).")
+    world_size: int = setting(0, "Processes sharing the work (0: from torchrun's WORLD_SIZE or "
+                                 "SLURM_ARRAY_TASK_COUNT, else 1).")
 
     def __post_init__(self) -> None:
         if not (self.dataset / "audio.jsonl").is_file():
@@ -44,6 +48,20 @@ class PrecomputeConfig:
             raise ValueError(f"--max-failures {self.max_failures} must be a fraction between 0 and 1")
         if self.decode_workers < 0:
             raise ValueError(f"--decode-workers {self.decode_workers} must be >= 0")
+        rank, world = self.work_split()
+        if not 0 <= rank < world:
+            raise ValueError(f"--rank {rank} must be in [0, --world-size {world})")
+
+    def work_split(self) -> tuple[int, int]:
+        """(rank, world size): explicit flags, else torchrun's variables, else a SLURM job array's, else (0, 1)."""
+        if self.world_size > 0:
+            return max(self.rank, 0), self.world_size
+        if "WORLD_SIZE" in os.environ:
+            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if "SLURM_ARRAY_TASK_COUNT" in os.environ:
+            task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+            return task, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        return max(self.rank, 0), 1
 
 
 @dataclass
@@ -52,7 +70,6 @@ class PrecomputeResult:
     computed_shards: int
     skipped_shards: int
     clips: int
-    failures: list[dict]
     seconds: float
 
 
@@ -83,7 +100,9 @@ def validate_args(config: PrecomputeConfig) -> list[dict]:
 
 def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter,
             records: list[dict]) -> PrecomputeResult:
-    todo = [shard for shard in range(writer.num_shards) if not writer.is_done(shard)]
+    rank, world = config.work_split()
+    mine = range(rank, writer.num_shards, world)
+    todo = [shard for shard in mine if not writer.is_done(shard)]
     workers = config.decode_workers or 2 * (os.cpu_count() or 1)
     clips = sum(len(writer.shard_rows(shard)) for shard in todo)
     with progress_bar() as progress, ThreadPoolExecutor(workers) as pool:
@@ -95,7 +114,7 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
             writer.write_shard(shard, embeddings, valid, index)
             rate = progress.tasks[task].speed or 0.0
             progress.update(task, status=f"{rate:.1f} clips/s, shard {shard + 1}/{writer.num_shards}")
-    return PrecomputeResult(writer.path, len(todo), writer.num_shards - len(todo), clips, [], 0.0)
+    return PrecomputeResult(writer.path, len(todo), len(mine) - len(todo), clips, 0.0)
 
 
 def _decode(record: dict, dataset: Path, encoder: AudioEncoder, config: EncoderConfig) -> tuple[np.ndarray, float]:
@@ -156,22 +175,41 @@ def encode_shard(config: PrecomputeConfig, encoder: AudioEncoder, pool: ThreadPo
 
 
 def report(config: PrecomputeConfig, writer: StoreWriter, result: PrecomputeResult) -> None:
-    meta = writer.finalize({"dataset": str(config.dataset), "code_version": code_version()})
-    counts = meta["counts"]
-    result.failures = [r for r in read_jsonl(result.store_path / "index.jsonl") if r["status"] != "ok"]
-    report_data = {"store": str(result.store_path), "computed_shards": result.computed_shards,
-                   "skipped_shards": result.skipped_shards, "clips_encoded_this_run": result.clips,
-                   "seconds": round(result.seconds, 2), "counts": counts, "failures": [
-                       {"id": r["id"], "path": r["path"], "reason": r["status"]} for r in result.failures]}
-    write_json_atomic(result.store_path / "report.json", report_data)
+    """Print what this process did; the process that finds every shard done finalizes the store."""
+    rank, world = config.work_split()
+    who = f"rank {rank}/{world}: " if world > 1 else ""
     rate = result.clips / result.seconds if result.seconds else 0.0
-    console.print(f"[bold green]precomputed[/] {result.store_path}: {counts['ok']} clips ok, "
-                  f"{counts['failed']} failed; {result.computed_shards} shard(s) computed, "
-                  f"{result.skipped_shards} already done; {result.clips} clips in {result.seconds:.1f} s "
-                  f"({rate:.1f} clips/s)")
-    for failure in report_data["failures"][:10]:
+    done = f"{result.computed_shards} shard(s) computed, {result.skipped_shards} already done; " \
+           f"{result.clips} clips in {result.seconds:.1f} s ({rate:.1f} clips/s)"
+    if not writer.all_done():
+        console.print(f"[bold green]{who}finished its shards[/] of {result.store_path}: {done}. The last process to "
+                      f"finish finalizes the store (or run `mellow store finalize {result.store_path}`).")
+        return
+    counts = finalize_store(writer, config.dataset, result.seconds)
+    quiet, console.quiet = console.quiet, False  # whichever rank finalizes says so, not only rank 0
+    try:
+        console.print(f"[bold green]{who}precomputed[/] {result.store_path}: {counts['ok']} clips ok, "
+                      f"{counts['failed']} failed; {done}")
+    finally:
+        console.quiet = quiet
+    check_failures(writer.path, counts, config.max_failures)
+
+
+def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> dict:
+    """Write the index, meta.json and report.json (with every failed clip); return the counts."""
+    meta = writer.finalize({"dataset": str(dataset), "code_version": code_version()})
+    counts = meta["counts"]
+    failures = [{"id": r["id"], "path": r["path"], "reason": r["status"]}
+                for r in read_jsonl(writer.path / "index.jsonl") if r["status"] != "ok"]
+    write_json_atomic(writer.path / "report.json", {"store": str(writer.path), "counts": counts,
+                                                    "seconds_last_run": round(seconds, 2), "failures": failures})
+    for failure in failures[:10]:
         console.print(f"  [yellow]skipped[/] {failure['id']}: {failure['reason']}")
+    return counts
+
+
+def check_failures(store_path: Path, counts: dict, max_failures: float) -> None:
     fraction = counts["failed"] / max(counts["rows"], 1)
-    if fraction > config.max_failures:
-        raise TooManyFailuresError(f"{counts['failed']} of {counts['rows']} clips failed ({fraction:.1%}), more than "
-                           f"--max-failures {config.max_failures:.1%}; see {result.store_path / 'report.json'}")
+    if fraction > max_failures:
+        raise TooManyFailuresError(f"{counts['failed']} of {counts['rows']} clips failed ({fraction:.1%}), more "
+                                   f"than --max-failures {max_failures:.1%}; see {store_path / 'report.json'}")

@@ -14,6 +14,8 @@ an unmarked shard, which the next run recomputes. Readers use only marked shards
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from mellow.config import describe_differences, setting
 from mellow.files import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 FORMAT_VERSION = 1
+CREATION_LOCK = ".creating"
 
 
 class StoreMismatchError(ValueError):
@@ -58,31 +61,68 @@ def code_version() -> str:
 class StoreWriter:
     """Creates (or reopens) a store and writes it one whole shard at a time."""
 
-    def __init__(self, path: Path, num_rows: int, fingerprint: dict, config: StoreConfig) -> None:
+    def __init__(self, path: Path, num_rows: int, fingerprint: dict, config: StoreConfig,
+                 wait_seconds: float = 600.0) -> None:
+        """Open the store at `path`, creating it if no process has yet. Several processes may call this at
+        once (torchrun ranks, SLURM array tasks): one creates the arrays, the others wait for its meta.json."""
         self.path = path
         self.fingerprint = fingerprint
-        tokens, dim = fingerprint["tokens"], fingerprint["dim"]
-        self.clips_per_shard = config.clips_per_shard(tokens, dim)
         self.num_rows = num_rows
         meta_path = path / "meta.json"
-        if meta_path.exists():
-            self._check_existing(read_json(meta_path))
-            group = zarr.open_group(path / "store.zarr", mode="r+")
-            self.emb, self.valid = group["emb"], group["valid"]
-            self.clips_per_shard = self.emb.shards[0]
-            return
-        group = zarr.open_group(path / "store.zarr", mode="w", zarr_format=3)
-        self.emb = group.create_array(
-            "emb", shape=(num_rows, tokens, dim), chunks=(1, tokens, dim),
-            shards=(self.clips_per_shard, tokens, dim), dtype="float16", fill_value=0,
+        if not meta_path.exists() and self._claim_creation():
+            try:
+                if not meta_path.exists():  # another process may have finished creating it meanwhile
+                    self._create(config)
+            finally:
+                (path / CREATION_LOCK).unlink(missing_ok=True)
+        self._wait_for_creation(wait_seconds)
+        meta = read_json(meta_path)
+        self._check_existing(meta)
+        group = zarr.open_group(path / "store.zarr", mode="r+")
+        self.emb, self.valid = group["emb"], group["valid"]
+        self.clips_per_shard = meta["clips_per_shard"]
+
+    @classmethod
+    def open_existing(cls, path: Path) -> StoreWriter:
+        """Reopen a store created earlier (for `mellow store finalize`)."""
+        if not (path / "meta.json").exists():
+            raise FileNotFoundError(f"{path} is not an embedding store (no meta.json)")
+        meta = read_json(path / "meta.json")
+        return cls(path, meta["rows"], meta["fingerprint"], StoreConfig(), wait_seconds=0)
+
+    def _claim_creation(self) -> bool:
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.path / CREATION_LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def _wait_for_creation(self, wait_seconds: float) -> None:
+        deadline = time.time() + wait_seconds
+        while not (self.path / "meta.json").exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"{self.path}: another process is creating this store ({CREATION_LOCK} is "
+                                   f"there) and has not finished; if none is running, delete "
+                                   f"{self.path / CREATION_LOCK} and rerun")
+            time.sleep(0.2)
+
+    def _create(self, config: StoreConfig) -> None:
+        tokens, dim = self.fingerprint["tokens"], self.fingerprint["dim"]
+        clips_per_shard = config.clips_per_shard(tokens, dim)
+        group = zarr.open_group(self.path / "store.zarr", mode="w", zarr_format=3)
+        group.create_array(
+            "emb", shape=(self.num_rows, tokens, dim), chunks=(1, tokens, dim),
+            shards=(clips_per_shard, tokens, dim), dtype="float16", fill_value=0,
             compressors=[ZstdCodec(level=config.zstd_level), Crc32cCodec()],
         )
-        self.valid = group.create_array(
-            "valid", shape=(num_rows,), chunks=(self.clips_per_shard,), dtype="int16", fill_value=0,
+        group.create_array(
+            "valid", shape=(self.num_rows,), chunks=(clips_per_shard,), dtype="int16", fill_value=0,
             compressors=[ZstdCodec(level=config.zstd_level), Crc32cCodec()],
         )
-        write_json_atomic(meta_path, {"fingerprint": fingerprint, "rows": num_rows, "complete": False,
-                                      "clips_per_shard": self.clips_per_shard, "code_version": code_version()})
+        write_json_atomic(self.path / "meta.json", {
+            "fingerprint": self.fingerprint, "rows": self.num_rows, "complete": False,
+            "clips_per_shard": clips_per_shard, "code_version": code_version()})
 
     def _check_existing(self, meta: dict) -> None:
         differences = describe_differences(meta["fingerprint"], self.fingerprint)
@@ -120,6 +160,9 @@ class StoreWriter:
         and a truncated one fails its checksum, so an uncommitted shard is always rewritten from nothing."""
         for array in (self.emb, self.valid):
             shard_file(self.path, array, shard).unlink(missing_ok=True)
+
+    def all_done(self) -> bool:
+        return all(self.is_done(shard) for shard in range(self.num_shards))
 
     def finalize(self, extra_meta: dict) -> dict:
         """Write index.jsonl and the completed meta.json from the shard markers; return the meta."""

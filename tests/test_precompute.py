@@ -1,0 +1,85 @@
+"""Precompute at scale: several processes (torchrun, SLURM job arrays), and a kill -9 in the middle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from mellow.files import read_json, read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _precompute_command(dataset: Path, root: Path, *extra: str) -> list[str]:
+    return [str(REPO / "stages" / "01_precompute.py"), str(dataset), "--encoder", "mel", "--tokens", "4",
+            "--clip-seconds", "3", "--shard-clips", "4", "--store-root", str(root), *extra]
+
+
+def _run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed
+
+
+def _store(root: Path) -> Path:
+    [store] = [p for p in (root / "synth").iterdir() if p.is_dir()]
+    return store
+
+
+def _assert_same_store(first: Path, second: Path) -> None:
+    a, b = zarr.open(str(first / "store.zarr"), mode="r"), zarr.open(str(second / "store.zarr"), mode="r")
+    np.testing.assert_array_equal(a["emb"][:], b["emb"][:])
+    np.testing.assert_array_equal(a["valid"][:], b["valid"][:])
+    assert read_jsonl(first / "index.jsonl") == read_jsonl(second / "index.jsonl")
+    assert read_json(first / "meta.json")["fingerprint"] == read_json(second / "meta.json")["fingerprint"]
+
+
+def test_torchrun_and_slurm_array_split_the_shards_and_equal_one_process(tiny_dataset, tmp_path):
+    single, ranks, array = tmp_path / "single", tmp_path / "torchrun", tmp_path / "array"
+    _run([sys.executable, *_precompute_command(tiny_dataset, single)])
+    completed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      *_precompute_command(tiny_dataset, ranks)])
+    assert "rank 0/2: " in completed.stdout and completed.stdout.count("precomputed") == 1  # one finalizer
+    _assert_same_store(_store(single), _store(ranks))
+    shards = sorted(read_json(p)["shard"] for p in (_store(ranks) / "parts").glob("*.json"))
+    assert shards == list(range(6))
+    # a SLURM job array: tasks run one after the other here; the second one finalizes
+    first = _run([sys.executable, *_precompute_command(tiny_dataset, array)],
+                 env={"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"})
+    assert "finished its shards" in first.stdout and not (_store(array) / "index.jsonl").exists()
+    assert sorted(p.name for p in (_store(array) / "parts").iterdir()) == [
+        "shard-00000.json", "shard-00002.json", "shard-00004.json"]
+    second = _run([sys.executable, *_precompute_command(tiny_dataset, array)],
+                  env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"})
+    assert "rank 1/2: precomputed" in second.stdout
+    _assert_same_store(_store(single), _store(array))
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_same_store(tiny_dataset, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    _run([sys.executable, *_precompute_command(tiny_dataset, reference)])
+    # slow the run down (one decode at a time, batch of 1) so it can be killed between shards
+    command = [sys.executable, *_precompute_command(tiny_dataset, killed, "--decode-workers", "1",
+                                                    "--batch-size", "1")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(killed.glob("synth/*/parts/shard-00001.json")):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    store = _store(killed)
+    done = sorted(p.name for p in (store / "parts").iterdir())
+    assert 2 <= len(done) < 6, done  # really interrupted part-way
+    assert not read_json(store / "meta.json")["complete"]
+    completed = _run(command)
+    assert f"{6 - len(done)} shard(s) computed, {len(done)} already done" in completed.stdout
+    _assert_same_store(_store(reference), store)
