@@ -58,6 +58,8 @@ def decode_audio(
     `offset_seconds`/`duration_seconds` go before `-i`, so ffmpeg seeks instead of decoding what it skips.
     """
     input_options: dict[str, float] = {}
+    if "://" in str(path):
+        input_options["rw_timeout"] = 30_000_000  # microseconds: a dead server fails the clip, not the job
     if offset_seconds:
         input_options["ss"] = offset_seconds
     if duration_seconds:

@@ -77,6 +77,7 @@ def precompute_command(
     zstd_level: int = cli_option(StoreConfig, "zstd_level"),
     decode_workers: int = cli_option(PrecomputeConfig, "decode_workers"),
     max_failures: float = cli_option(PrecomputeConfig, "max_failures"),
+    min_seconds: float = cli_option(PrecomputeConfig, "min_seconds"),
     rank: int = cli_option(PrecomputeConfig, "rank"),
     world_size: int = cli_option(PrecomputeConfig, "world_size"),
 ) -> None:
@@ -92,7 +93,8 @@ def precompute_command(
                               batch_size=batch_size, device=device),
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips,
                           zstd_level=zstd_level),
-        decode_workers=decode_workers, max_failures=max_failures, rank=rank, world_size=world_size)
+        decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
+        world_size=world_size)
     try:
         precompute.run(config)
     except precompute.TooManyFailuresError as error:  # the store is complete, but the run is not a success

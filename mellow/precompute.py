@@ -35,6 +35,7 @@ class PrecomputeConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
     max_failures: float = setting(0.05, "Exit with an error if more than this fraction of clips fail.")
+    min_seconds: float = setting(0.1, "Clips with less audio than this are skipped (reported as failed).")
     rank: int = setting(-1, "This process's part of the work: shards rank, rank+world, ... (-1: from torchrun's "
                             "RANK or SLURM_ARRAY_TASK_ID, else 0).")
     world_size: int = setting(0, "Processes sharing the work (0: from torchrun's WORLD_SIZE or "
@@ -46,6 +47,8 @@ class PrecomputeConfig:
                              "or point at a dataset folder")
         if not 0.0 <= self.max_failures <= 1.0:
             raise ValueError(f"--max-failures {self.max_failures} must be a fraction between 0 and 1")
+        if self.min_seconds < 0:
+            raise ValueError(f"--min-seconds {self.min_seconds} must be >= 0")
         if self.decode_workers < 0:
             raise ValueError(f"--decode-workers {self.decode_workers} must be >= 0")
         rank, world = self.work_split()
@@ -117,12 +120,30 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
     return PrecomputeResult(writer.path, len(todo), len(mine) - len(todo), clips, 0.0)
 
 
-def _decode(record: dict, dataset: Path, encoder: AudioEncoder, config: EncoderConfig) -> tuple[np.ndarray, float]:
-    path = record["path"] if "://" in record["path"] else dataset / record["path"]
-    waveform = decode_audio(path, encoder.sample_rate)
+def _decode(record: dict, config: PrecomputeConfig, sample_rate: int) -> tuple[np.ndarray, float]:
+    """Decode the part of a clip the crop policy keeps (ffmpeg seeks; the rest is never decoded) and fit it.
+
+    Raises AudioDecodeError for anything unusable: unreadable, empty, digital silence, shorter than
+    --min-seconds, or truncated (much shorter than the duration its manifest records)."""
+    path = record["path"] if "://" in record["path"] else config.dataset / record["path"]
+    clip_seconds = config.encoder.clip_seconds
+    duration = record.get("duration")
+    offset = 0.0
+    if config.encoder.crop == "center" and duration and duration > clip_seconds:
+        offset = (duration - clip_seconds) / 2
+    limit = None if config.encoder.crop == "repeat" else clip_seconds
+    waveform = decode_audio(path, sample_rate, offset_seconds=offset, duration_seconds=limit)
+    seconds = waveform.shape[0] / sample_rate
     if float(np.abs(waveform).max()) == 0.0:
         raise AudioDecodeError(f"{path}: all samples are zero (digital silence)")
-    return fit_length(waveform, int(round(config.clip_seconds * encoder.sample_rate)), config.crop)
+    if seconds < config.min_seconds:
+        raise AudioDecodeError(f"{path}: {seconds:.3f} s of audio, shorter than --min-seconds {config.min_seconds}")
+    if duration:
+        expected = min(duration - offset, limit or duration)
+        if seconds < 0.9 * expected - 0.05:
+            raise AudioDecodeError(f"{path}: truncated: decoded {seconds:.2f} s where the manifest says "
+                                   f"{expected:.2f} s")
+    return fit_length(waveform, int(round(clip_seconds * sample_rate)), config.encoder.crop)
 
 
 def _decoded_in_order(pool: ThreadPoolExecutor, records: list[dict], config: PrecomputeConfig,
@@ -131,7 +152,7 @@ def _decoded_in_order(pool: ThreadPoolExecutor, records: list[dict], config: Pre
     ahead: deque[tuple[dict, Future]] = deque()
     limit = 4 * config.encoder.batch_size
     for record in records:
-        ahead.append((record, pool.submit(_decode, record, config.dataset, encoder, config.encoder)))
+        ahead.append((record, pool.submit(_decode, record, config, encoder.sample_rate)))
         if len(ahead) >= limit:
             yield ahead.popleft()
     yield from ahead

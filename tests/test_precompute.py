@@ -83,3 +83,60 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_store(tiny_dataset, tmp_path):
     completed = _run(command)
     assert f"{6 - len(done)} shard(s) computed, {len(done)} already done" in completed.stdout
     _assert_same_store(_store(reference), store)
+
+
+def _float_wav(path: Path, samples: np.ndarray, sample_rate: int = 16000) -> None:
+    """A 32-bit float WAV written by hand (the stdlib `wave` module writes integer PCM only)."""
+    import struct
+
+    data = samples.astype("<f4").tobytes()
+    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack(
+        "<IHHIIHH", 16, 3, 1, sample_rate, sample_rate * 4, 4, 32) + b"data" + struct.pack("<I", len(data))
+    path.write_bytes(header + data)
+
+
+def test_every_kind_of_bad_input_is_skipped_with_its_reason(tmp_path):
+    from mellow import precompute
+    from mellow.audio import encode_audio_file
+    from mellow.encoders import EncoderConfig
+    from mellow.files import write_jsonl_atomic
+    from mellow.precompute import PrecomputeConfig
+    from mellow.store import EmbeddingStore, StoreConfig
+
+    dataset = tmp_path / "bad"
+    dataset.mkdir()
+    tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    encode_audio_file(tone, 16000, dataset / "good.wav")
+    encode_audio_file(np.tile(tone, 60), 16000, dataset / "long.flac")
+    encode_audio_file(np.tile(tone, 3), 16000, dataset / "whole.flac")
+    truncated = (dataset / "whole.flac").read_bytes()
+    (dataset / "truncated.flac").write_bytes(truncated[: len(truncated) // 3])
+    (dataset / "empty.wav").write_bytes(b"")
+    (dataset / "text.mp3").write_text("this is not audio\n" * 50)
+    _float_wav(dataset / "zero_length.wav", np.zeros(0))
+    _float_wav(dataset / "silent.wav", np.zeros(16000))
+    _float_wav(dataset / "nan.wav", np.where(np.arange(16000) % 100 == 0, np.nan, tone))
+    _float_wav(dataset / "short.wav", tone[:320])
+    expected = {
+        "good": "ok", "long": "ok", "missing": "No such file", "empty": "Invalid data", "truncated": "truncated",
+        "text": "Invalid data", "zero_length": "zero samples", "silent": "digital silence", "nan": "NaN",
+        "short": "shorter than --min-seconds", "url": "Connection refused",
+    }
+    records = [{"id": name, "path": f"{name}.{ext}", "duration": duration} for name, ext, duration in [
+        ("good", "wav", 1.0), ("long", "flac", 60.0), ("missing", "wav", 1.0), ("empty", "wav", 1.0),
+        ("truncated", "flac", 3.0), ("text", "mp3", 1.0), ("zero_length", "wav", None),
+        ("silent", "wav", 1.0), ("nan", "wav", 1.0), ("short", "wav", 0.02)]]
+    records.append({"id": "url", "path": "http://127.0.0.1:9/nothing-listens-here.wav", "duration": 1.0})
+    write_jsonl_atomic(dataset / "audio.jsonl", records)
+    config = PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name="mel", clip_seconds=2.0, tokens=4),
+                              store=StoreConfig(root=tmp_path / "shards", shard_clips=4), max_failures=1.0)
+    result = precompute.run(config)
+    statuses = {r["id"]: r["status"] for r in read_jsonl(result.store_path / "index.jsonl")}
+    for name, reason in expected.items():
+        if reason == "ok":
+            assert statuses[name] == "ok", (name, statuses[name])
+        else:
+            assert statuses[name].startswith("failed: ") and reason in statuses[name], (name, statuses[name])
+    report = read_json(result.store_path / "report.json")
+    assert report["counts"] == {"rows": 11, "ok": 2, "failed": 9} and len(report["failures"]) == 9
+    assert sorted(EmbeddingStore(result.store_path).rows) == ["good", "long"]
