@@ -109,7 +109,9 @@ class StoreWriter:
 
     def _create(self, config: StoreConfig) -> None:
         tokens, dim = self.fingerprint["tokens"], self.fingerprint["dim"]
-        clips_per_shard = config.clips_per_shard(tokens, dim)
+        # A shard's index has a slot for every chunk it could hold, so a store smaller than one shard would
+        # carry an index sized for the full shard: cap the shard at the store's size.
+        clips_per_shard = max(1, min(config.clips_per_shard(tokens, dim), self.num_rows))
         group = zarr.open_group(self.path / "store.zarr", mode="w", zarr_format=3)
         group.create_array(
             "emb", shape=(self.num_rows, tokens, dim), chunks=(1, tokens, dim),
