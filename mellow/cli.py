@@ -199,6 +199,19 @@ def store_finalize_command(
         raise typer.Exit(code=1) from None
 
 
+@store_app.command("export-wds")
+@friendly_errors
+def store_export_command(
+    path: Path = typer.Argument(..., help="A finished store folder (shards/<dataset>/<tag>)."),
+    out: Path = typer.Argument(..., help="Folder for the tar shards and meta.json."),
+    clips_per_tar: int = typer.Option(1000, help="Clips per tar shard."),
+) -> None:
+    """Export a store as WebDataset tar shards (<key>.npy + <key>.json), readable by stock webdataset."""
+    from mellow.wds import export_webdataset
+
+    export_webdataset(path, out, clips_per_tar)
+
+
 @store_app.command("verify")
 @friendly_errors
 def store_verify_command(path: Path = typer.Argument(..., help="A store folder (shards/<dataset>/<tag>).")) -> None:

@@ -170,3 +170,24 @@ def test_store_verify_names_the_clip_and_shard_of_a_flipped_byte(mel_store, tmp_
     index = read_jsonl(copy / "index.jsonl")
     assert f"clip {index[8]['id']} (row 8) in shard 1" in result.output
     assert "checksum" in result.output and result.output.count("damaged:") == 1  # the other clips read fine
+
+
+def test_export_to_webdataset_reads_back_with_stock_webdataset(mel_store, tmp_path):
+    import webdataset
+    from typer.testing import CliRunner
+
+    from mellow.cli import app
+
+    out = tmp_path / "wds"
+    result = CliRunner().invoke(app, ["store", "export-wds", str(mel_store), str(out), "--clips-per-tar", "10"])
+    assert result.exit_code == 0, result.output
+    tars = sorted(str(p) for p in out.glob("shard-*.tar"))
+    assert len(tars) == 3 and not (out / ".partial").exists()
+    assert read_json(out / "meta.json")["fingerprint"] == read_json(mel_store / "meta.json")["fingerprint"]
+    group = zarr.open(str(mel_store / "store.zarr"), mode="r")
+    samples = list(webdataset.WebDataset(tars, shardshuffle=False).decode())
+    assert len(samples) == 24
+    for sample in samples:
+        record = sample["json"]
+        np.testing.assert_array_equal(sample["npy"], group["emb"][record["row"]])
+        assert sample["npy"].dtype == np.float16 and record["valid"] == group["valid"][record["row"]]
