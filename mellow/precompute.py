@@ -86,7 +86,8 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     records = validate_args(config)
     encoder = build_encoder(config.encoder)
     store_path = store_path_for(config, encoder)
-    writer = StoreWriter(store_path, len(records), encoder.fingerprint(), config.store)
+    writer = StoreWriter(store_path, len(records), encoder.fingerprint(), config.store,
+                         ids=[record["id"] for record in records])
     result = process(config, encoder, writer, records)
     result.seconds = time.time() - started
     report(config, writer, result)

@@ -62,9 +62,13 @@ class StoreWriter:
     """Creates (or reopens) a store and writes it one whole shard at a time."""
 
     def __init__(self, path: Path, num_rows: int, fingerprint: dict, config: StoreConfig,
-                 wait_seconds: float = 600.0) -> None:
+                 wait_seconds: float = 600.0, ids: list[str] | None = None) -> None:
         """Open the store at `path`, creating it if no process has yet. Several processes may call this at
-        once (torchrun ranks, SLURM array tasks): one creates the arrays, the others wait for its meta.json."""
+        once (torchrun ranks, SLURM array tasks): one creates the arrays, the others wait for its meta.json.
+
+        With `ids` (the manifest's clip ids in row order), a store made from the first part of the same
+        manifest grows: its rows and ids stay, new rows are added, and only new shards (plus the old last one
+        if it was partial) are computed."""
         self.path = path
         self.fingerprint = fingerprint
         self.num_rows = num_rows
@@ -76,11 +80,16 @@ class StoreWriter:
             finally:
                 (path / CREATION_LOCK).unlink(missing_ok=True)
         self._wait_for_creation(wait_seconds)
-        meta = read_json(meta_path)
-        self._check_existing(meta)
         group = zarr.open_group(path / "store.zarr", mode="r+")
         self.emb, self.valid = group["emb"], group["valid"]
+        meta = read_json(meta_path)
         self.clips_per_shard = meta["clips_per_shard"]
+        same_encoding = not describe_differences(meta["fingerprint"], fingerprint)
+        if ids is not None and same_encoding:
+            self._check_ids(meta["rows"], ids)
+            if meta["rows"] < num_rows:
+                meta = self._grow(meta, wait_seconds)
+        self._check_existing(meta)
 
     @classmethod
     def open_existing(cls, path: Path) -> StoreWriter:
@@ -109,9 +118,7 @@ class StoreWriter:
 
     def _create(self, config: StoreConfig) -> None:
         tokens, dim = self.fingerprint["tokens"], self.fingerprint["dim"]
-        # A shard's index has a slot for every chunk it could hold, so a store smaller than one shard would
-        # carry an index sized for the full shard: cap the shard at the store's size.
-        clips_per_shard = max(1, min(config.clips_per_shard(tokens, dim), self.num_rows))
+        clips_per_shard = config.clips_per_shard(tokens, dim)
         group = zarr.open_group(self.path / "store.zarr", mode="w", zarr_format=3)
         group.create_array(
             "emb", shape=(self.num_rows, tokens, dim), chunks=(1, tokens, dim),
@@ -125,6 +132,36 @@ class StoreWriter:
         write_json_atomic(self.path / "meta.json", {
             "fingerprint": self.fingerprint, "rows": self.num_rows, "complete": False,
             "clips_per_shard": clips_per_shard, "code_version": code_version()})
+
+    def _check_ids(self, stored_rows: int, ids: list[str]) -> None:
+        """The clips of every committed shard must be the manifest's clips at the same rows."""
+        for shard in range(-(-stored_rows // self.clips_per_shard)):
+            if self.is_done(shard):
+                stored = [record["id"] for record in read_json(self._marker(shard))["records"]]
+                if stored != ids[shard * self.clips_per_shard : shard * self.clips_per_shard + len(stored)]:
+                    raise StoreMismatchError(
+                        f"{self.path}: shard {shard} holds other clips than the manifest has at its rows; a store "
+                        "keeps its rows, and grows only by clips appended at the end of audio.jsonl. Remove the "
+                        "store folder to rebuild it for a reordered or edited manifest")
+
+    def _grow(self, meta: dict, wait_seconds: float) -> dict:
+        """Add rows for clips appended to the manifest (one process does it; the others wait for it)."""
+        old_rows = meta["rows"]
+        if self._claim_creation():
+            try:
+                if old_rows % self.clips_per_shard and self.is_done(old_rows // self.clips_per_shard):
+                    self._marker(old_rows // self.clips_per_shard).unlink()  # partial last shard: recompute
+                self.emb.resize((self.num_rows, *self.emb.shape[1:]))
+                self.valid.resize((self.num_rows,))
+                write_json_atomic(self.path / "meta.json", {**meta, "rows": self.num_rows, "complete": False})
+            finally:
+                (self.path / CREATION_LOCK).unlink(missing_ok=True)
+        deadline = time.time() + wait_seconds
+        while read_json(self.path / "meta.json")["rows"] != self.num_rows and time.time() < deadline:
+            time.sleep(0.2)
+        group = zarr.open_group(self.path / "store.zarr", mode="r+")  # reopen: the shape changed
+        self.emb, self.valid = group["emb"], group["valid"]
+        return read_json(self.path / "meta.json")
 
     def _check_existing(self, meta: dict) -> None:
         differences = describe_differences(meta["fingerprint"], self.fingerprint)

@@ -140,3 +140,40 @@ def test_every_kind_of_bad_input_is_skipped_with_its_reason(tmp_path):
     report = read_json(result.store_path / "report.json")
     assert report["counts"] == {"rows": 11, "ok": 2, "failed": 9} and len(report["failures"]) == 9
     assert sorted(EmbeddingStore(result.store_path).rows) == ["good", "long"]
+
+
+def test_a_grown_manifest_adds_rows_and_keeps_the_old_ones(tiny_dataset, tmp_path):
+    import shutil
+
+    from mellow import precompute
+    from mellow.encoders import EncoderConfig
+    from mellow.files import write_jsonl_atomic
+    from mellow.precompute import PrecomputeConfig
+    from mellow.store import StoreConfig
+
+    dataset = tmp_path / "synth"
+    shutil.copytree(tiny_dataset, dataset)
+    records = read_jsonl(dataset / "audio.jsonl")
+    write_jsonl_atomic(dataset / "audio.jsonl", records[:16])
+
+    def run(root: Path):
+        config = PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name="mel", clip_seconds=3.0, tokens=4),
+                                  store=StoreConfig(root=root, shard_clips=6))
+        return precompute.run(config)
+
+    first = run(tmp_path / "grown")
+    before = zarr.open(str(first.store_path / "store.zarr"), mode="r")["emb"][:]
+    assert before.shape[0] == 16
+    write_jsonl_atomic(dataset / "audio.jsonl", records)
+    grown = run(tmp_path / "grown")
+    assert (grown.computed_shards, grown.skipped_shards) == (2, 2)  # the partial old shard 2, and shard 3
+    after = zarr.open(str(grown.store_path / "store.zarr"), mode="r")["emb"][:]
+    np.testing.assert_array_equal(after[:16], before)
+    assert [r["id"] for r in read_jsonl(grown.store_path / "index.jsonl")] == [r["id"] for r in records]
+    _assert_same_store(run(tmp_path / "scratch").store_path, grown.store_path)
+    write_jsonl_atomic(dataset / "audio.jsonl", list(reversed(records)))  # not an append: refused
+    import pytest
+
+    from mellow.store import StoreMismatchError
+    with pytest.raises(StoreMismatchError, match="appended at the end"):
+        run(tmp_path / "grown")
