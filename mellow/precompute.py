@@ -132,15 +132,14 @@ def _decode(record: dict, config: PrecomputeConfig, sample_rate: int) -> tuple[n
     offset = 0.0
     if config.encoder.crop == "center" and duration and duration > clip_seconds:
         offset = (duration - clip_seconds) / 2
-    limit = None if config.encoder.crop == "repeat" else clip_seconds
-    waveform = decode_audio(path, sample_rate, offset_seconds=offset, duration_seconds=limit)
+    waveform = decode_audio(path, sample_rate, offset_seconds=offset, duration_seconds=clip_seconds)
     seconds = waveform.shape[0] / sample_rate
     if float(np.abs(waveform).max()) == 0.0:
         raise AudioDecodeError(f"{path}: all samples are zero (digital silence)")
     if seconds < config.min_seconds:
         raise AudioDecodeError(f"{path}: {seconds:.3f} s of audio, shorter than --min-seconds {config.min_seconds}")
     if duration:
-        expected = min(duration - offset, limit or duration)
+        expected = min(duration - offset, clip_seconds)
         if seconds < 0.9 * expected - 0.05:
             raise AudioDecodeError(f"{path}: truncated: decoded {seconds:.2f} s where the manifest says "
                                    f"{expected:.2f} s")

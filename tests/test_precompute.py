@@ -177,3 +177,27 @@ def test_a_grown_manifest_adds_rows_and_keeps_the_old_ones(tiny_dataset, tmp_pat
     from mellow.store import StoreMismatchError
     with pytest.raises(StoreMismatchError, match="appended at the end"):
         run(tmp_path / "grown")
+
+
+def test_center_crop_seeks_to_the_middle_of_a_long_file(tmp_path):
+    from mellow import precompute
+    from mellow.audio import encode_audio_file
+    from mellow.encoders import EncoderConfig, build_encoder
+    from mellow.files import write_jsonl_atomic
+    from mellow.precompute import PrecomputeConfig
+    from mellow.store import EmbeddingStore, StoreConfig
+
+    dataset = tmp_path / "long"
+    dataset.mkdir()
+    t = np.arange(2 * 16000) / 16000
+    low, high = 0.2 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 1760 * t)
+    encode_audio_file(np.concatenate([low, high, low]).astype(np.float32), 16000, dataset / "clip.flac")
+    write_jsonl_atomic(dataset / "audio.jsonl", [{"id": "clip", "path": "clip.flac", "duration": 6.0}])
+    encoder_config = EncoderConfig(name="mel", clip_seconds=2.0, tokens=4, crop="center")
+    result = precompute.run(PrecomputeConfig(dataset=dataset, encoder=encoder_config,
+                                             store=StoreConfig(root=tmp_path / "shards")))
+    stored = EmbeddingStore(result.store_path).load_all()[0][0].astype(np.float32)
+    encoder = build_encoder(encoder_config)
+    middle, _ = encoder.encode(high.astype(np.float32)[None], np.array([1.0]))
+    edge, _ = encoder.encode(low.astype(np.float32)[None], np.array([1.0]))
+    assert np.abs(stored - middle[0]).mean() < 0.1 * np.abs(stored - edge[0]).mean()
