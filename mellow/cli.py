@@ -34,7 +34,7 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FfmpegNotFoundError, StoreMismatchError) as error:
+        except (ValueError, FileNotFoundError, TimeoutError, FfmpegNotFoundError, StoreMismatchError) as error:
             console.print(f"[bold red]error:[/] {error}", highlight=False)
             raise typer.Exit(code=2) from None
     return wrapper
