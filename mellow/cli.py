@@ -187,8 +187,8 @@ def store_finalize_command(
     from mellow.store import StoreWriter
 
     writer = StoreWriter.open_existing(path)
-    if not writer.all_done():
-        missing = [shard for shard in range(writer.num_shards) if not writer.is_done(shard)]
+    missing = writer.missing_shards()
+    if missing:
         raise ValueError(f"{path}: shards {missing[:10]} are not written yet; run 01_precompute for them first")
     counts = finalize_store(writer, read_json(path / "meta.json").get("dataset", "?"), 0.0)
     console.print(f"[bold green]finalized[/] {path}: {counts['ok']} clips ok, {counts['failed']} failed")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +75,11 @@ class StoreWriter:
         self.fingerprint = fingerprint
         self.num_rows = num_rows
         meta_path = path / "meta.json"
-        if not meta_path.exists() and self._claim_creation():
-            try:
-                if not meta_path.exists():  # another process may have finished creating it meanwhile
+        if not meta_path.exists():
+            with self._creation_lock() as claimed:
+                if claimed and not meta_path.exists():  # another process may have finished creating it meanwhile
                     self._create(config)
-            finally:
-                (path / CREATION_LOCK).unlink(missing_ok=True)
-        self._wait_for_creation(wait_seconds)
+        self._wait_until(meta_path.exists, wait_seconds)
         group = zarr.open_group(path / "store.zarr", mode="r+")
         self.emb, self.valid = group["emb"], group["valid"]
         meta = read_json(meta_path)
@@ -99,20 +99,27 @@ class StoreWriter:
         meta = read_json(path / "meta.json")
         return cls(path, meta["rows"], meta["fingerprint"], StoreConfig(), wait_seconds=0)
 
-    def _claim_creation(self) -> bool:
+    @contextmanager
+    def _creation_lock(self) -> Iterator[bool]:
+        """Yield True to the one process that gets the lock file (O_EXCL), False to the others; release it."""
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             os.close(os.open(self.path / CREATION_LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
         except FileExistsError:
-            return False
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            (self.path / CREATION_LOCK).unlink(missing_ok=True)
 
-    def _wait_for_creation(self, wait_seconds: float) -> None:
+    def _wait_until(self, condition: Callable[[], bool], wait_seconds: float) -> None:
+        """Wait for the process holding the creation lock to finish what `condition` checks."""
         deadline = time.time() + wait_seconds
-        while not (self.path / "meta.json").exists():
+        while not condition():
             if time.time() > deadline:
-                raise TimeoutError(f"{self.path}: another process is creating this store ({CREATION_LOCK} is "
-                                   f"there) and has not finished; if none is running, delete "
+                raise TimeoutError(f"{self.path}: another process is creating or growing this store "
+                                   f"({CREATION_LOCK} is there) and has not finished; if none is running, delete "
                                    f"{self.path / CREATION_LOCK} and rerun")
             time.sleep(0.2)
 
@@ -147,18 +154,14 @@ class StoreWriter:
     def _grow(self, meta: dict, wait_seconds: float) -> dict:
         """Add rows for clips appended to the manifest (one process does it; the others wait for it)."""
         old_rows = meta["rows"]
-        if self._claim_creation():
-            try:
+        with self._creation_lock() as claimed:
+            if claimed:
                 if old_rows % self.clips_per_shard and self.is_done(old_rows // self.clips_per_shard):
                     self._marker(old_rows // self.clips_per_shard).unlink()  # partial last shard: recompute
                 self.emb.resize((self.num_rows, *self.emb.shape[1:]))
                 self.valid.resize((self.num_rows,))
                 write_json_atomic(self.path / "meta.json", {**meta, "rows": self.num_rows, "complete": False})
-            finally:
-                (self.path / CREATION_LOCK).unlink(missing_ok=True)
-        deadline = time.time() + wait_seconds
-        while read_json(self.path / "meta.json")["rows"] != self.num_rows and time.time() < deadline:
-            time.sleep(0.2)
+        self._wait_until(lambda: read_json(self.path / "meta.json")["rows"] == self.num_rows, wait_seconds)
         group = zarr.open_group(self.path / "store.zarr", mode="r+")  # reopen: the shape changed
         self.emb, self.valid = group["emb"], group["valid"]
         return read_json(self.path / "meta.json")
@@ -200,12 +203,15 @@ class StoreWriter:
         for array in (self.emb, self.valid):
             shard_file(self.path, array, shard).unlink(missing_ok=True)
 
+    def missing_shards(self) -> list[int]:
+        return [shard for shard in range(self.num_shards) if not self.is_done(shard)]
+
     def all_done(self) -> bool:
-        return all(self.is_done(shard) for shard in range(self.num_shards))
+        return not self.missing_shards()
 
     def finalize(self, extra_meta: dict) -> dict:
         """Write index.jsonl and the completed meta.json from the shard markers; return the meta."""
-        missing = [shard for shard in range(self.num_shards) if not self.is_done(shard)]
+        missing = self.missing_shards()
         if missing:
             raise RuntimeError(f"cannot finalize {self.path}: shards {missing[:10]} are not done")
         index = []
@@ -262,7 +268,7 @@ def shard_file(store_path: Path, array: zarr.Array, shard: int) -> Path:
 
 
 def verify_store(path: Path) -> list[str]:
-    """Check every chunk checksum, the values and the index; return one line per problem (empty: all good).
+    """Check every chunk checksum and the index's rows; return one line per problem (empty: all good).
 
     Each shard is read whole; a shard that fails is read clip by clip, so a damaged chunk is named by clip id.
     """

@@ -217,9 +217,9 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     if checkpoint is not None:
         update, best_val = load_checkpoint(checkpoint, model, optimizer, scheduler, context)
         console.print(f"resuming {train.run_dir} from update {update} ({checkpoint.name})")
-        if context.is_main:  # a killed run may have logged updates past its last checkpoint: drop them
-            kept = [row for row in read_jsonl(train.run_dir / "metrics.jsonl") if row["update"] <= update]
-            write_jsonl_atomic(train.run_dir / "metrics.jsonl", kept)
+        metrics = train.run_dir / "metrics.jsonl"
+        if context.is_main and metrics.exists():  # a killed run may have logged updates past its checkpoint
+            write_jsonl_atomic(metrics, [row for row in read_jsonl(metrics) if row["update"] <= update])
     elif context.is_main:
         train.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved_config(train, model_config)))

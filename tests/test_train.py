@@ -124,3 +124,12 @@ def test_resume_refuses_a_store_made_differently(mel_store, tiny_dataset, tmp_pa
     (other / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(StoreMismatchError, match="clip_seconds: expected 3.0, found 10.0"):
         train.run(_config(other, tiny_dataset, run_dir, max_updates=4), ModelConfig(**TINY_MODEL), resume=True)
+
+
+def test_resume_when_no_metrics_were_logged_before_the_checkpoint(mel_store, tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, stop_after=2), ModelConfig(**TINY_MODEL))
+    (run_dir / "metrics.jsonl").unlink()  # as if killed after a save but before the first log line
+    result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4), ModelConfig(**TINY_MODEL),
+                       resume=True)
+    assert result.updates == 4 and [row["update"] for row in read_jsonl(run_dir / "metrics.jsonl")][-1] == 4
