@@ -69,8 +69,10 @@ def precompute_command(
     clip_seconds: float = cli_option(EncoderConfig, "clip_seconds"),
     crop: str = cli_option(EncoderConfig, "crop"),
     tokens: int = cli_option(EncoderConfig, "tokens"),
+    views: int = cli_option(EncoderConfig, "views"),
     batch_size: int = cli_option(EncoderConfig, "batch_size"),
     device: str = cli_option(EncoderConfig, "device"),
+    threads: int = cli_option(EncoderConfig, "threads"),
     store_root: Path = cli_option(StoreConfig, "root", "--store-root"),
     shard_megabytes: int = cli_option(StoreConfig, "shard_megabytes"),
     shard_clips: int = cli_option(StoreConfig, "shard_clips"),
@@ -89,8 +91,8 @@ def precompute_command(
 
     config = PrecomputeConfig(
         dataset=dataset,
-        encoder=EncoderConfig(name=encoder, clip_seconds=clip_seconds, crop=crop, tokens=tokens,
-                              batch_size=batch_size, device=device),
+        encoder=EncoderConfig(name=encoder, clip_seconds=clip_seconds, crop=crop, tokens=tokens, views=views,
+                              batch_size=batch_size, device=device, threads=threads),
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips,
                           zstd_level=zstd_level),
         decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
@@ -182,15 +184,18 @@ def store_finalize_command(
     path: Path = typer.Argument(..., help="A store folder whose shards are all written."),
     max_failures: float = cli_option(PrecomputeConfig, "max_failures"),
 ) -> None:
-    """Write index.jsonl and meta.json once every shard is done (normally the last precompute process does)."""
+    """Write index.jsonl and meta.json once every shard is done (normally the last precompute process does).
+
+    Also clears the finalize lock a process killed while finalizing left behind."""
     from mellow.precompute import TooManyFailuresError, check_failures, finalize_store
-    from mellow.store import StoreWriter
+    from mellow.store import FINALIZE_LOCK, StoreWriter
 
     writer = StoreWriter.open_existing(path)
     missing = writer.missing_shards()
     if missing:
         raise ValueError(f"{path}: shards {missing[:10]} are not written yet; run 01_precompute for them first")
     counts = finalize_store(writer, read_json(path / "meta.json").get("dataset", "?"), 0.0)
+    (path / FINALIZE_LOCK).unlink(missing_ok=True)
     console.print(f"[bold green]finalized[/] {path}: {counts['ok']} clips ok, {counts['failed']} failed")
     try:
         check_failures(path, counts, max_failures)

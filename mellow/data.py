@@ -1,6 +1,8 @@
 """Examples joined with store embeddings, tokenised once, and batched for training or generation.
 
 The store is read whole into RAM (float16) with sequential shard reads; the quickstart store is ~15 MB.
+A store with several views (crops) per clip gives each clip a random view per training epoch, drawn from
+(seed, epoch) alone so a resumed run sees the same ones; evaluation always uses the first view.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class ExampleSet:
     """The examples of one split whose audio is in the store, with the store's embeddings in memory."""
 
     def __init__(self, examples: list[dict], store: EmbeddingStore, tokenizer, max_text_tokens: int,
-                 embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.seed = seed
         kept = [e for e in examples if e["audio1"] in store.rows and (e.get("audio2") is None
                                                                         or e["audio2"] in store.rows)]
         if len(kept) < len(examples):
@@ -46,7 +49,9 @@ class ExampleSet:
         if embeddings is None:
             emb, valid = store.load_all()
             embeddings = torch.from_numpy(emb), torch.from_numpy(valid.astype("int64"))
-        self.embeddings, self.valid = embeddings  # (N, T, D) float16, (N,)
+        self.embeddings, self.valid = embeddings  # (N, V, T, D) float16, (N, V)
+        self.view_counts = (self.valid > 0).sum(dim=1).clamp(min=1)  # (N,) views each clip has
+        self._views: tuple[int | None, torch.Tensor] = (None, torch.zeros(len(self.valid), dtype=torch.long))
         prompts = tokenizer([e["prompt"] + "\n" for e in kept], add_special_tokens=False)["input_ids"]
         answers = tokenizer([e["answer"] for e in kept], add_special_tokens=False)["input_ids"]
         self.items = []
@@ -59,16 +64,27 @@ class ExampleSet:
     def __len__(self) -> int:
         return len(self.items)
 
-    def _audio(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor([max(row, 0) for row in rows])
-        return self.embeddings[index].float(), self.valid[index]
+    def views_of_epoch(self, epoch: int | None) -> torch.Tensor:
+        """The view of every clip (N,) used in training epoch `epoch`; the first view for epoch None."""
+        if epoch is None or self.embeddings.shape[1] == 1:
+            return torch.zeros(len(self.valid), dtype=torch.long)
+        if self._views[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._views = (epoch, (torch.rand(len(self.valid), generator=generator) * self.view_counts).long())
+        return self._views[1]
 
-    def batch(self, indices: list[int], for_generation: bool = False) -> dict[str, torch.Tensor]:
-        """Tensors for `indices`. Training: prompt+answer right-padded, labels on the answer.
-        Generation: prompt only, left-padded so every row ends where decoding starts."""
+    def _audio(self, rows: list[int], epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor([max(row, 0) for row in rows])
+        views = self.views_of_epoch(epoch)[index]
+        return self.embeddings[index, views].float(), self.valid[index, views]  # (B, T, D), (B,)
+
+    def batch(self, indices: list[int], for_generation: bool = False,
+              epoch: int | None = None) -> dict[str, torch.Tensor]:
+        """Tensors for `indices`. Training: prompt+answer right-padded, labels on the answer, audio views of
+        `epoch`. Generation: prompt only, left-padded so every row ends where decoding starts."""
         items = [self.items[i] for i in indices]
-        audio1, valid1 = self._audio([item.row1 for item in items])
-        audio2, valid2 = self._audio([item.row2 for item in items])
+        audio1, valid1 = self._audio([item.row1 for item in items], epoch)
+        audio2, valid2 = self._audio([item.row2 for item in items], epoch)
         texts = [item.prompt_ids if for_generation else item.prompt_ids + item.answer_ids for item in items]
         width = max(len(text) for text in texts)
         pad = self.tokenizer.pad_token_id

@@ -1,27 +1,32 @@
 """Stage 01: decode every clip of a dataset through ffmpeg, run the frozen encoder once, write the store.
 
 Work is done shard by shard; finished shards are skipped on a rerun, so an interrupted run resumes.
-Decoding runs in a thread pool (each decode is an ffmpeg subprocess) ahead of the encoder, so the two overlap.
+Decoding runs in parallel ffmpeg processes (driven from a thread pool) ahead of the batched encoder, so the
+two overlap. Audio comes from files, URLs, or members of WebDataset tars (streamed once per shard).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from mellow.audio import AudioDecodeError, decode_audio, find_ffmpeg, fit_length
+from mellow.audio import AudioDecodeError, CropPolicy, decode_audio, find_ffmpeg, fit_length
 from mellow.config import setting
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
 from mellow.files import read_jsonl, write_json_atomic
 from mellow.progress import console, progress_bar
-from mellow.store import StoreConfig, StoreWriter, code_version
+from mellow.store import FINALIZE_LOCK, StoreConfig, StoreWriter, code_version
+from mellow.wds import Source, sources_of
 
 
 class TooManyFailuresError(RuntimeError):
@@ -109,11 +114,11 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
     todo = [shard for shard in mine if not writer.is_done(shard)]
     workers = config.decode_workers or 2 * (os.cpu_count() or 1)
     clips = sum(len(writer.shard_rows(shard)) for shard in todo)
-    with progress_bar() as progress, ThreadPoolExecutor(workers) as pool:
+    with progress_bar() as progress, ThreadPoolExecutor(workers) as pool, encoder_threads(encoder):
         task = progress.add_task("encoding clips", total=clips)
         for shard in todo:
-            shard_records = [records[row] for row in writer.shard_rows(shard)]
-            embeddings, valid, index = encode_shard(config, encoder, pool, shard_records, writer.shard_rows(shard),
+            rows = writer.shard_rows(shard)
+            embeddings, valid, index = encode_shard(config, encoder, pool, [records[row] for row in rows], rows,
                                                     lambda n: progress.advance(task, n))
             writer.write_shard(shard, embeddings, valid, index)
             rate = progress.tasks[task].speed or 0.0
@@ -121,38 +126,77 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
     return PrecomputeResult(writer.path, len(todo), len(mine) - len(todo), clips, 0.0)
 
 
-def _decode(record: dict, config: PrecomputeConfig, sample_rate: int) -> tuple[np.ndarray, float]:
-    """Decode the part of a clip the crop policy keeps (ffmpeg seeks; the rest is never decoded) and fit it.
+@contextmanager
+def encoder_threads(encoder: AudioEncoder) -> Iterator[None]:
+    """Give a CPU encoder its thread count for the run (it shares the cores with ffmpeg), then restore it."""
+    if encoder.config.resolved_device != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(encoder.cpu_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
-    Raises AudioDecodeError for anything unusable: unreadable, empty, digital silence, shorter than
-    --min-seconds, or truncated (much shorter than the duration its manifest records)."""
-    path = record["path"] if "://" in record["path"] else config.dataset / record["path"]
-    clip_seconds = config.encoder.clip_seconds
+
+def view_offsets(duration: float, clip_seconds: float, views: int, crop: CropPolicy) -> list[float]:
+    """Start times of the crops kept of a clip of `duration` seconds.
+
+    One view: the start (pad, repeat) or the middle (center). K views of a clip longer than clip_seconds:
+    min(K, ceil(duration / clip_seconds)) crops spread evenly from the start to the end. Shorter clips: one.
+    """
+    if duration <= clip_seconds:
+        return [0.0]
+    if views == 1:
+        return [(duration - clip_seconds) / 2 if crop == "center" else 0.0]
+    count = min(views, math.ceil(duration / clip_seconds))
+    return [index * (duration - clip_seconds) / (count - 1) for index in range(count)]
+
+
+def decode_views(record: dict, source: Source, config: PrecomputeConfig,
+                 sample_rate: int) -> list[tuple[np.ndarray, float]]:
+    """Decode the crops of a clip that the store keeps, fitted to clip_seconds: [(waveform, valid fraction)].
+
+    With the duration known, ffmpeg seeks to each crop and decodes only it; without it, a center crop or
+    several views need the whole file, decoded once and cut here. Raises AudioDecodeError for anything
+    unusable: unreadable, empty, digital silence, shorter than --min-seconds, or truncated (much shorter than
+    the duration its manifest records).
+    """
+    if isinstance(source, Exception):
+        raise source
+    clip_seconds, crop, views = config.encoder.clip_seconds, config.encoder.crop, config.encoder.views
     duration = record.get("duration")
-    offset = 0.0
-    if config.encoder.crop == "center" and duration and duration > clip_seconds:
-        offset = (duration - clip_seconds) / 2
-    waveform = decode_audio(path, sample_rate, offset_seconds=offset, duration_seconds=clip_seconds)
-    seconds = waveform.shape[0] / sample_rate
-    if float(np.abs(waveform).max()) == 0.0:
-        raise AudioDecodeError(f"{path}: all samples are zero (digital silence)")
+    if duration is None and (crop == "center" or views > 1):
+        whole = decode_audio(source, sample_rate)
+        offsets = view_offsets(whole.shape[0] / sample_rate, clip_seconds, views, crop)
+        clip = int(round(clip_seconds * sample_rate))
+        waves = [whole[int(round(offset * sample_rate)):][:clip] for offset in offsets]
+    else:
+        offsets = view_offsets(duration or clip_seconds, clip_seconds, views, crop)
+        waves = [decode_audio(source, sample_rate, offset_seconds=offset, duration_seconds=clip_seconds)
+                 for offset in offsets]
+    name = record["path"]
+    if all(float(np.abs(wave).max()) == 0.0 for wave in waves):
+        raise AudioDecodeError(f"{name}: all samples are zero (digital silence)")
+    seconds = waves[0].shape[0] / sample_rate
     if seconds < config.min_seconds:
-        raise AudioDecodeError(f"{path}: {seconds:.3f} s of audio, shorter than --min-seconds {config.min_seconds}")
-    if duration:
-        expected = min(duration - offset, clip_seconds)
-        if seconds < 0.9 * expected - 0.05:
-            raise AudioDecodeError(f"{path}: truncated: decoded {seconds:.2f} s where the manifest says "
-                                   f"{expected:.2f} s")
-    return fit_length(waveform, int(round(clip_seconds * sample_rate)), config.encoder.crop)
+        raise AudioDecodeError(f"{name}: {seconds:.3f} s of audio, shorter than --min-seconds {config.min_seconds}")
+    for offset, wave in zip(offsets, waves):
+        expected = min(duration - offset, clip_seconds) if duration else 0.0
+        if wave.shape[0] / sample_rate < 0.9 * expected - 0.05:
+            raise AudioDecodeError(f"{name}: truncated: decoded {wave.shape[0] / sample_rate:.2f} s at "
+                                   f"{offset:.2f} s where the manifest says {expected:.2f} s")
+    return [fit_length(wave, int(round(clip_seconds * sample_rate)), crop) for wave in waves]
 
 
-def _decoded_in_order(pool: ThreadPoolExecutor, records: list[dict], config: PrecomputeConfig,
-                      encoder: AudioEncoder) -> Iterator[tuple[dict, Future]]:
-    """Yield (record, future) in order while keeping a bounded number of decodes running ahead."""
-    ahead: deque[tuple[dict, Future]] = deque()
+def _decoded_ahead(pool: ThreadPoolExecutor, sources: Iterator[tuple[int, dict, Source]], config: PrecomputeConfig,
+                   encoder: AudioEncoder) -> Iterator[tuple[int, Future]]:
+    """Yield (position, future of decode_views) in source order, keeping a bounded number of decodes ahead."""
+    ahead: deque[tuple[int, Future]] = deque()
     limit = 4 * config.encoder.batch_size
-    for record in records:
-        ahead.append((record, pool.submit(_decode, record, config, encoder.sample_rate)))
+    for position, record, source in sources:
+        ahead.append((position, pool.submit(decode_views, record, source, config, encoder.sample_rate)))
         if len(ahead) >= limit:
             yield ahead.popleft()
     yield from ahead
@@ -160,59 +204,74 @@ def _decoded_in_order(pool: ThreadPoolExecutor, records: list[dict], config: Pre
 
 def encode_shard(config: PrecomputeConfig, encoder: AudioEncoder, pool: ThreadPoolExecutor, records: list[dict],
                  rows: range, advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Decode and encode the clips of one shard; failed clips get zero rows and a reason in the index."""
-    tokens, dim = config.encoder.tokens, encoder.dim
-    embeddings = np.zeros((len(records), tokens, dim), dtype=np.float16)
-    valid = np.zeros(len(records), dtype=np.int16)
+    """Decode and encode the clips of one shard: embeddings (n, V, T, D), valid tokens (n, V), index records.
+
+    A failed clip gets zero rows, valid 0 and its reason in the index; views a short clip lacks get valid 0."""
+    views, tokens, dim = config.encoder.views, config.encoder.tokens, encoder.dim
+    embeddings = np.zeros((len(records), views, tokens, dim), dtype=np.float16)
+    valid = np.zeros((len(records), views), dtype=np.int16)
     index = [{"id": r["id"], "row": row, "path": r["path"], "duration": r.get("duration"),
               "sha256": r.get("sha256"), "status": "ok"} for r, row in zip(records, rows)]
-    batch: list[tuple[int, np.ndarray, float]] = []
+    batch: list[tuple[int, int, np.ndarray, float]] = []  # (position, view, waveform, valid fraction)
 
     def flush() -> None:
-        positions = [position for position, _, _ in batch]
-        waves = np.stack([wave for _, wave, _ in batch])
-        fractions = np.array([fraction for _, _, fraction in batch])
-        embeddings[positions], valid[positions] = encoder.encode(waves, fractions)
-        bad = ~np.isfinite(embeddings[positions].astype(np.float32)).all(axis=(1, 2))
-        for position in np.array(positions)[bad]:
-            embeddings[position], valid[position] = 0, 0
-            index[position]["status"] = "failed: encoder output is not finite (NaN/inf)"
-        advance(len(batch))
+        positions, view_numbers = [item[0] for item in batch], [item[1] for item in batch]
+        encoded, counts = encoder.encode(np.stack([item[2] for item in batch]), np.array([item[3] for item in batch]))
+        embeddings[positions, view_numbers], valid[positions, view_numbers] = encoded, counts
+        for position, finite in zip(positions, np.isfinite(encoded).all(axis=(1, 2))):
+            if not finite:
+                index[position]["status"] = "failed: encoder output is not finite (NaN/inf)"
+        for position in set(positions):
+            if index[position]["status"] != "ok":  # a failed clip keeps no view, whichever batch held them
+                embeddings[position], valid[position] = 0, 0
         batch.clear()
 
-    for position, (record, future) in enumerate(_decoded_in_order(pool, records, config, encoder)):
+    for position, future in _decoded_ahead(pool, sources_of(records, config.dataset), config, encoder):
         try:
-            wave, fraction = future.result()
+            decoded = future.result()
         except (AudioDecodeError, OSError, ValueError) as error:
             index[position]["status"] = f"failed: {error}"
             advance(1)
             continue
-        batch.append((position, wave, fraction))
-        if len(batch) == config.encoder.batch_size:
+        batch.extend((position, view, wave, fraction) for view, (wave, fraction) in enumerate(decoded))
+        if len(batch) >= config.encoder.batch_size:
             flush()
+        advance(1)
     if batch:
         flush()
     return embeddings, valid, index
 
 
 def report(config: PrecomputeConfig, writer: StoreWriter, result: PrecomputeResult) -> None:
-    """Print what this process did; the process that finds every shard done finalizes the store."""
+    """Print what this process did. Exactly one process finalizes the store: the one that finds every shard
+    done and gets the finalize lock first; the others leave it to that one."""
     rank, world = config.work_split()
     who = f"rank {rank}/{world}: " if world > 1 else ""
     rate = result.clips / result.seconds if result.seconds else 0.0
     done = f"{result.computed_shards} shard(s) computed, {result.skipped_shards} already done; " \
            f"{result.clips} clips in {result.seconds:.1f} s ({rate:.1f} clips/s)"
-    if not writer.all_done():
-        console.print(f"[bold green]{who}finished its shards[/] of {result.store_path}: {done}. The last process to "
-                      f"finish finalizes the store (or run `mellow store finalize {result.store_path}`).")
-        return
-    counts = finalize_store(writer, config.dataset, result.seconds)
-    quiet, console.quiet = console.quiet, False  # whichever rank finalizes says so, not only rank 0
-    try:
-        console.print(f"[bold green]{who}precomputed[/] {result.store_path}: {counts['ok']} clips ok, "
-                      f"{counts['failed']} failed; {done}")
-    finally:
-        console.quiet = quiet
+    counts = None
+    if writer.all_done():
+        with writer.exclusive(FINALIZE_LOCK) as claimed:
+            if claimed and not writer.read_meta()["complete"]:
+                counts = finalize_store(writer, config.dataset, result.seconds)
+    if counts is None:
+        meta = writer.read_meta()
+        if not meta["complete"]:
+            console.print(f"[bold green]{who}finished its shards[/] of {result.store_path}: {done}. The last "
+                          f"process to finish finalizes the store (or run `mellow store finalize "
+                          f"{result.store_path}`).")
+            return
+        counts = meta["counts"]
+        console.print(f"[bold green]{who}finished[/]: {done}; {result.store_path} is finalized: {counts['ok']} "
+                      f"clips ok, {counts['failed']} failed")
+    else:
+        quiet, console.quiet = console.quiet, False  # whichever rank finalizes says so, not only rank 0
+        try:
+            console.print(f"[bold green]{who}precomputed[/] {result.store_path}: {counts['ok']} clips ok, "
+                          f"{counts['failed']} failed; {done}")
+        finally:
+            console.quiet = quiet
     check_failures(writer.path, counts, config.max_failures)
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,8 @@ def epoch_micro_batches(lengths: list[int], micro_batch: int, seed: int, epoch: 
 
 
 def micro_batches(lengths: list[int], micro_batch: int, seed: int, start: int, context: DistributedContext,
-                  bucket: int):
-    """Yield this rank's example indices for every global micro-batch from number `start` on, forever."""
+                  bucket: int) -> Iterator[tuple[int, list[int]]]:
+    """Yield (epoch, this rank's example indices) for every global micro-batch from number `start` on, forever."""
     per_epoch = len(lengths) // micro_batch
     if per_epoch == 0:
         raise ValueError(f"the training split has {len(lengths)} examples, fewer than one micro-batch "
@@ -198,7 +199,7 @@ def micro_batches(lengths: list[int], micro_batch: int, seed: int, start: int, c
     epoch, offset = divmod(start, per_epoch)
     while True:
         for batch in epoch_micro_batches(lengths, micro_batch, seed, epoch, bucket)[offset:]:
-            yield batch[context.rank :: context.world_size]
+            yield epoch, batch[context.rank :: context.world_size]
         epoch, offset = epoch + 1, 0
 
 
@@ -206,7 +207,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         device: torch.device) -> TrainResult:
     store = EmbeddingStore(train.store)
     model, tokenizer = build_model(model_config, store.dim, train.seed)
-    train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens)
+    train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens,
+                           seed=train.seed)
     val_set = ExampleSet(load_examples(train.dataset, train.val_split), store, tokenizer, train.max_text_tokens,
                          embeddings=(train_set.embeddings, train_set.valid))
     model.to(device)
@@ -236,8 +238,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         while update < stop_at:
             model.train()
             for _ in range(train.grad_accum):
-                indices = next(batches)
-                loss = wrapped(move_to(train_set.batch(indices), device)) / train.grad_accum
+                epoch, indices = next(batches)
+                loss = wrapped(move_to(train_set.batch(indices, epoch=epoch), device)) / train.grad_accum
                 loss.backward()
                 window_loss += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_grad or float("inf"))

@@ -1,19 +1,104 @@
-"""WebDataset interop: export a store as tar shards (`<key>.npy` embeddings + `<key>.json` records).
+"""WebDataset interop, both ways, with the stock `webdataset` reader and writer.
 
-Tars stream from object stores and HTTP with stock `webdataset`, so a store can be read on machines that do
-not share a file system. The fingerprint goes into `meta.json` beside the tars.
+In: audio can live inside WebDataset tars (local, `http(s)://`, or `pipe:<command>`). A dataset's audio
+record then names its tar and member (`{"tar": "audio-0003.tar", "member": "clip42.flac", ...}`), and
+`01_precompute` streams each tar once per store shard, in a background thread, decoding members from memory.
+
+Out: `export_webdataset` writes a store as tar shards (`<key>.npy` embeddings + `<key>.json` records) that
+stream from object stores and HTTP, so a store can be read on machines that do not share a file system. The
+fingerprint goes into `meta.json` beside the tars.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from queue import Queue
+from typing import Union
 
 import webdataset
+from webdataset.tariterators import tar_file_expander, url_opener
 
 from mellow.files import write_json_atomic
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore
+
+# Where a clip's audio comes from: a file path or URL for ffmpeg, the bytes of a tar member, or the error
+# that kept it from being read (raised when the clip is decoded, so it is reported like any bad clip).
+Source = Union[str, bytes, Exception]
+
+
+def is_remote(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def resolve(location: str, root: Path) -> str:
+    """A manifest path or tar location: URLs, pipes and absolute paths as they are, others under `root`."""
+    return location if is_remote(location) or Path(location).is_absolute() else str(root / location)
+
+
+def sources_of(records: list[dict], root: Path) -> Iterator[tuple[int, dict, Source]]:
+    """(position, record, source) for every record. Plain files and URLs come first, in order; then each tar's
+    members in the order the tar holds them (each tar is read once, front to back, in a background thread)."""
+    by_tar: dict[str, list[int]] = {}
+    for position, record in enumerate(records):
+        if "tar" in record:
+            by_tar.setdefault(record["tar"], []).append(position)
+        else:
+            yield position, record, resolve(record["path"], root)
+    if by_tar:
+        yield from in_background(_tar_sources(records, by_tar, root), depth=256)
+
+
+def _tar_sources(records: list[dict], by_tar: dict[str, list[int]],
+                 root: Path) -> Iterator[tuple[int, dict, Source]]:
+    for tar, positions in by_tar.items():
+        wanted = {records[position]["member"]: position for position in positions}
+        problem = "no such member in the tar"
+        try:
+            for name, data in read_members(resolve(tar, root), set(wanted)):
+                position = wanted.pop(name, None)  # None: a name the tar holds twice
+                if position is not None:
+                    yield position, records[position], data
+        except Exception as error:  # a dead URL, a failing pipe, a corrupt tar: its unread clips fail
+            problem = f"reading the tar failed: {error}"
+        for name, position in wanted.items():
+            yield position, records[position], OSError(f"{tar}: {name}: {problem}")
+
+
+def read_members(tar: str, names: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of a tar, front to back, with webdataset's reader (local path, URL or `pipe:`);
+    only `names` if given."""
+    streams = url_opener([{"url": tar}])
+    select = None if names is None else names.__contains__
+    for item in tar_file_expander(streams, select_files=select, eof_value=None):
+        yield item["fname"], item["data"]
+
+
+def in_background(iterator: Iterator, depth: int) -> Iterator:
+    """Run `iterator` in a thread, up to `depth` items ahead (I/O such as a download overlaps the caller's
+    work); its exceptions are raised in the caller."""
+    queue: Queue = Queue(depth)
+    finished = object()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                queue.put((True, item))
+        except BaseException as error:  # handed to the consumer, which raises it
+            queue.put((False, error))
+        queue.put((True, finished))
+
+    threading.Thread(target=produce, daemon=True, name="mellow-reader").start()
+    while True:
+        ok, item = queue.get()
+        if not ok:
+            raise item
+        if item is finished:
+            return
+        yield item
 
 
 def export_webdataset(store_path: Path, out_dir: Path, clips_per_tar: int = 1000) -> list[Path]:
@@ -34,9 +119,11 @@ def export_webdataset(store_path: Path, out_dir: Path, clips_per_tar: int = 1000
         task = progress.add_task("exporting", total=len(records))
         for record in records:
             row = record["row"]
+            # a one-view store exports (T, D) and an int, a store of V views (V, T, D) and a list of V ints
+            emb, counts = (embeddings[row, 0], int(valid[row, 0])) if store.views == 1 else \
+                (embeddings[row], valid[row].tolist())
             # webdataset keys end at the first dot, so dots in ids become underscores (the id is in the json)
-            writer.write({"__key__": record["id"].replace(".", "_"), "npy": embeddings[row],
-                          "json": {**record, "valid": int(valid[row])}})
+            writer.write({"__key__": record["id"].replace(".", "_"), "npy": emb, "json": {**record, "valid": counts}})
             progress.advance(task)
     tars = []
     for tar in sorted(temporary.glob("shard-*.tar")):
