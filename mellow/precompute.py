@@ -166,17 +166,16 @@ def decode_views(record: dict, source: Source, config: PrecomputeConfig,
     if isinstance(source, Exception):
         raise source
     clip_seconds, crop, views = config.encoder.clip_seconds, config.encoder.crop, config.encoder.views
-    duration = record.get("duration")
+    duration, name = record.get("duration"), record["path"]
     if duration is None and (crop == "center" or views > 1):
-        whole = decode_audio(source, sample_rate)
+        whole = decode_audio(source, sample_rate, name=name)
         offsets = view_offsets(whole.shape[0] / sample_rate, clip_seconds, views, crop)
         clip = int(round(clip_seconds * sample_rate))
         waves = [whole[int(round(offset * sample_rate)):][:clip] for offset in offsets]
     else:
         offsets = view_offsets(duration or clip_seconds, clip_seconds, views, crop)
-        waves = [decode_audio(source, sample_rate, offset_seconds=offset, duration_seconds=clip_seconds)
+        waves = [decode_audio(source, sample_rate, offset_seconds=offset, duration_seconds=clip_seconds, name=name)
                  for offset in offsets]
-    name = record["path"]
     if all(float(np.abs(wave).max()) == 0.0 for wave in waves):
         raise AudioDecodeError(f"{name}: all samples are zero (digital silence)")
     seconds = waves[0].shape[0] / sample_rate

@@ -1,5 +1,8 @@
 """Stage 00: make a dataset folder (audio files + manifests) from a source.
 
+Sources: `synth`, the built-in synthetic sound scenes (audio written here), and `wds:<tars>`, WebDataset tars
+of audio + json (the audio stays in the tars; records name tar and member).
+
 Layout written under `datasets/<name>/`:
     audio/<id>.<ext>          the audio files (mixed formats, rates and channel counts for `synth`)
     audio.jsonl               one audio record per clip: id, path (relative), duration, sha256, ...
@@ -16,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
+from braceexpand import braceexpand
+
 from mellow import synth
 from mellow.audio import encode_audio_file, find_ffmpeg
 from mellow.config import describe_differences, setting, to_dict
 from mellow.files import read_json, sha256_file, write_json_atomic, write_jsonl_atomic
 from mellow.progress import console, progress_bar
+from mellow.wds import import_webdataset
 
 FORMATS = (".wav", ".flac", ".mp3", ".ogg")
 SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
@@ -28,7 +34,10 @@ SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
 
 @dataclass
 class PrepareConfig:
-    source: str = setting("synth", "Where the data comes from; `synth` is the built-in synthetic sound-scenes set.")
+    source: str = setting("synth", "Where the data comes from: `synth` (the built-in synthetic sound scenes), or "
+                                   "`wds:<tars>`: WebDataset tars of audio + json (local paths, brace patterns such "
+                                   "as part-{0000..0099}.tar, http(s):// URLs or pipe:<command>; several joined with "
+                                   "::, as webdataset does), whose audio stays in the tars.")
     name: str = setting("synth", "Dataset name: the output folder is <root>/<name>.")
     root: Path = setting(Path("datasets"), "Folder that holds all datasets.")
     num_clips: int = setting(800, "Number of synthetic clips to generate (synth only).")
@@ -41,8 +50,8 @@ class PrepareConfig:
     overwrite: bool = setting(False, "Replace an existing dataset made with a different config.")
 
     def __post_init__(self) -> None:
-        if self.source != "synth":
-            raise ValueError(f"--source {self.source!r} is not supported yet; use --source synth")
+        if self.source != "synth" and not (self.source.startswith("wds:") and self.source[4:].strip()):
+            raise ValueError(f"--source {self.source!r} is not supported; use synth, or wds:<tar paths or URLs>")
         if self.num_clips < 10:
             raise ValueError(f"--num-clips {self.num_clips} is too small; use at least 10 so every split has clips")
         if not 1.0 < self.max_seconds <= 60:
@@ -95,6 +104,8 @@ def _fingerprint(config: PrepareConfig) -> dict:
 
 
 def process(config: PrepareConfig) -> dict[str, int]:
+    if config.source.startswith("wds:"):
+        return _process_webdataset(config)
     splits = {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction,
               "test": config.test_fraction}
     scenes, examples, clip_split = synth.generate(config.num_clips, config.seed, config.max_seconds, splits,
@@ -114,11 +125,35 @@ def process(config: PrepareConfig) -> dict[str, int]:
             record["split"] = clip_split[scene.id]
             records.append(record)
             progress.advance(task)
+    return _write_manifests(config, records, examples, failures=[])
+
+
+def _process_webdataset(config: PrepareConfig) -> dict[str, int]:
+    """Index WebDataset tars of audio + json: the audio stays in the tars (01_precompute streams it)."""
+    urls = [url for pattern in config.source[4:].split("::") for url in braceexpand(pattern.strip())]
+    with progress_bar() as progress:
+        task = progress.add_task("reading tars", total=None)
+        records, examples, failures = import_webdataset(urls, config.val_fraction, config.test_fraction,
+                                                        on_sample=lambda: progress.advance(task))
+    for failure in failures[:10]:
+        console.print(f"  [yellow]skipped[/] {failure['tar']} {failure['key'] or ''}: {failure['reason']}")
+    if not records:
+        raise ValueError(f"--source {config.source}: no usable audio in {len(urls)} tar(s); "
+                         + (failures[0]["reason"] if failures else "the tars are empty"))
+    return _write_manifests(config, records, examples, failures)
+
+
+def _write_manifests(config: PrepareConfig, records: list[dict], examples: dict[str, list[dict]],
+                     failures: list[dict]) -> dict[str, int]:
+    """audio.jsonl, <split>.jsonl, and prepare.json last (it marks the dataset complete)."""
+    config.dataset_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(config.dataset_dir / "audio.jsonl", records)
     for split, rows in examples.items():
         write_jsonl_atomic(config.dataset_dir / f"{split}.jsonl", rows)
-    counts = {"clips": len(records), **{f"{split}_examples": len(rows) for split, rows in examples.items()}}
-    write_json_atomic(config.dataset_dir / "prepare.json", {"config": _fingerprint(config), "counts": counts})
+    counts = {"clips": len(records), **{f"{split}_examples": len(rows) for split, rows in examples.items()},
+              **({"skipped": len(failures)} if failures else {})}
+    write_json_atomic(config.dataset_dir / "prepare.json", {"config": _fingerprint(config), "counts": counts,
+                                                            "failures": failures})
     return counts
 
 

@@ -11,14 +11,18 @@ fingerprint goes into `meta.json` beside the tars.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Queue
 from typing import Union
 
 import webdataset
+from webdataset.gopen import Pipe
 from webdataset.tariterators import tar_file_expander, url_opener
 
 from mellow.files import write_json_atomic
@@ -28,6 +32,24 @@ from mellow.store import EmbeddingStore
 # Where a clip's audio comes from: a file path or URL for ffmpeg, the bytes of a tar member, or the error
 # that kept it from being read (raised when the clip is decoded, so it is reported like any bad clip).
 Source = Union[str, bytes, Exception]
+
+
+def _gopen_http(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
+    """webdataset's curl reader plus a stall limit: a server that accepts the connection and then sends nothing
+    would otherwise hang a week-long job forever. After $MELLOW_HTTP_STALL_SECONDS (default 120) under
+    1 byte/s, curl gives up (and retries, like any transient error, $MELLOW_HTTP_RETRIES times: default 30,
+    as webdataset's); then the tar's unread clips fail with the reason."""
+    if mode[0] != "r":
+        return _stock_http_opener(url, mode, bufsize)
+    stall = os.environ.get("MELLOW_HTTP_STALL_SECONDS", "120")
+    retries = os.environ.get("MELLOW_HTTP_RETRIES", "30")
+    command = ["curl", "--connect-timeout", "30", "--retry", retries, "--retry-delay", "2", "--speed-limit", "1",
+               "--speed-time", stall, "-f", "-s", "-L", url]
+    return Pipe(command, mode=mode, bufsize=bufsize, ignore_status=[141, 23])
+
+
+_stock_http_opener = webdataset.gopen_schemes["http"]
+webdataset.gopen_schemes.update(http=_gopen_http, https=_gopen_http)  # webdataset's table for such openers
 
 
 def is_remote(location: str) -> bool:
@@ -134,3 +156,67 @@ def export_webdataset(store_path: Path, out_dir: Path, clips_per_tar: int = 1000
                                               "tars": [tar.name for tar in tars]})
     console.print(f"[bold green]exported[/] {len(records)} clips of {store_path} to {len(tars)} tar(s) in {out_dir}")
     return tars
+
+
+AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a", "aac", "webm", "mka")
+CAPTION_PROMPT = "Describe the audio."
+
+
+def import_webdataset(urls: list[str], val_fraction: float, test_fraction: float,
+                      on_sample: Callable[[], None] = lambda: None) -> tuple[list[dict], dict[str, list[dict]],
+                                                                            list[dict]]:
+    """Read WebDataset tars of audio + json (stock reader, one tar at a time) into audio records, caption
+    examples per split, and failures (unreadable tars, samples without audio, repeated ids).
+
+    The audio stays in the tars: a record names its tar and member, and 01_precompute streams them. Per sample,
+    the json may give `id` (default: the sample key), `duration`, `split` (train/val/test; default: drawn from
+    a hash of the id), and captions as `captions` (list), `caption` or `text`."""
+    records: list[dict] = []
+    examples: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    failures: list[dict] = []
+    seen: set[str] = set()
+    for url in urls:
+        location = url if is_remote(url) else str(Path(url).resolve())
+        try:
+            for sample in webdataset.WebDataset(location, shardshuffle=False, empty_check=False):
+                on_sample()
+                record, captions, problem = _sample_record(sample, location, seen, val_fraction, test_fraction)
+                if problem:
+                    failures.append({"tar": url, "key": sample["__key__"], "reason": problem})
+                    continue
+                seen.add(record["id"])
+                records.append(record)
+                if captions:
+                    examples[record["split"]].append({
+                        "task": "caption", "subtask": "caption", "audio1": record["id"], "audio2": None,
+                        "prompt": CAPTION_PROMPT, "answer": captions[0], "references": captions,
+                        "split": record["split"]})
+        except Exception as error:  # a dead URL, a failing pipe, a corrupt tar: report it, read the others
+            failures.append({"tar": url, "key": None, "reason": f"reading the tar failed: {error}"})
+    return records, examples, failures
+
+
+def _sample_record(sample: dict, tar: str, seen: set[str], val_fraction: float,
+                   test_fraction: float) -> tuple[dict, list[str], str | None]:
+    """(audio record, captions, None) for one WebDataset sample, or ({}, [], reason) if it cannot be used."""
+    extension = next((ext for ext in AUDIO_EXTENSIONS if ext in sample), None)
+    if extension is None:
+        return {}, [], f"no audio member ({', '.join(AUDIO_EXTENSIONS)}) among {sorted(sample)}"
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except json.JSONDecodeError as error:
+        return {}, [], f"its json does not parse: {error}"
+    clip_id = str(meta.get("id", sample["__key__"]))
+    if clip_id in seen:
+        return {}, [], f"id {clip_id!r} was already used by another sample"
+    split = meta.get("split")
+    if split not in ("train", "val", "test"):
+        draw = int(hashlib.sha256(clip_id.encode()).hexdigest()[:8], 16) / 16**8
+        split = "test" if draw < test_fraction else "val" if draw < test_fraction + val_fraction else "train"
+    captions = meta.get("captions") or meta.get("caption") or meta.get("text") or []
+    captions = [captions] if isinstance(captions, str) else [str(caption) for caption in captions]
+    member = f"{sample['__key__']}.{extension}"
+    data = sample[extension]
+    record = {"id": clip_id, "path": f"{tar}#{member}", "tar": tar, "member": member,
+              "duration": meta.get("duration"), "sha256": hashlib.sha256(data).hexdigest(), "split": split}
+    return record, captions, None
