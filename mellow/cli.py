@@ -20,6 +20,7 @@ from mellow.precompute import PrecomputeConfig
 from mellow.prepare import PrepareConfig
 from mellow.progress import console
 from mellow.store import StoreConfig, StoreMismatchError
+from mellow.text import CaptionsConfig, TextEncoderConfig
 from mellow.train import TrainConfig
 
 app = typer.Typer(help="mellow: a staged training pipeline for small audio-language models.",
@@ -100,6 +101,36 @@ def precompute_command(
     try:
         precompute.run(config)
     except precompute.TooManyFailuresError as error:  # the store is complete, but the run is not a success
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(code=1) from None
+
+
+@app.command("precompute-captions")
+@friendly_errors
+def precompute_captions_command(
+    dataset: Path = typer.Argument(..., help="Dataset folder made by 00_prepare (with caption examples)."),
+    text_encoder: str = cli_option(TextEncoderConfig, "name", "--text-encoder"),
+    batch_size: int = cli_option(TextEncoderConfig, "batch_size"),
+    device: str = cli_option(TextEncoderConfig, "device"),
+    store_root: Path = cli_option(StoreConfig, "root", "--store-root"),
+    shard_megabytes: int = cli_option(StoreConfig, "shard_megabytes"),
+    shard_clips: int = cli_option(StoreConfig, "shard_clips"),
+    max_failures: float = cli_option(CaptionsConfig, "max_failures"),
+    rank: int = cli_option(CaptionsConfig, "rank"),
+    world_size: int = cli_option(CaptionsConfig, "world_size"),
+) -> None:
+    """Stage 01 for text: embed every caption once with a sentence encoder, into a store like the audio one.
+
+    02_align reads it. One row per (clip, caption); the same shards, resume, growth and rank split as audio."""
+    from mellow import precompute, text
+
+    config = CaptionsConfig(
+        dataset=dataset, encoder=TextEncoderConfig(name=text_encoder, batch_size=batch_size, device=device),
+        store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips),
+        max_failures=max_failures, rank=rank, world_size=world_size)
+    try:
+        text.run(config)
+    except precompute.TooManyFailuresError as error:
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(code=1) from None
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,14 @@ class TooManyFailuresError(RuntimeError):
 
 
 @dataclass
-class PrecomputeConfig:
+class ShardedJobConfig:
+    """What every job that fills a store shard by shard shares: audio embeddings and caption embeddings."""
+
+    rows_are: ClassVar[str] = "clips"  # what a row is, in messages
+
     dataset: Path = setting(Path("datasets/synth"), "Dataset folder made by 00_prepare (holds audio.jsonl).")
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
-    decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
-    max_failures: float = setting(0.05, "Exit with an error if more than this fraction of clips fail.")
-    min_seconds: float = setting(0.1, "Clips with less audio than this are skipped (reported as failed).")
+    max_failures: float = setting(0.05, "Exit with an error if more than this fraction of rows fail.")
     rank: int = setting(-1, "This process's part of the work: shards rank, rank+world, ... (-1: from torchrun's "
                             "RANK or SLURM_ARRAY_TASK_ID, else 0).")
     world_size: int = setting(0, "Processes sharing the work (0: from torchrun's WORLD_SIZE or "
@@ -52,10 +54,6 @@ class PrecomputeConfig:
                              "or point at a dataset folder")
         if not 0.0 <= self.max_failures <= 1.0:
             raise ValueError(f"--max-failures {self.max_failures} must be a fraction between 0 and 1")
-        if self.min_seconds < 0:
-            raise ValueError(f"--min-seconds {self.min_seconds} must be >= 0")
-        if self.decode_workers < 0:
-            raise ValueError(f"--decode-workers {self.decode_workers} must be >= 0")
         rank, world = self.work_split()
         if not 0 <= rank < world:
             raise ValueError(f"--rank {rank} must be in [0, --world-size {world})")
@@ -70,6 +68,27 @@ class PrecomputeConfig:
             task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
             return task, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
         return max(self.rank, 0), 1
+
+    def my_shards(self, writer: StoreWriter) -> tuple[list[int], int]:
+        """(this process's shards still to compute, how many of its shards are already done)."""
+        rank, world = self.work_split()
+        mine = range(rank, writer.num_shards, world)
+        todo = [shard for shard in mine if not writer.is_done(shard)]
+        return todo, len(mine) - len(todo)
+
+
+@dataclass
+class PrecomputeConfig(ShardedJobConfig):
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
+    min_seconds: float = setting(0.1, "Clips with less audio than this are skipped (reported as failed).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_seconds < 0:
+            raise ValueError(f"--min-seconds {self.min_seconds} must be >= 0")
+        if self.decode_workers < 0:
+            raise ValueError(f"--decode-workers {self.decode_workers} must be >= 0")
 
 
 @dataclass
@@ -91,8 +110,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     records = validate_args(config)
     encoder = build_encoder(config.encoder)
     store_path = store_path_for(config, encoder)
-    writer = StoreWriter(store_path, len(records), encoder.fingerprint(), config.store,
-                         ids=[record["id"] for record in records])
+    writer = StoreWriter(store_path, len(records), encoder.fingerprint(), config.store, manifest=records)
     result = process(config, encoder, writer, records)
     result.seconds = time.time() - started
     report(config, writer, result)
@@ -109,9 +127,7 @@ def validate_args(config: PrecomputeConfig) -> list[dict]:
 
 def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter,
             records: list[dict]) -> PrecomputeResult:
-    rank, world = config.work_split()
-    mine = range(rank, writer.num_shards, world)
-    todo = [shard for shard in mine if not writer.is_done(shard)]
+    todo, skipped = config.my_shards(writer)
     workers = config.decode_workers or 2 * (os.cpu_count() or 1)
     clips = sum(len(writer.shard_rows(shard)) for shard in todo)
     with progress_bar() as progress, ThreadPoolExecutor(workers) as pool, encoder_threads(encoder):
@@ -123,7 +139,7 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
             writer.write_shard(shard, embeddings, valid, index)
             rate = progress.tasks[task].speed or 0.0
             progress.update(task, status=f"{rate:.1f} clips/s, shard {shard + 1}/{writer.num_shards}")
-    return PrecomputeResult(writer.path, len(todo), len(mine) - len(todo), clips, 0.0)
+    return PrecomputeResult(writer.path, len(todo), skipped, clips, 0.0)
 
 
 @contextmanager
@@ -241,14 +257,14 @@ def encode_shard(config: PrecomputeConfig, encoder: AudioEncoder, pool: ThreadPo
     return embeddings, valid, index
 
 
-def report(config: PrecomputeConfig, writer: StoreWriter, result: PrecomputeResult) -> None:
+def report(config: ShardedJobConfig, writer: StoreWriter, result: PrecomputeResult) -> None:
     """Print what this process did. Exactly one process finalizes the store: the one that finds every shard
     done and gets the finalize lock first; the others leave it to that one."""
     rank, world = config.work_split()
-    who = f"rank {rank}/{world}: " if world > 1 else ""
+    who, rows = f"rank {rank}/{world}: " if world > 1 else "", config.rows_are
     rate = result.clips / result.seconds if result.seconds else 0.0
     done = f"{result.computed_shards} shard(s) computed, {result.skipped_shards} already done; " \
-           f"{result.clips} clips in {result.seconds:.1f} s ({rate:.1f} clips/s)"
+           f"{result.clips} {rows} in {result.seconds:.1f} s ({rate:.1f} {rows}/s)"
     counts = None
     if writer.all_done():
         with writer.exclusive(FINALIZE_LOCK) as claimed:
@@ -263,22 +279,22 @@ def report(config: PrecomputeConfig, writer: StoreWriter, result: PrecomputeResu
             return
         counts = meta["counts"]
         console.print(f"[bold green]{who}finished[/]: {done}; {result.store_path} is finalized: {counts['ok']} "
-                      f"clips ok, {counts['failed']} failed")
+                      f"{rows} ok, {counts['failed']} failed")
     else:
         quiet, console.quiet = console.quiet, False  # whichever rank finalizes says so, not only rank 0
         try:
-            console.print(f"[bold green]{who}precomputed[/] {result.store_path}: {counts['ok']} clips ok, "
+            console.print(f"[bold green]{who}precomputed[/] {result.store_path}: {counts['ok']} {rows} ok, "
                           f"{counts['failed']} failed; {done}")
         finally:
             console.quiet = quiet
-    check_failures(writer.path, counts, config.max_failures)
+    check_failures(writer.path, counts, config.max_failures, config.rows_are)
 
 
 def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> dict:
     """Write the index, meta.json and report.json (with every failed clip); return the counts."""
     meta = writer.finalize({"dataset": str(dataset), "code_version": code_version()})
     counts = meta["counts"]
-    failures = [{"id": r["id"], "path": r["path"], "reason": r["status"]}
+    failures = [{**{key: r[key] for key in ("id", "path", "text") if key in r}, "reason": r["status"]}
                 for r in read_jsonl(writer.path / "index.jsonl") if r["status"] != "ok"]
     write_json_atomic(writer.path / "report.json", {"store": str(writer.path), "counts": counts,
                                                     "seconds_last_run": round(seconds, 2), "failures": failures})
@@ -287,8 +303,8 @@ def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> 
     return counts
 
 
-def check_failures(store_path: Path, counts: dict, max_failures: float) -> None:
+def check_failures(store_path: Path, counts: dict, max_failures: float, rows_are: str = "clips") -> None:
     fraction = counts["failed"] / max(counts["rows"], 1)
     if fraction > max_failures:
-        raise TooManyFailuresError(f"{counts['failed']} of {counts['rows']} clips failed ({fraction:.1%}), more "
+        raise TooManyFailuresError(f"{counts['failed']} of {counts['rows']} {rows_are} failed ({fraction:.1%}), more "
                                    f"than --max-failures {max_failures:.1%}; see {store_path / 'report.json'}")

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +78,14 @@ class StoreWriter:
     """Creates (or reopens) a store and writes it one whole shard at a time."""
 
     def __init__(self, path: Path, num_rows: int, fingerprint: dict, config: StoreConfig,
-                 wait_seconds: float = 600.0, ids: list[str] | None = None) -> None:
+                 wait_seconds: float = 600.0, manifest: list[dict] | None = None) -> None:
         """Open the store at `path`, creating it if no process has yet. Several processes may call this at
         once (torchrun ranks, SLURM array tasks): one creates the arrays, the others wait for its meta.json.
 
-        With `ids` (the manifest's clip ids in row order), a store made from the first part of the same
-        manifest grows: its rows and ids stay, new rows are added, and only new shards (plus the old last one
-        if it was partial) are computed."""
+        With `manifest` (one dict per row, in row order, with `id` and the audio's `sha256` or a caption's
+        `text`), a store made from the first part of the same manifest grows: its rows and ids stay, new rows
+        are added, and only new shards (plus the old last one if it was partial) are computed. Committed rows
+        whose id, audio or text differ from the manifest are refused, never silently kept."""
         self.path = path
         self.fingerprint = fingerprint
         self.num_rows = num_rows
@@ -98,8 +100,8 @@ class StoreWriter:
         meta = read_json(meta_path)
         self.clips_per_shard = meta["clips_per_shard"]
         same_encoding = not describe_differences(meta["fingerprint"], fingerprint)
-        if ids is not None and same_encoding:
-            self._check_ids(meta["rows"], ids)
+        if manifest is not None and same_encoding:
+            self._check_manifest(meta["rows"], manifest)
             if meta["rows"] < num_rows:
                 meta = self._grow(meta, wait_seconds)
         self._check_existing(meta)
@@ -154,16 +156,25 @@ class StoreWriter:
             "fingerprint": self.fingerprint, "rows": self.num_rows, "complete": False,
             "clips_per_shard": clips_per_shard, "code_version": code_version()})
 
-    def _check_ids(self, stored_rows: int, ids: list[str]) -> None:
-        """The clips of every committed shard must be the manifest's clips at the same rows."""
+    def _check_manifest(self, stored_rows: int, manifest: list[dict]) -> None:
+        """Every committed shard must hold the manifest's rows: the same ids, the same audio or caption."""
         for shard in range(-(-stored_rows // self.clips_per_shard)):
-            if self.is_done(shard):
-                stored = [record["id"] for record in read_json(self._marker(shard))["records"]]
-                if stored != ids[shard * self.clips_per_shard : shard * self.clips_per_shard + len(stored)]:
+            if not self.is_done(shard):
+                continue
+            stored = read_json(self._marker(shard))["records"]
+            start = shard * self.clips_per_shard
+            for old, new in zip_longest(stored, manifest[start : start + len(stored)], fillvalue={}):
+                if old.get("id") != new.get("id"):
                     raise StoreMismatchError(
                         f"{self.path}: shard {shard} holds other clips than the manifest has at its rows; a store "
                         "keeps its rows, and grows only by clips appended at the end of audio.jsonl. Remove the "
                         "store folder to rebuild it for a reordered or edited manifest")
+                for key, what in (("sha256", "its audio file (sha256)"), ("text", "its caption text")):
+                    if old.get(key) is not None and new.get(key) is not None and old[key] != new[key]:
+                        raise StoreMismatchError(
+                            f"{self.path}: {new['id']} (row {old['row']}, shard {shard}) changed since it was "
+                            f"computed: {what} differs. A store keeps the rows it computed; remove the store folder "
+                            "to rebuild it, or add the changed clip under a new id at the end of the manifest")
 
     def _grow(self, meta: dict, wait_seconds: float) -> dict:
         """Add rows for clips appended to the manifest (one process does it; the others wait for it)."""

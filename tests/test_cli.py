@@ -55,7 +55,7 @@ def test_all_stages_end_to_end_then_rerun(tmp_path):
     assert code == 0, output
 
 
-@pytest.mark.parametrize("script", ["00_prepare", "01_precompute", "03_train", "04_eval"])
+@pytest.mark.parametrize("script", ["00_prepare", "01_precompute", "01_precompute_captions", "03_train", "04_eval"])
 def test_stage_scripts_show_help(script):
     completed = subprocess.run([sys.executable, str(REPO / "stages" / f"{script}.py"), "--help"],
                                capture_output=True, text=True, timeout=120)
