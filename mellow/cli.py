@@ -11,7 +11,7 @@ import typer
 import yaml
 
 from mellow.audio import FfmpegNotFoundError
-from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted, to_dict
+from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted
 from mellow.encoders import EncoderConfig
 from mellow.evaluate import EvalConfig
 from mellow.files import read_json
@@ -19,14 +19,14 @@ from mellow.model import ModelConfig
 from mellow.precompute import PrecomputeConfig
 from mellow.prepare import PrepareConfig
 from mellow.progress import console
-from mellow.store import StoreConfig, StoreMismatchError
+from mellow.store import EncoderExpectation, StoreConfig, StoreMismatchError
 from mellow.text import CaptionsConfig, TextEncoderConfig
 from mellow.train import TrainConfig
 
 app = typer.Typer(help="mellow: a staged training pipeline for small audio-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
-TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig}
+TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "encoder": EncoderExpectation}
 
 
 def friendly_errors(command):
@@ -135,8 +135,9 @@ def precompute_captions_command(
         raise typer.Exit(code=1) from None
 
 
-def load_train_configs(config_file: Path | None, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
-    """YAML sections (train:, model:) overlaid with dotted CLI overrides, validated."""
+def load_train_configs(config_file: Path | None,
+                       overrides: list[str]) -> tuple[TrainConfig, ModelConfig, EncoderExpectation]:
+    """YAML sections (train:, model:, encoder:) overlaid with dotted CLI overrides, validated."""
     values: dict[str, dict] = {section: {} for section in TRAIN_SECTIONS}
     if config_file is not None:
         for section, entries in load_yaml(config_file).items():
@@ -148,7 +149,8 @@ def load_train_configs(config_file: Path | None, overrides: list[str]) -> tuple[
         if section not in TRAIN_SECTIONS:
             raise ValueError(f"--{section}.*: unknown section; use {', '.join(TRAIN_SECTIONS)}")
         values[section].update(entries)
-    return build(TrainConfig, values["train"], "train"), build(ModelConfig, values["model"], "model")
+    return (build(TrainConfig, values["train"], "train"), build(ModelConfig, values["model"], "model"),
+            build(EncoderExpectation, values["encoder"], "encoder"))
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -157,18 +159,22 @@ def load_train_configs(config_file: Path | None, overrides: list[str]) -> tuple[
 @friendly_errors
 def train_command(
     context: typer.Context,
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with train: and model: sections."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with train:, model: and (optional) "
+                                                                 "encoder: sections."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --train.run_dir exactly."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
-    """Stage 03: train the projector (+ decoder) from the store. Runs under torchrun for several processes."""
+    """Stage 03: train the projector (+ decoder) from the store. Runs under torchrun for several processes.
+
+    The encoder: section says what the store must be (e.g. --encoder.name whisper-tiny --encoder.tokens 16);
+    a store made otherwise is refused, with what differs."""
     from mellow import train
 
-    train_config, model_config = load_train_configs(config, context.args)
+    train_config, model_config, expected = load_train_configs(config, context.args)
     if print_config:
-        console.print(yaml.safe_dump({"train": to_dict(train_config), "model": to_dict(model_config)}))
+        console.print(yaml.safe_dump(train.resolved_config(train_config, model_config, expected)))
         return
-    train.run(train_config, model_config, resume=resume)
+    train.run(train_config, model_config, resume=resume, expected=expected)
 
 
 @app.command("eval")

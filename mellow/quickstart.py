@@ -17,7 +17,7 @@ from mellow.model import ModelConfig
 from mellow.precompute import PrecomputeConfig
 from mellow.prepare import PrepareConfig
 from mellow.progress import console
-from mellow.store import StoreConfig
+from mellow.store import EncoderExpectation, StoreConfig
 from mellow.train import TrainConfig
 
 
@@ -38,7 +38,8 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     run_dir = root / "checkpoints" / f"quickstart-{stored.store_path.name}"
     train.run(TrainConfig(store=stored.store_path, dataset=dataset, run_dir=run_dir, max_updates=updates,
                           val_every=max(1, updates // 4), save_every=max(1, updates // 4)),
-              ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4), resume=True)
+              ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4), resume=True,
+              expected=EncoderExpectation(name=encoder, tokens=16))
     timings["train"] = time.time() - stage
     console.rule("[bold]04 eval")
     stage = time.time()

@@ -63,6 +63,32 @@ class StoreConfig:
         return max(1, self.shard_megabytes * 2**20 // row_bytes)
 
 
+@dataclass
+class EncoderExpectation:
+    """What a training config expects of its store (the `encoder:` section); unset fields accept anything."""
+
+    name: str | None = setting(None, "Encoder the store must be made with (whisper-tiny, mel, hf:<dir>); "
+                                     "unset: any.")
+    weights_hash: str | None = setting(None, "Weights hash of that encoder (the store's meta.json); unset: any.")
+    clip_seconds: float | None = setting(None, "Clip length the store must use; unset: any.")
+    crop: str | None = setting(None, "Crop policy the store must use (pad, center, repeat); unset: any.")
+    views: int | None = setting(None, "Views per clip the store must hold; unset: any.")
+    tokens: int | None = setting(None, "Tokens per clip the store must hold; unset: any.")
+
+    def check(self, store_path: Path, fingerprint: dict) -> None:
+        """Raise StoreMismatchError listing every set field whose value the store's fingerprint does not have."""
+        stored = {"views": 1, **fingerprint}  # stores made before views existed have one
+        differences = []
+        for key, value in vars(self).items():
+            stored_value = stored.get("encoder" if key == "name" else key)
+            if value is not None and value != stored_value:
+                differences.append(f"{key}: the config expects {value!r}, the store has {stored_value!r}")
+        if differences:
+            raise StoreMismatchError(f"--train.store {store_path} was made differently from what the config's "
+                                     "encoder section expects:\n  " + "\n  ".join(differences)
+                                     + "\nprecompute a store with those settings, or change the encoder section")
+
+
 def code_version() -> str:
     return f"mellow-{mellow.__version__}/store-v{FORMAT_VERSION}"
 

@@ -39,7 +39,7 @@ from mellow.files import (
 )
 from mellow.model import MellowModel, ModelConfig
 from mellow.progress import console, progress_bar
-from mellow.store import EmbeddingStore
+from mellow.store import EmbeddingStore, EncoderExpectation
 
 
 @dataclass
@@ -92,16 +92,19 @@ class TrainResult:
     seconds: float
 
 
-def resolved_config(train: TrainConfig, model: ModelConfig) -> dict:
-    return {"train": to_dict(train), "model": to_dict(model)}
+def resolved_config(train: TrainConfig, model: ModelConfig, expected: EncoderExpectation | None = None) -> dict:
+    return {"train": to_dict(train), "model": to_dict(model), "encoder": vars(expected or EncoderExpectation())}
 
 
-def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False) -> TrainResult:
+def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
+        expected: EncoderExpectation | None = None) -> TrainResult:
+    """Train (or, with `resume`, continue) the run in train.run_dir; `expected` is what the store must be."""
     started = time.time()
     context, device = distributed.setup(train.device)
     try:
-        checkpoint = validate_args(train, model_config, resume, context)
-        result = fit(train, model_config, checkpoint, context, device)
+        expected = expected or EncoderExpectation()
+        checkpoint = validate_args(train, model_config, resume, context, expected)
+        result = fit(train, model_config, checkpoint, context, device, resolved_config(train, model_config, expected))
         result.seconds = time.time() - started
         report(result)
         return result
@@ -109,12 +112,17 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False) -> 
         distributed.teardown()
 
 
-def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool,
-                  context: DistributedContext) -> Path | None:
+def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, context: DistributedContext,
+                  expected: EncoderExpectation) -> Path | None:
     """Check inputs before any work; return the checkpoint to resume from, if any."""
     if not (train.store / "meta.json").is_file():
         raise ValueError(f"--train.store {str(train.store)!r} is not an embedding store; run 01_precompute "
                          "and pass its output folder (shards/<dataset>/<encoder-tag>)")
+    fingerprint = EmbeddingStore(train.store).fingerprint
+    if fingerprint.get("kind") == "text":
+        raise ValueError(f"--train.store {train.store} holds caption text embeddings (precompute-captions); "
+                         "pass an audio store made by 01_precompute")
+    expected.check(train.store, fingerprint)
     if train.batch_size % (context.world_size * train.grad_accum):
         raise ValueError(f"--train.batch_size {train.batch_size} must be divisible by world size "
                          f"{context.world_size} x --train.grad_accum {train.grad_accum}")
@@ -204,7 +212,7 @@ def micro_batches(lengths: list[int], micro_batch: int, seed: int, start: int, c
 
 
 def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, context: DistributedContext,
-        device: torch.device) -> TrainResult:
+        device: torch.device, resolved: dict) -> TrainResult:
     store = EmbeddingStore(train.store)
     model, tokenizer = build_model(model_config, store.dim, train.seed)
     train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens,
@@ -224,7 +232,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             write_jsonl_atomic(metrics, [row for row in read_jsonl(metrics) if row["update"] <= update])
     elif context.is_main:
         train.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved_config(train, model_config)))
+        write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved))
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
     micro_batch = train.batch_size // train.grad_accum
     lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in train_set.items]
@@ -232,7 +240,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                             train.length_buckets)
     stop_at = min(train.max_updates, update + train.stop_after) if train.stop_after else train.max_updates
     window_loss, window_start, last_loss = 0.0, time.time(), float("nan")
-    meta = {"store_fingerprint": store.fingerprint, "store": str(train.store)}
+    meta = {"store_fingerprint": store.fingerprint, "store": str(train.store), "config": resolved}
     with progress_bar() as progress:
         task = progress.add_task("training", total=train.max_updates, completed=update)
         while update < stop_at:
@@ -263,7 +271,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             is_best = val_loss is not None and (best_val is None or val_loss < best_val)
             best_val = val_loss if is_best else best_val
             if (train.save_every and update % train.save_every == 0) or update == stop_at or is_best:
-                save_checkpoint(train, model_config, model, optimizer, scheduler, update, best_val, is_best,
+                save_checkpoint(train, model, optimizer, scheduler, update, best_val, is_best,
                                 context, meta)
             progress.update(task, completed=update)
     return TrainResult(train.run_dir, update, last_loss, best_val, 0.0)
@@ -287,9 +295,8 @@ def _log(train: TrainConfig, context: DistributedContext, record: dict) -> None:
             handle.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
-def save_checkpoint(train: TrainConfig, model_config: ModelConfig, model: MellowModel,
-                    optimizer: torch.optim.Optimizer, scheduler, update: int, best_val: float | None,
-                    is_best: bool, context: DistributedContext, meta: dict) -> None:
+def save_checkpoint(train: TrainConfig, model: MellowModel, optimizer: torch.optim.Optimizer, scheduler, update: int,
+                    best_val: float | None, is_best: bool, context: DistributedContext, meta: dict) -> None:
     """Write step-NNNNNN/ via a temporary folder (every rank adds its RNG state), then point latest at it."""
     name = f"step-{update:06d}"
     temporary = train.run_dir / f".{name}.tmp"
@@ -305,8 +312,7 @@ def save_checkpoint(train: TrainConfig, model_config: ModelConfig, model: Mellow
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    temporary / "optimizer.pt")
         write_json_atomic(temporary / "trainer.json", {
-            "update": update, "best_val_loss": best_val, "world_size": context.world_size,
-            "config": resolved_config(train, model_config), **meta})
+            "update": update, "best_val_loss": best_val, "world_size": context.world_size, **meta})
         replace_directory(temporary, train.run_dir / name)
         write_json_atomic(train.run_dir / "latest.json", {"path": name, "update": update})
         if is_best:

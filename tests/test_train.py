@@ -13,6 +13,7 @@ from conftest import TINY_MODEL
 from mellow import train
 from mellow.files import read_json, read_jsonl
 from mellow.model import ModelConfig
+from mellow.store import StoreConfig
 from mellow.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,3 +134,27 @@ def test_resume_when_no_metrics_were_logged_before_the_checkpoint(mel_store, tin
     result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4), ModelConfig(**TINY_MODEL),
                        resume=True)
     assert result.updates == 4 and [row["update"] for row in read_jsonl(run_dir / "metrics.jsonl")][-1] == 4
+
+
+def test_training_refuses_a_store_unlike_its_encoder_section(mel_store, tiny_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from mellow.cli import app
+    from mellow.text import CaptionsConfig
+    from mellow.text import run as precompute_captions
+
+    base = ["train", "--train.store", str(mel_store), "--train.dataset", str(tiny_dataset), "--train.run_dir",
+            str(tmp_path / "run"), "--train.max_updates", "1", "--train.batch_size", "4", "--model.tiny_hidden",
+            "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2"]
+    result = CliRunner().invoke(app, base + ["--encoder.name", "mel", "--encoder.tokens", "16",
+                                             "--encoder.clip_seconds", "3"])
+    assert result.exit_code == 2
+    assert "tokens: the config expects 16, the store has 4" in result.output
+    assert "clip_seconds" not in result.output and "name:" not in result.output  # those match
+    assert not (tmp_path / "run").exists()  # refused before any work
+    result = CliRunner().invoke(app, base + ["--encoder.name", "mel", "--encoder.tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "run" / "step-000001" / "trainer.json")["config"]["encoder"]["tokens"] == 4
+    captions = precompute_captions(CaptionsConfig(dataset=tiny_dataset, store=StoreConfig(root=tmp_path))).store_path
+    result = CliRunner().invoke(app, ["train", "--train.store", str(captions), "--train.dataset", str(tiny_dataset)])
+    assert result.exit_code == 2 and "holds caption text embeddings" in result.output
