@@ -1,15 +1,18 @@
 """The embedding store: a Zarr v3 group of per-clip encoder tokens, sharded, checksummed and self-describing.
 
     shards/<dataset>/<encoder-tag>/
-        store.zarr/       emb (N, T, D) float16, one chunk per clip, sharding codec (S clips per shard file),
-                          zstd + crc32c; valid (N,) int16, valid tokens per clip, chunked like the shards
+        store.zarr/       emb (N, T, D) float16 ((N, V, T, D) with V > 1 views per clip), one chunk per clip,
+                          sharding codec (S clips per shard file), zstd + crc32c; valid (N,) or (N, V) int16,
+                          valid tokens per clip (and view), chunked like the shards
         parts/            shard-00000.json ... one per finished shard, written after its data: the commit marker
         index.jsonl       id -> row, duration, source path, audio sha256, status (written by finalize)
         meta.json         fingerprint (encoder, weights hash, preprocessing, pooling, dtype, code version), counts
         report.json       what the precompute run did, with every skipped clip and its reason
 
 A shard's rows are written in one piece by one process and only then marked done, so a crash leaves at worst
-an unmarked shard, which the next run recomputes. Readers use only marked shards (through the index).
+an unmarked shard, which the next run recomputes. Readers use only marked shards (through the index). One
+process creates (or grows) the arrays and one finalizes, each holding an O_EXCL lock file. docs/store.md is
+the full format reference.
 """
 
 from __future__ import annotations
