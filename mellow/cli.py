@@ -16,7 +16,7 @@ from mellow.encoders import EncoderConfig
 from mellow.evaluate import EvalConfig
 from mellow.files import read_json
 from mellow.model import ModelConfig
-from mellow.precompute import PrecomputeConfig
+from mellow.precompute import PrecomputeConfig, TooManyFailuresError
 from mellow.prepare import PrepareConfig
 from mellow.progress import console
 from mellow.store import EncoderExpectation, StoreConfig, StoreMismatchError
@@ -30,11 +30,15 @@ TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "encoder": Encoder
 
 
 def friendly_errors(command):
-    """Turn configuration and input errors into one red line and exit code 2, instead of a traceback."""
+    """Turn configuration and input errors into one red line and exit code 2, instead of a traceback; too
+    many failed clips (the store is complete, but the run is not a success) into exit code 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except TooManyFailuresError as error:
+            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(code=1) from None
         except (ValueError, FileNotFoundError, TimeoutError, FfmpegNotFoundError, StoreMismatchError) as error:
             console.print(f"[bold red]error:[/] {error}", highlight=False)
             raise typer.Exit(code=2) from None
@@ -98,11 +102,7 @@ def precompute_command(
                           zstd_level=zstd_level),
         decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
         world_size=world_size)
-    try:
-        precompute.run(config)
-    except precompute.TooManyFailuresError as error:  # the store is complete, but the run is not a success
-        console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(code=1) from None
+    precompute.run(config)
 
 
 @app.command("precompute-captions")
@@ -122,17 +122,12 @@ def precompute_captions_command(
     """Stage 01 for text: embed every caption once with a sentence encoder, into a store like the audio one.
 
     02_align reads it. One row per (clip, caption); the same shards, resume, growth and rank split as audio."""
-    from mellow import precompute, text
+    from mellow import text
 
-    config = CaptionsConfig(
+    text.run(CaptionsConfig(
         dataset=dataset, encoder=TextEncoderConfig(name=text_encoder, batch_size=batch_size, device=device),
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips),
-        max_failures=max_failures, rank=rank, world_size=world_size)
-    try:
-        text.run(config)
-    except precompute.TooManyFailuresError as error:
-        console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(code=1) from None
+        max_failures=max_failures, rank=rank, world_size=world_size))
 
 
 def load_train_configs(config_file: Path | None,
@@ -224,7 +219,7 @@ def store_finalize_command(
     """Write index.jsonl and meta.json once every shard is done (normally the last precompute process does).
 
     Also clears the finalize lock a process killed while finalizing left behind."""
-    from mellow.precompute import TooManyFailuresError, check_failures, finalize_store
+    from mellow.precompute import check_failures, finalize_store
     from mellow.store import FINALIZE_LOCK, StoreWriter
 
     writer = StoreWriter.open_existing(path)
@@ -234,11 +229,7 @@ def store_finalize_command(
     counts = finalize_store(writer, read_json(path / "meta.json").get("dataset", "?"), 0.0)
     (path / FINALIZE_LOCK).unlink(missing_ok=True)
     console.print(f"[bold green]finalized[/] {path}: {counts['ok']} clips ok, {counts['failed']} failed")
-    try:
-        check_failures(path, counts, max_failures)
-    except TooManyFailuresError as error:
-        console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(code=1) from None
+    check_failures(path, counts, max_failures)
 
 
 @store_app.command("export-wds")

@@ -99,7 +99,8 @@ def test_a_changed_caption_or_audio_of_a_stored_row_is_refused(tiny_dataset, mel
     write_jsonl_atomic(dataset / "audio.jsonl", records)
     config = PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name="mel", clip_seconds=3.0, tokens=4),
                               store=StoreConfig(root=tmp_path / "audio-shards", shard_clips=8))
-    with pytest.raises(StoreMismatchError, match=re.escape(f"{records[3]['id']} (row 3, shard 0) changed") + ".*sha256"):
+    changed = re.escape(f"{records[3]['id']} (row 3, shard 0) changed") + ".*sha256"
+    with pytest.raises(StoreMismatchError, match=changed):
         precompute.run(config)
 
 
