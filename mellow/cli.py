@@ -9,9 +9,11 @@ from typing import Optional
 
 import typer
 import yaml
+from rich.markup import escape
 
 from mellow.audio import FfmpegNotFoundError
 from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted
+from mellow.distributed import PeerLostError
 from mellow.encoders import EncoderConfig
 from mellow.evaluate import EvalConfig
 from mellow.files import read_json
@@ -31,16 +33,17 @@ TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "encoder": Encoder
 
 def friendly_errors(command):
     """Turn configuration and input errors into one red line and exit code 2, instead of a traceback; too
-    many failed clips (the store is complete, but the run is not a success) into exit code 1."""
+    many failed clips (the store is complete, but the run is not a success) and a lost process of a
+    multi-process run into exit code 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except TooManyFailuresError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+        except (TooManyFailuresError, PeerLostError) as error:
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(code=1) from None
         except (ValueError, FileNotFoundError, TimeoutError, FfmpegNotFoundError, StoreMismatchError) as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(code=2) from None
     return wrapper
 
@@ -130,20 +133,28 @@ def precompute_captions_command(
         max_failures=max_failures, rank=rank, world_size=world_size))
 
 
-def load_train_configs(config_file: Path | None,
-                       overrides: list[str]) -> tuple[TrainConfig, ModelConfig, EncoderExpectation]:
-    """YAML sections (train:, model:, encoder:) overlaid with dotted CLI overrides, validated."""
-    values: dict[str, dict] = {section: {} for section in TRAIN_SECTIONS}
-    if config_file is not None:
-        for section, entries in load_yaml(config_file).items():
-            if section not in TRAIN_SECTIONS:
-                raise ValueError(f"--config {config_file}: unknown section {section!r}; use "
-                                 f"{', '.join(TRAIN_SECTIONS)}")
-            values[section].update(entries or {})
-    for section, entries in parse_dotted(overrides).items():
+def load_train_configs(config_file: Path | None, overrides: list[str],
+                       resume: bool = False) -> tuple[TrainConfig, ModelConfig, EncoderExpectation]:
+    """YAML sections (train:, model:, encoder:) overlaid with dotted CLI overrides, validated. With `resume`,
+    the run's own saved config.yaml comes first, so only what is given explicitly differs from it."""
+    from_file = load_yaml(config_file) if config_file is not None else {}
+    from_command_line = parse_dotted(overrides)
+    for section in from_file:
+        if section not in TRAIN_SECTIONS:
+            raise ValueError(f"--config {config_file}: unknown section {section!r}; use {', '.join(TRAIN_SECTIONS)}")
+    for section in from_command_line:
         if section not in TRAIN_SECTIONS:
             raise ValueError(f"--{section}.*: unknown section; use {', '.join(TRAIN_SECTIONS)}")
-        values[section].update(entries)
+    layers = [from_file, from_command_line]
+    if resume:
+        run_dir = {**from_file.get("train", {}), **from_command_line.get("train", {})}.get("run_dir",
+                                                                                           TrainConfig.run_dir)
+        if (Path(run_dir) / "config.yaml").is_file():
+            layers.insert(0, load_yaml(Path(run_dir) / "config.yaml"))
+    values: dict[str, dict] = {section: {} for section in TRAIN_SECTIONS}
+    for layer in layers:
+        for section, entries in layer.items():
+            values[section].update(entries or {})
     return (build(TrainConfig, values["train"], "train"), build(ModelConfig, values["model"], "model"),
             build(EncoderExpectation, values["encoder"], "encoder"))
 
@@ -156,7 +167,9 @@ def train_command(
     context: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with train:, model: and (optional) "
                                                                  "encoder: sections."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --train.run_dir exactly."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --train.run_dir exactly, with its "
+                                                         "saved config (options given here may change where "
+                                                         "things are and when this invocation stops)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Stage 03: train the projector (+ decoder) from the store. Runs under torchrun for several processes.
@@ -165,7 +178,7 @@ def train_command(
     a store made otherwise is refused, with what differs."""
     from mellow import train
 
-    train_config, model_config, expected = load_train_configs(config, context.args)
+    train_config, model_config, expected = load_train_configs(config, context.args, resume)
     if print_config:
         console.print(yaml.safe_dump(train.resolved_config(train_config, model_config, expected)))
         return
@@ -207,7 +220,7 @@ def store_info_command(path: Path = typer.Argument(..., help="A store folder (sh
                                   "rows": store.meta["rows"], "clips_per_shard": store.meta["clips_per_shard"],
                                   "counts": store.meta["counts"], "bytes_on_disk": size,
                                   "bytes_per_clip": round(size / max(store.meta["rows"], 1), 1)},
-                                 sort_keys=False))
+                                 sort_keys=False), markup=False)
 
 
 @store_app.command("finalize")
@@ -253,7 +266,7 @@ def store_verify_command(path: Path = typer.Argument(..., help="A store folder (
 
     problems = verify_store(path)
     for problem in problems:
-        console.print(f"[bold red]damaged:[/] {problem}", highlight=False)
+        console.print(f"[bold red]damaged:[/] {escape(problem)}", highlight=False)
     if problems:
         raise typer.Exit(code=1)
     console.print(f"[bold green]verified[/] {path}: every chunk checksum and the index are intact")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from mellow.files import replace_directory
+from mellow.files import hash_model_weights, replace_directory
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_DECODERS = ("tiny", "smollm2-135m")
@@ -89,6 +89,15 @@ def load_decoder(name: str, tokenizer, tiny_shape: tuple[int, int, int]) -> PreT
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def decoder_reference(name: str, seed: int) -> dict:
+    """How a checkpoint that does not hold the decoder's weights finds them again: its name and a hash of its
+    weights (a tiny decoder is made again from the seed)."""
+    if name == "tiny":
+        return {"decoder": name, "initialised_with_seed": seed}
+    path = smollm2_dir() if name == "smollm2-135m" else Path(name.removeprefix("hf:"))
+    return {"decoder": name, "weights_hash": hash_model_weights(path)}
 
 
 def validate_decoder_name(name: str) -> None:

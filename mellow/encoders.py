@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from mellow.audio import CropPolicy
 from mellow.config import setting
-from mellow.files import sha256_file, short_hash
+from mellow.files import hash_model_weights, sha256_file, short_hash
 
 
 @dataclass
@@ -224,8 +224,7 @@ class HuggingFaceEncoder(AudioEncoder):
 
     @cached_property
     def weights_hash(self) -> str:
-        files = sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin"))
-        return short_hash([sha256_file(path) for path in files], length=16)
+        return hash_model_weights(self.model_dir)
 
 
 def _feature_extractor(model_dir: Path, default):

@@ -21,7 +21,7 @@ from mellow.data import ExampleSet, load_examples, move_to
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore
-from mellow.train import find_checkpoint, load_trained_model
+from mellow.checkpoint import find_checkpoint, load_trained_model
 
 
 @dataclass

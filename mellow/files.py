@@ -57,3 +57,9 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 def short_hash(value: object, length: int = 8) -> str:
     """A short stable hash of a JSON-serialisable value (used in fingerprints and folder names)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def hash_model_weights(model_dir: Path) -> str:
+    """16 hex digits identifying the weights saved in a model folder (its *.safetensors and *.bin files)."""
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    return short_hash([sha256_file(path) for path in files], length=16)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mellow.config import setting
-from mellow.decoders import validate_decoder_name
+from mellow.decoders import load_decoder, load_tokenizer, validate_decoder_name
 
 
 @dataclass
@@ -152,3 +152,16 @@ class MellowModel(nn.Module):
         if unexpected or expected - set(state):
             raise ValueError(f"checkpoint does not match the model: unexpected {sorted(unexpected)[:5]}, "
                              f"missing {sorted(expected - set(state))[:5]}")
+
+
+def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[MellowModel, object]:
+    """The model of `model_config` on the CPU, its projector (and a tiny decoder) initialised from `seed`, and
+    its tokenizer."""
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_config.decoder)
+    shape = (model_config.tiny_hidden, model_config.tiny_layers, model_config.tiny_heads)
+    language_model = load_decoder(model_config.decoder, tokenizer, shape)
+    model = MellowModel(language_model, audio_dim, model_config.projector_dropout, model_config.loss_weighting)
+    if model_config.decoder_mode == "frozen":
+        model.language_model.requires_grad_(False)
+    return model, tokenizer

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from mellow.audio import AudioDecodeError, CropPolicy, decode_audio, find_ffmpeg, fit_length
 from mellow.config import setting
@@ -299,7 +300,7 @@ def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> 
     write_json_atomic(writer.path / "report.json", {"store": str(writer.path), "counts": counts,
                                                     "seconds_last_run": round(seconds, 2), "failures": failures})
     for failure in failures[:10]:
-        console.print(f"  [yellow]skipped[/] {failure['id']}: {failure['reason']}")
+        console.print(f"  [yellow]skipped[/] {escape(failure['id'])}: {escape(failure['reason'])}")
     return counts
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from random import Random
 
 from braceexpand import braceexpand
+from rich.markup import escape
 
 from mellow import synth
 from mellow.audio import encode_audio_file, find_ffmpeg
@@ -136,7 +137,8 @@ def _process_webdataset(config: PrepareConfig) -> dict[str, int]:
         records, examples, failures = import_webdataset(urls, config.val_fraction, config.test_fraction,
                                                         on_sample=lambda: progress.advance(task))
     for failure in failures[:10]:
-        console.print(f"  [yellow]skipped[/] {failure['tar']} {failure['key'] or ''}: {failure['reason']}")
+        console.print(f"  [yellow]skipped[/] {escape(failure['tar'])} {escape(failure['key'] or '')}: "
+                      f"{escape(failure['reason'])}")
     if not records:
         raise ValueError(f"--source {config.source}: no usable audio in {len(urls)} tar(s); "
                          + (failures[0]["reason"] if failures else "the tars are empty"))

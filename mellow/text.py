@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mellow.config import setting
-from mellow.files import read_jsonl, sha256_file, short_hash
+from mellow.files import hash_model_weights, read_jsonl, short_hash
 from mellow.precompute import PrecomputeResult, ShardedJobConfig, report
 from mellow.progress import progress_bar
 from mellow.store import StoreWriter
@@ -67,8 +67,7 @@ class TextEncoder:
 
     @cached_property
     def weights_hash(self) -> str:
-        files = sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin"))
-        return short_hash([sha256_file(path) for path in files], length=16)
+        return hash_model_weights(self.model_dir)
 
     def fingerprint(self) -> dict:
         return {"kind": "text", "encoder": self.config.name, "weights_hash": self.weights_hash, "dim": self.dim,

@@ -1,20 +1,21 @@
 """Stage 03: train the audio projector and decoder from the embedding store (single process or torchrun).
 
 Training is counted in optimizer updates. The order of examples is a pure function of (seed, epoch), and a
-checkpoint records the update count, optimizer, scheduler and every rank's RNG state, so `--resume` continues
-with the same batches and the same numbers as a run that was never stopped.
+checkpoint records the update, the position in that order, the optimizer, scheduler and grad scaler, and every
+rank's random states (see mellow/checkpoint.py), so `--resume` continues with the same batches and the same
+numbers as a run that was never stopped, mid-epoch too. A run stops early, saving first, on SIGTERM/SIGUSR1
+or before its time limit (mellow/stopping.py), and under SLURM requeues itself.
 
-    <run_dir>/config.yaml          the resolved config (train + model sections)
+    <run_dir>/config.yaml          the resolved config (train, model, encoder sections)
     <run_dir>/metrics.jsonl        one line per logged update / validation
-    <run_dir>/step-000500/         model.pt (trainable weights), optimizer.pt, trainer.json, rng-rank<r>.pt
-    <run_dir>/latest.json          -> the newest complete checkpoint; best.json -> lowest validation loss
+    <run_dir>/step-000500/         a checkpoint; latest.json and best.json point to checkpoints
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,20 +26,15 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from mellow import distributed
-from mellow.config import build, setting, to_dict
+from mellow.checkpoint import TrainingState, load_checkpoint, report_world_size_change, save_checkpoint
+from mellow.config import describe_differences, setting, to_dict
 from mellow.data import ExampleSet, load_examples, move_to
-from mellow.decoders import load_decoder, load_tokenizer
+from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
-from mellow.files import (
-    read_json,
-    read_jsonl,
-    replace_directory,
-    write_json_atomic,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
-from mellow.model import MellowModel, ModelConfig
+from mellow.files import read_json, read_jsonl, sha256_file, write_jsonl_atomic, write_text_atomic
+from mellow.model import MellowModel, ModelConfig, build_model
 from mellow.progress import console, progress_bar
+from mellow.stopping import StopControl, requeue_slurm_job
 from mellow.store import EmbeddingStore, EncoderExpectation
 
 
@@ -51,6 +47,13 @@ class TrainConfig:
     val_split: str = setting("val", "Split for validation loss.")
     max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
     stop_after: int = setting(0, "Stop this invocation after this many updates (saving); 0 runs to max_updates.")
+    time_limit: float = setting(0.0, "Stop this invocation, saving first, before this many seconds have passed "
+                                     "(0: no limit). The SLURM job's end time counts too (slurm_time_limit).")
+    slurm_time_limit: bool = setting(True, "Under SLURM, stop (saving first) before the job's end time.")
+    stop_margin: float = setting(60.0, "Seconds kept in hand before a time limit, besides the measured time of "
+                                       "one update and one save.")
+    requeue: bool = setting(True, "Under SLURM, requeue the job (scontrol requeue) when it stops early for a "
+                                  "signal or a time limit, so it resumes when it runs again.")
     batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together).")
     grad_accum: int = setting(1, "Micro-batches accumulated per update.")
     lr: float = setting(1e-3, "Peak learning rate.")
@@ -65,6 +68,8 @@ class TrainConfig:
     log_every: int = setting(10, "Write metrics every this many updates.")
     seed: int = setting(0, "Seed for initialisation, data order and dropout.")
     device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+    dist_timeout: float = setting(900.0, "Seconds a process waits for the others in a collective before it "
+                                         "gives up (a rank that hangs, rather than dies).")
     max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
     length_buckets: int = setting(1, "Micro-batches sorted by length together to cut padding (1: off). Faster "
                                      "per update, but the task-homogeneous batches learned slower here.")
@@ -74,13 +79,26 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 1")
-        for name in ("stop_after", "warmup_updates", "val_every", "val_examples", "save_every", "keep_last"):
+        for name in ("stop_after", "warmup_updates", "val_every", "val_examples", "save_every", "keep_last",
+                     "time_limit", "stop_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 0")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--train.dist_timeout {self.dist_timeout} must be > 0 seconds")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("--train.lr must be > 0 and --train.min_lr_ratio in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--train.device {self.device!r} must be auto, cpu or cuda")
+
+
+# Options that may differ when a run resumes: where things are, how often to log/validate/save, and when this
+# invocation stops. Any other difference would change the training itself, so resuming with it is refused.
+CHANGEABLE_ON_RESUME = {
+    "train": {"store", "dataset", "run_dir", "stop_after", "time_limit", "slurm_time_limit", "stop_margin",
+              "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
+              "dist_timeout"},
+    "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
+}
 
 
 @dataclass
@@ -90,6 +108,7 @@ class TrainResult:
     final_loss: float
     best_val_loss: float | None
     seconds: float
+    stop_reason: str | None = None  # why the invocation stopped before max_updates (None: it did not)
 
 
 def resolved_config(train: TrainConfig, model: ModelConfig, expected: EncoderExpectation | None = None) -> dict:
@@ -100,20 +119,26 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
         expected: EncoderExpectation | None = None) -> TrainResult:
     """Train (or, with `resume`, continue) the run in train.run_dir; `expected` is what the store must be."""
     started = time.time()
-    context, device = distributed.setup(train.device)
+    context, device = distributed.setup(train.device, train.dist_timeout)
     try:
-        expected = expected or EncoderExpectation()
-        checkpoint = validate_args(train, model_config, resume, context, expected)
-        result = fit(train, model_config, checkpoint, context, device, resolved_config(train, model_config, expected))
+        with StopControl(started, train.time_limit, train.slurm_time_limit, train.stop_margin, device) as stopper:
+            resolved = resolved_config(train, model_config, expected)
+            checkpoint = validate_args(train, resume, context, expected or EncoderExpectation(), resolved)
+            result = fit(train, model_config, checkpoint, context, device, resolved, stopper)
+        if result.stop_reason and stopper.preempted and train.requeue and context.is_main:
+            requeue_slurm_job()
         result.seconds = time.time() - started
-        report(result)
+        report(result, train)
         return result
+    except RuntimeError as error:
+        distributed.raise_if_peer_lost(error, context, f"continue from {train.run_dir} with --resume")
+        raise
     finally:
         distributed.teardown()
 
 
-def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, context: DistributedContext,
-                  expected: EncoderExpectation) -> Path | None:
+def validate_args(train: TrainConfig, resume: bool, context: DistributedContext, expected: EncoderExpectation,
+                  resolved: dict) -> Path | None:
     """Check inputs before any work; return the checkpoint to resume from, if any."""
     if not (train.store / "meta.json").is_file():
         raise ValueError(f"--train.store {str(train.store)!r} is not an embedding store; run 01_precompute "
@@ -137,21 +162,27 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
     checkpoint = train.run_dir / read_json(latest)["path"]
     saved = read_json(checkpoint / "trainer.json")
     EmbeddingStore(train.store).check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
-    if saved["world_size"] != context.world_size:
-        raise ValueError(f"{checkpoint} was saved by {saved['world_size']} process(es) and this run has "
-                         f"{context.world_size}; resume with the same world size (exact resume needs it)")
+    check_resumable_config(saved["config"], resolved, checkpoint)
+    if sha256_file(split_path(train)) != saved["train_split_sha256"]:
+        raise ValueError(f"{split_path(train)} changed since {checkpoint} was saved: resuming would train on other "
+                         "examples. Restore it, or start a new run (--train.run_dir)")
     return checkpoint
 
 
-def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[MellowModel, object]:
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(model_config.decoder)
-    shape = (model_config.tiny_hidden, model_config.tiny_layers, model_config.tiny_heads)
-    language_model = load_decoder(model_config.decoder, tokenizer, shape)
-    model = MellowModel(language_model, audio_dim, model_config.projector_dropout, model_config.loss_weighting)
-    if model_config.decoder_mode == "frozen":
-        model.language_model.requires_grad_(False)
-    return model, tokenizer
+def check_resumable_config(saved: dict, now: dict, checkpoint: Path) -> None:
+    """Refuse a resume whose config changes the training, listing every such option."""
+    changed = [line for section in ("train", "model") for line in describe_differences(
+        {k: v for k, v in saved.get(section, {}).items() if k not in CHANGEABLE_ON_RESUME.get(section, ())},
+        {k: v for k, v in now[section].items() if k not in CHANGEABLE_ON_RESUME.get(section, ())},
+        prefix=f"{section}.")]
+    if changed:
+        raise ValueError(f"resuming {checkpoint} with options that change the training:\n  " + "\n  ".join(changed)
+                         + "\nresume with the run's own config (it is the default with --resume), or start a new "
+                         "run in another --train.run_dir")
+
+
+def split_path(train: TrainConfig) -> Path:
+    return train.dataset / f"{train.train_split}.jsonl"
 
 
 def _schedule(train: TrainConfig):
@@ -212,7 +243,7 @@ def micro_batches(lengths: list[int], micro_batch: int, seed: int, start: int, c
 
 
 def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, context: DistributedContext,
-        device: torch.device, resolved: dict) -> TrainResult:
+        device: torch.device, resolved: dict, stopper: StopControl) -> TrainResult:
     store = EmbeddingStore(train.store)
     model, tokenizer = build_model(model_config, store.dim, train.seed)
     train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens,
@@ -222,71 +253,110 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     model.to(device)
     optimizer = _optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # saved and restored now; used by fp16 training
     torch.manual_seed(train.seed + context.rank)  # dropout differs across ranks, reproducibly
-    update, best_val = 0, None
+    state = TrainingState()
     if checkpoint is not None:
-        update, best_val = load_checkpoint(checkpoint, model, optimizer, scheduler, context)
-        console.print(f"resuming {train.run_dir} from update {update} ({checkpoint.name})")
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, context, train.seed)
+        saved_world = read_json(checkpoint / "trainer.json")["world_size"]
+        if saved_world != context.world_size:
+            report_world_size_change(saved_world, context.world_size)
+        epoch, position = divmod(state.micro_batches, len(train_set) // (train.batch_size // train.grad_accum))
+        console.print(f"resuming {train.run_dir} from update {state.update} ({checkpoint.name}): epoch {epoch}, "
+                      f"micro-batch {position} of it")
         metrics = train.run_dir / "metrics.jsonl"
         if context.is_main and metrics.exists():  # a killed run may have logged updates past its checkpoint
-            write_jsonl_atomic(metrics, [row for row in read_jsonl(metrics) if row["update"] <= update])
+            write_jsonl_atomic(metrics, [row for row in read_jsonl(metrics) if row["update"] <= state.update])
     elif context.is_main:
         train.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved))
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
-    micro_batch = train.batch_size // train.grad_accum
     lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in train_set.items]
-    batches = micro_batches(lengths, micro_batch, train.seed, update * train.grad_accum, context,
-                            train.length_buckets)
-    stop_at = min(train.max_updates, update + train.stop_after) if train.stop_after else train.max_updates
-    window_loss, window_start, last_loss = 0.0, time.time(), float("nan")
-    meta = {"store_fingerprint": store.fingerprint, "store": str(train.store), "config": resolved}
+    batches = micro_batches(lengths, train.batch_size // train.grad_accum, train.seed, state.micro_batches,
+                            context, train.length_buckets)
+    stop_at = min(train.max_updates, state.update + train.stop_after) if train.stop_after else train.max_updates
+    meta = {"store_fingerprint": store.fingerprint, "store": str(train.store), "config": resolved,
+            "base_decoder": decoder_reference(model_config.decoder, train.seed),
+            "train_split_sha256": sha256_file(split_path(train))}
+    window_loss, window_start, last_loss, stop_reason, validation_seconds = 0.0, time.time(), float("nan"), None, 0.0
+
+    def save(is_best: bool) -> None:
+        started = time.time()
+        save_checkpoint(train.run_dir, train.keep_last, model, optimizer, scheduler, scaler, state, is_best,
+                        context, meta)
+        stopper.save_took(time.time() - started)
+
     with progress_bar() as progress:
-        task = progress.add_task("training", total=train.max_updates, completed=update)
-        while update < stop_at:
+        task = progress.add_task("training", total=train.max_updates, completed=state.update)
+        while state.update < stop_at:
+            update_started = time.time()
             model.train()
-            for _ in range(train.grad_accum):
+            for micro_step in range(train.grad_accum):
                 epoch, indices = next(batches)
-                loss = wrapped(move_to(train_set.batch(indices, epoch=epoch), device)) / train.grad_accum
-                loss.backward()
+                # ranks exchange gradients once per update, after the last micro-batch
+                last = micro_step == train.grad_accum - 1
+                with contextlib.nullcontext() if last or wrapped is model else wrapped.no_sync():
+                    loss = wrapped(move_to(train_set.batch(indices, epoch=epoch), device)) / train.grad_accum
+                    loss.backward()
                 window_loss += loss.item()
+            state.micro_batches += train.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_grad or float("inf"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            update += 1
-            if update % train.log_every == 0 or update == stop_at:
-                count = train.log_every if update % train.log_every == 0 else update % train.log_every
+            state.update += 1
+            if state.update % train.log_every == 0 or state.update == stop_at:
+                count = train.log_every if state.update % train.log_every == 0 else state.update % train.log_every
                 last_loss = distributed.mean_across_ranks(window_loss / count, device)
                 rate = count * train.batch_size / (time.time() - window_start)
-                _log(train, context, {"update": update, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                _log(train, context, {"update": state.update, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                                       "grad_norm": float(grad_norm), "samples_per_s": rate})
                 progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s")
                 window_loss, window_start = 0.0, time.time()
-            validate_now = train.val_every and (update % train.val_every == 0 or update == train.max_updates)
-            val_loss = validation_loss(model, val_set, train, context, device) if validate_now else None
-            if val_loss is not None:
-                _log(train, context, {"update": update, "val_loss": val_loss})
-                progress.console.print(f"update {update}: validation loss {val_loss:.4f}")
-            is_best = val_loss is not None and (best_val is None or val_loss < best_val)
-            best_val = val_loss if is_best else best_val
-            if (train.save_every and update % train.save_every == 0) or update == stop_at or is_best:
-                save_checkpoint(train, model, optimizer, scheduler, update, best_val, is_best,
-                                context, meta)
-            progress.update(task, completed=update)
-    return TrainResult(train.run_dir, update, last_loss, best_val, 0.0)
+            stopper.update_took(time.time() - update_started)
+            validate_now = train.val_every and (state.update % train.val_every == 0
+                                                or state.update == train.max_updates)
+            val_loss = None
+            if validate_now:
+                validation_started = time.time()
+                val_loss = validation_loss(model, val_set, train, context, device)
+                validation_seconds = time.time() - validation_started
+                _log(train, context, {"update": state.update, "val_loss": val_loss})
+                progress.console.print(f"update {state.update}: validation loss {val_loss:.4f}")
+            is_best = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+            state.best_val_loss = val_loss if is_best else state.best_val_loss
+            saved = (train.save_every and state.update % train.save_every == 0) or state.update == stop_at or is_best
+            if saved:
+                save(is_best)
+            progress.update(task, completed=state.update)
+            if state.update < stop_at:
+                validates_next = train.val_every and (state.update + 1) % train.val_every == 0
+                stop_reason = stopper.reason_to_stop(validation_seconds if validates_next else 0.0)
+                if stop_reason:
+                    if not saved:
+                        save(False)
+                    break
+    if stop_reason is None and state.update < train.max_updates:
+        stop_reason = f"--train.stop_after {train.stop_after}"
+    return TrainResult(train.run_dir, state.update, last_loss, state.best_val_loss, 0.0, stop_reason)
 
 
 @torch.no_grad()
 def validation_loss(model: MellowModel, val_set: ExampleSet, train: TrainConfig, context: DistributedContext,
                     device: torch.device) -> float:
+    """Mean loss over the validation examples; ranks take interleaved shares that may differ in size (a rank
+    may have none), and the mean is weighted by batch sizes, so it equals the one-process value."""
     model.eval()
     count = len(val_set) if not train.val_examples else min(train.val_examples, len(val_set))
     indices = list(range(count))[context.rank :: context.world_size]
-    step = train.batch_size // context.world_size
-    losses = [model(move_to(val_set.batch(indices[i : i + step]), device)).item()
-              for i in range(0, len(indices), step)]
-    return distributed.mean_across_ranks(sum(losses) / max(len(losses), 1), device)
+    step = max(1, train.batch_size // context.world_size)
+    total, examples = 0.0, 0
+    for start in range(0, len(indices), step):
+        batch = indices[start : start + step]
+        total += model(move_to(val_set.batch(batch), device)).item() * len(batch)
+        examples += len(batch)
+    total, examples = distributed.sum_across_ranks([total, float(examples)], device)
+    return total / max(examples, 1.0)
 
 
 def _log(train: TrainConfig, context: DistributedContext, record: dict) -> None:
@@ -295,77 +365,13 @@ def _log(train: TrainConfig, context: DistributedContext, record: dict) -> None:
             handle.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
-def save_checkpoint(train: TrainConfig, model: MellowModel, optimizer: torch.optim.Optimizer, scheduler, update: int,
-                    best_val: float | None, is_best: bool, context: DistributedContext, meta: dict) -> None:
-    """Write step-NNNNNN/ via a temporary folder (every rank adds its RNG state), then point latest at it."""
-    name = f"step-{update:06d}"
-    temporary = train.run_dir / f".{name}.tmp"
-    if context.is_main:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    distributed.barrier()
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
-               temporary / f"rng-rank{context.rank}.pt")
-    distributed.barrier()
-    if context.is_main:
-        torch.save(model.trainable_state_dict(), temporary / "model.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   temporary / "optimizer.pt")
-        write_json_atomic(temporary / "trainer.json", {
-            "update": update, "best_val_loss": best_val, "world_size": context.world_size, **meta})
-        replace_directory(temporary, train.run_dir / name)
-        write_json_atomic(train.run_dir / "latest.json", {"path": name, "update": update})
-        if is_best:
-            write_json_atomic(train.run_dir / "best.json", {"path": name, "update": update, "val_loss": best_val})
-        _prune(train)
-    distributed.barrier()
-
-
-def _prune(train: TrainConfig) -> None:
-    protected = {read_json(train.run_dir / f)["path"] for f in ("latest.json", "best.json")
-                 if (train.run_dir / f).exists()}
-    numbered = sorted(p for p in train.run_dir.glob("step-*") if p.is_dir())
-    for old in numbered[: max(0, len(numbered) - train.keep_last)]:
-        if old.name not in protected:
-            shutil.rmtree(old)
-
-
-def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim.Optimizer, scheduler,
-                    context: DistributedContext) -> tuple[int, float | None]:
-    model.load_trainable_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
-    states = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    rng = torch.load(checkpoint / f"rng-rank{context.rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    trainer = read_json(checkpoint / "trainer.json")
-    return trainer["update"], trainer["best_val_loss"]
-
-
-def report(result: TrainResult) -> None:
+def report(result: TrainResult, train: TrainConfig) -> None:
     best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     last = "nothing left to train" if math.isnan(result.final_loss) else f"last loss {result.final_loss:.4f}"
+    if result.stop_reason:
+        console.print(f"[bold yellow]stopped early[/] ({result.stop_reason}) at update {result.updates} of "
+                      f"{train.max_updates}, saved; {last}{best} in {result.seconds:.1f} s. Continue with "
+                      f"--resume --train.run_dir {result.run_dir}")
+        return
     console.print(f"[bold green]trained[/] {result.run_dir}: {result.updates} updates, {last}{best} "
                   f"in {result.seconds:.1f} s")
-
-
-def find_checkpoint(path: Path, which: str = "latest") -> Path:
-    """A checkpoint folder from a run folder (`latest` or `best`) or a checkpoint folder itself."""
-    if (path / "trainer.json").exists():
-        return path
-    pointer = path / f"{which}.json"
-    if not pointer.exists():
-        raise FileNotFoundError(f"{path} holds no {which} checkpoint (no {pointer.name}); train first")
-    return path / read_json(pointer)["path"]
-
-
-def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[MellowModel, object, dict]:
-    """Rebuild the model of a checkpoint and load its weights; returns (model, tokenizer, trainer.json)."""
-    trainer = read_json(checkpoint / "trainer.json")
-    model_config = build(ModelConfig, trainer["config"]["model"], "model")
-    model, tokenizer = build_model(model_config, trainer["store_fingerprint"]["dim"], seed=0)
-    model.load_trainable_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
-    return model.to(device).eval(), tokenizer, trainer
-

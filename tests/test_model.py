@@ -10,7 +10,9 @@ from mellow import train
 from mellow.data import ExampleSet, load_examples
 from mellow.model import ModelConfig
 from mellow.store import EmbeddingStore
-from mellow.train import TrainConfig, build_model, find_checkpoint, load_trained_model
+from mellow.checkpoint import find_checkpoint, load_trained_model
+from mellow.model import build_model
+from mellow.train import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -158,3 +158,25 @@ def test_training_refuses_a_store_unlike_its_encoder_section(mel_store, tiny_dat
     captions = precompute_captions(CaptionsConfig(dataset=tiny_dataset, store=StoreConfig(root=tmp_path))).store_path
     result = CliRunner().invoke(app, ["train", "--train.store", str(captions), "--train.dataset", str(tiny_dataset)])
     assert result.exit_code == 2 and "holds caption text embeddings" in result.output
+
+
+def test_resume_refuses_options_that_change_the_training_and_a_changed_split(mel_store, tiny_dataset, tmp_path):
+    import shutil
+
+    import pytest
+
+    dataset = tmp_path / "synth"
+    shutil.copytree(tiny_dataset, dataset)
+    run_dir = tmp_path / "run"
+    model = ModelConfig(**TINY_MODEL)
+    train.run(_config(mel_store, dataset, run_dir, stop_after=2), model)
+    with pytest.raises(ValueError, match=r"(?s)train.lr: expected 0.003, found 0.01.*model.tiny_layers"):
+        train.run(_config(mel_store, dataset, run_dir, lr=1e-2), ModelConfig(**{**TINY_MODEL, "tiny_layers": 2}),
+                  resume=True)
+    (dataset / "train.jsonl").write_text((dataset / "train.jsonl").read_text().replace("Describe", "Explain"))
+    with pytest.raises(ValueError, match="train.jsonl changed since .* was saved"):
+        train.run(_config(mel_store, dataset, run_dir), model, resume=True)
+    shutil.copy(tiny_dataset / "train.jsonl", dataset / "train.jsonl")
+    result = train.run(_config(mel_store, dataset, run_dir, save_every=3, log_every=2, time_limit=600), model,
+                       resume=True)  # cadence and limits may change
+    assert result.updates == 8 and result.stop_reason is None

@@ -1,0 +1,156 @@
+"""Checkpoints of a training run: written atomically, pointed to by latest/best, pruned, resumed exactly.
+
+    <run_dir>/step-000500/
+        model.pt          the trainable weights (the whole decoder in full mode; else only what trains)
+        optimizer.pt      optimizer, learning-rate scheduler and grad-scaler states
+        trainer.json      update, data position (micro-batches consumed), best validation loss, world size,
+                          resolved config, store fingerprint, training-split hash, and a reference to the
+                          base decoder (name + weights hash), so one that is not saved here can be found again
+        rng-rank<r>.pt    every rank's random states: python, numpy, torch, cuda
+    <run_dir>/latest.json    -> the newest complete checkpoint; best.json -> the lowest validation loss
+
+A checkpoint folder is written under a temporary name and renamed into place; the pointers are written after
+it, so a run killed at any moment leaves the previous checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mellow import distributed
+from mellow.config import build
+from mellow.decoders import decoder_reference
+from mellow.distributed import DistributedContext
+from mellow.files import read_json, replace_directory, write_json_atomic
+from mellow.model import MellowModel, ModelConfig, build_model
+from mellow.progress import console
+
+
+@dataclass
+class TrainingState:
+    """Where a run is: what the loop needs besides the weights and optimizer to continue exactly."""
+
+    update: int = 0
+    micro_batches: int = 0  # global micro-batches consumed: the position in the data order
+    best_val_loss: float | None = None
+
+
+def capture_rng() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run_dir: Path, keep_last: int, model: MellowModel, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler: torch.amp.GradScaler, state: TrainingState, is_best: bool, context: DistributedContext,
+                    meta: dict) -> Path:
+    """Write step-NNNNNN/ via a temporary folder (every rank adds its RNG state), then point latest at it."""
+    name = f"step-{state.update:06d}"
+    temporary = run_dir / f".{name}.tmp"
+    if context.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    distributed.barrier()
+    torch.save(capture_rng(), temporary / f"rng-rank{context.rank}.pt")
+    distributed.barrier()
+    if context.is_main:
+        torch.save(model.trainable_state_dict(), temporary / "model.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict()}, temporary / "optimizer.pt")
+        write_json_atomic(temporary / "trainer.json", {
+            "update": state.update, "micro_batches": state.micro_batches, "best_val_loss": state.best_val_loss,
+            "world_size": context.world_size, **meta})
+        replace_directory(temporary, run_dir / name)
+        write_json_atomic(run_dir / "latest.json", {"path": name, "update": state.update})
+        if is_best:
+            write_json_atomic(run_dir / "best.json", {"path": name, "update": state.update,
+                                                      "val_loss": state.best_val_loss})
+        prune(run_dir, keep_last)
+    distributed.barrier()
+    return run_dir / name
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete numbered checkpoints beyond the newest `keep_last`, never the ones latest or best point to."""
+    protected = {read_json(run_dir / f)["path"] for f in ("latest.json", "best.json") if (run_dir / f).exists()}
+    numbered = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
+    for old in numbered[: max(0, len(numbered) - keep_last)]:
+        if old.name not in protected:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler: torch.amp.GradScaler, context: DistributedContext, seed: int) -> TrainingState:
+    """Load weights, optimizer, scheduler, scaler and this rank's random states; return where the run was.
+
+    At another world size than the checkpoint's, the data order and batches still continue exactly (they do
+    not depend on the world size), but ranks have no saved random state of their own: each is seeded from
+    (seed, update, rank), which changes dropout from what an uninterrupted run would have drawn."""
+    trainer = read_json(checkpoint / "trainer.json")
+    check_base_decoder(checkpoint, trainer)
+    model.load_trainable_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
+    states = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    scaler.load_state_dict(states["scaler"])
+    if trainer["world_size"] == context.world_size:
+        restore_rng(torch.load(checkpoint / f"rng-rank{context.rank}.pt", weights_only=False))
+    else:
+        reseed = seed * 1_000_003 + trainer["update"] * 101 + context.rank
+        random.seed(reseed)
+        np.random.seed(reseed % 2**32)
+        torch.manual_seed(reseed)
+    return TrainingState(trainer["update"], trainer["micro_batches"], trainer["best_val_loss"])
+
+
+def check_base_decoder(checkpoint: Path, trainer: dict) -> None:
+    """A checkpoint that does not hold the decoder's own weights must be loaded onto the same base decoder."""
+    saved = trainer["base_decoder"]
+    model = trainer["config"]["model"]
+    if model["decoder_mode"] == "full":
+        return  # model.pt holds the whole decoder
+    current = decoder_reference(model["decoder"], trainer["config"]["train"]["seed"])
+    if current != saved:
+        raise ValueError(f"{checkpoint} holds only the trained parts of a model whose base decoder was {saved}; "
+                         f"the decoder found now is {current}. Restore that decoder to load this checkpoint")
+
+
+def find_checkpoint(path: Path, which: str = "latest") -> Path:
+    """A checkpoint folder from a run folder (`latest` or `best`) or a checkpoint folder itself."""
+    if (path / "trainer.json").exists():
+        return path
+    pointer = path / f"{which}.json"
+    if not pointer.exists():
+        raise FileNotFoundError(f"{path} holds no {which} checkpoint (no {pointer.name}); train first")
+    return path / read_json(pointer)["path"]
+
+
+def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[MellowModel, object, dict]:
+    """Rebuild the model of a checkpoint and load its weights; returns (model, tokenizer, trainer.json)."""
+    trainer = read_json(checkpoint / "trainer.json")
+    check_base_decoder(checkpoint, trainer)
+    model_config = build(ModelConfig, trainer["config"]["model"], "model")
+    model, tokenizer = build_model(model_config, trainer["store_fingerprint"]["dim"],
+                                   seed=trainer["config"]["train"]["seed"])
+    model.load_trainable_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
+    return model.to(device).eval(), tokenizer, trainer
+
+
+def report_world_size_change(saved: int, now: int) -> None:
+    console.print(f"[yellow]resuming a run saved by {saved} process(es) with {now}:[/] the data order and the "
+                  "examples of every update continue exactly; each process's random state is re-seeded from "
+                  "(seed, update, rank), so dropout differs, and gradients are summed in another order: the "
+                  "numbers follow an uninterrupted run closely, not bitwise.")

@@ -1,0 +1,127 @@
+"""When a training run stops early: preemption signals, time limits, and SLURM requeue.
+
+A signal handler only sets a flag (SIGTERM, SIGUSR1; SLURM's `--signal=USR1@120` sends one before the time
+limit). At every update boundary all ranks agree on stopping (one all-reduce of the flag), so they save the
+same checkpoint together and exit cleanly. The time limit (`--train.time_limit`, and the SLURM job's end time
+when there is one) stops the run early enough to save: before each update, the time an update takes (a
+running average) plus the time a save takes (measured) plus a margin must still fit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+from rich.markup import escape
+
+from mellow.progress import console
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+TIME_LIMIT, SIGNAL = 1, 2  # reasons to stop, agreed across ranks by their maximum
+
+
+def slurm_end_time() -> float | None:
+    """The SLURM job's end time (seconds since the epoch), or None outside SLURM or if it cannot be read.
+
+    SLURM_JOB_END_TIME (set by recent SLURM versions) first, else `squeue -h -j $SLURM_JOB_ID -o %e`."""
+    if "SLURM_JOB_END_TIME" in os.environ:
+        return float(os.environ["SLURM_JOB_END_TIME"])
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or shutil.which("squeue") is None:
+        return None
+    try:
+        answer = subprocess.run(["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        return datetime.fromisoformat(answer).timestamp()
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+class StopControl:
+    """Decides, the same way on every rank, whether to stop after the current update, and why."""
+
+    def __init__(self, started: float, time_limit: float, use_slurm_end: bool, margin: float,
+                 device: torch.device) -> None:
+        """`started`: when the invocation began (the time limit counts from it)."""
+        deadlines = [started + time_limit] if time_limit else []
+        slurm_end = slurm_end_time() if use_slurm_end else None
+        if slurm_end is not None:
+            deadlines.append(slurm_end)
+        self.deadline = min(deadlines) if deadlines else None
+        self.margin = margin
+        self.device = device
+        self.signal_name: str | None = None
+        self.preempted = False  # stopped for a signal or a time limit (not planned), so a SLURM job requeues
+        self.update_seconds: float | None = None  # running average of one update (with its logging)
+        self.save_seconds: float | None = None  # the slowest save so far
+        self._previous_handlers: dict[int, object] = {}
+
+    def __enter__(self) -> StopControl:
+        for number in STOP_SIGNALS:
+            self._previous_handlers[number] = signal.signal(number, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+
+    def _on_signal(self, number: int, frame) -> None:
+        self.signal_name = signal.Signals(number).name  # only a flag: the loop saves at the next boundary
+
+    def update_took(self, seconds: float) -> None:
+        self.update_seconds = seconds if self.update_seconds is None else 0.9 * self.update_seconds + 0.1 * seconds
+
+    def save_took(self, seconds: float) -> None:
+        self.save_seconds = max(self.save_seconds or 0.0, seconds)
+
+    def _local_reason(self, extra_seconds: float) -> tuple[int, str] | None:
+        if self.signal_name:
+            return SIGNAL, f"received {self.signal_name}"
+        if self.deadline is None or self.update_seconds is None:
+            return None
+        save = self.save_seconds if self.save_seconds is not None else 3 * self.update_seconds + 1.0
+        needed = self.update_seconds + extra_seconds + save + self.margin
+        if time.time() + needed > self.deadline:
+            left = self.deadline - time.time()
+            return TIME_LIMIT, f"time limit: {left:.0f} s left, one more update and a save need about {needed:.0f} s"
+        return None
+
+    def reason_to_stop(self, extra_seconds: float = 0.0) -> str | None:
+        """Why to stop now, or None; every rank gets the same answer (a signal on any rank stops them all).
+        `extra_seconds`: other work the next update brings (a validation)."""
+        local = self._local_reason(extra_seconds)
+        kind = local[0] if local else 0
+        if dist.is_initialized():
+            agreed = torch.tensor([kind], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            kind = int(agreed.item())
+        if kind == 0:
+            return None
+        self.preempted = True
+        if local and local[0] == kind:
+            return local[1]
+        return "another rank received a stop signal" if kind == SIGNAL else "time limit (on another rank)"
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job back in the queue (`scontrol requeue`), so it continues with --resume."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    command = ["scontrol", "requeue", job]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        console.print(f"[yellow]could not requeue SLURM job {job}:[/] {escape(str(error))}")
+        return
+    if completed.returncode == 0:
+        console.print(f"requeued SLURM job {job}; it continues from the checkpoint when it starts again")
+    else:
+        detail = escape(completed.stderr.strip()) or f"exit code {completed.returncode}"
+        console.print(f"[yellow]`{' '.join(command)}` failed:[/] {detail}")
