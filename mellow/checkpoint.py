@@ -39,6 +39,7 @@ class TrainingState:
     update: int = 0
     micro_batches: int = 0  # global micro-batches consumed: the position in the data order
     best_val_loss: float | None = None
+    skipped_updates: int = 0  # updates whose gradients were not finite, so the optimizer did not step
 
 
 def capture_rng() -> dict:
@@ -72,7 +73,7 @@ def save_checkpoint(run_dir: Path, keep_last: int, model: MellowModel, optimizer
                     "scaler": scaler.state_dict()}, temporary / "optimizer.pt")
         write_json_atomic(temporary / "trainer.json", {
             "update": state.update, "micro_batches": state.micro_batches, "best_val_loss": state.best_val_loss,
-            "world_size": context.world_size, **meta})
+            "skipped_updates": state.skipped_updates, "world_size": context.world_size, **meta})
         replace_directory(temporary, run_dir / name)
         write_json_atomic(run_dir / "latest.json", {"path": name, "update": state.update})
         if is_best:
@@ -113,7 +114,8 @@ def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim
         random.seed(reseed)
         np.random.seed(reseed % 2**32)
         torch.manual_seed(reseed)
-    return TrainingState(trainer["update"], trainer["micro_batches"], trainer["best_val_loss"])
+    return TrainingState(trainer["update"], trainer["micro_batches"], trainer["best_val_loss"],
+                         trainer["skipped_updates"])
 
 
 def check_base_decoder(checkpoint: Path, trainer: dict) -> None:

@@ -24,8 +24,14 @@ from mellow.decoders import load_decoder, load_tokenizer, validate_decoder_name
 @dataclass
 class ModelConfig:
     decoder: str = setting("tiny", "Language model: tiny (random init), smollm2-135m (bundled), or hf:<dir>.")
-    decoder_mode: Literal["full", "frozen"] = setting(
-        "full", "Train the decoder (full) or only the projector (frozen).")
+    decoder_mode: Literal["full", "frozen", "lora"] = setting(
+        "full", "Train the whole decoder (full), only the projector (frozen), or LoRA adapters on the decoder "
+                "(lora, with peft) besides the projector.")
+    lora_rank: int = setting(16, "Rank of the LoRA adapters (decoder_mode lora).")
+    lora_alpha: float = setting(32.0, "LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank.")
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA adapters' input.")
+    lora_targets: str = setting("q_proj,k_proj,v_proj,o_proj", "Decoder modules that get adapters, comma "
+                                                              "separated, or all-linear.")
     tiny_hidden: int = setting(256, "Width of the tiny decoder.")
     tiny_layers: int = setting(4, "Layers of the tiny decoder.")
     tiny_heads: int = setting(4, "Attention heads of the tiny decoder.")
@@ -36,11 +42,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         validate_decoder_name(self.decoder)
-        if self.decoder_mode not in ("full", "frozen"):
-            raise ValueError(f"--model.decoder_mode {self.decoder_mode!r} must be full or frozen")
-        if self.decoder == "tiny" and self.decoder_mode == "frozen":
-            raise ValueError("--model.decoder_mode frozen with the randomly initialised tiny decoder cannot learn "
-                             "language; use full, or a pretrained decoder")
+        if self.decoder_mode not in ("full", "frozen", "lora"):
+            raise ValueError(f"--model.decoder_mode {self.decoder_mode!r} must be full, frozen or lora")
+        if self.decoder == "tiny" and self.decoder_mode != "full":
+            raise ValueError(f"--model.decoder_mode {self.decoder_mode} with the randomly initialised tiny decoder "
+                             "cannot learn language; use full, or a pretrained decoder")
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("--model.lora_rank must be >= 1, --model.lora_alpha > 0, --model.lora_dropout in [0, 1)")
+        if not self.lora_targets.strip():
+            raise ValueError("--model.lora_targets must name modules (e.g. q_proj,v_proj) or be all-linear")
         if self.tiny_hidden % self.tiny_heads:
             raise ValueError(f"--model.tiny_hidden {self.tiny_hidden} must be divisible by --model.tiny_heads")
         if self.loss_weighting not in ("example", "token"):
@@ -161,7 +171,23 @@ def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[M
     tokenizer = load_tokenizer(model_config.decoder)
     shape = (model_config.tiny_hidden, model_config.tiny_layers, model_config.tiny_heads)
     language_model = load_decoder(model_config.decoder, tokenizer, shape)
+    if model_config.decoder_mode == "lora":
+        language_model = add_lora(language_model, model_config)
+    elif model_config.decoder_mode == "frozen":
+        language_model.requires_grad_(False)
     model = MellowModel(language_model, audio_dim, model_config.projector_dropout, model_config.loss_weighting)
-    if model_config.decoder_mode == "frozen":
-        model.language_model.requires_grad_(False)
     return model, tokenizer
+
+
+def add_lora(language_model: nn.Module, model_config: ModelConfig) -> nn.Module:
+    """LoRA adapters injected into the decoder in place (peft); only the adapters of the decoder train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = model_config.lora_targets.strip()
+    config = LoraConfig(r=model_config.lora_rank, lora_alpha=model_config.lora_alpha,
+                        lora_dropout=model_config.lora_dropout,
+                        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    try:
+        return inject_adapter_in_model(config, language_model)
+    except ValueError as error:
+        raise ValueError(f"--model.lora_targets {targets!r}: {error}") from None

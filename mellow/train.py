@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -57,10 +58,21 @@ class TrainConfig:
     batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together).")
     grad_accum: int = setting(1, "Micro-batches accumulated per update.")
     lr: float = setting(1e-3, "Peak learning rate.")
+    projector_lr: float = setting(0.0, "Peak learning rate of the audio projector (and separator/no-audio "
+                                       "embeddings); 0: lr.")
+    decoder_lr: float = setting(0.0, "Peak learning rate of the decoder (its weights or LoRA adapters); 0: lr.")
     weight_decay: float = setting(0.01, "AdamW weight decay (matrices only).")
     warmup_updates: int = setting(50, "Linear warmup updates before the cosine decay.")
-    min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of lr.")
-    clip_grad: float = setting(1.0, "Gradient-norm clipping threshold (0 disables).")
+    cooldown_updates: int = setting(0, "Final updates over which the learning rate falls linearly from "
+                                       "min_lr_ratio x lr to 0, after the cosine decay.")
+    min_lr_ratio: float = setting(0.1, "Learning rate at the end of the cosine decay, as a fraction of lr.")
+    clip_grad: float = setting(1.0, "Gradient-norm clipping threshold (0 disables). An update whose gradient "
+                                    "norm is not finite is skipped, whatever this is.")
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, or fp16 (with a gradient scaler). "
+                "Weights and optimizer state stay float32.")
+    compile: bool = setting(False, "Compile the model with torch.compile (the first updates are slow while it "
+                                   "compiles; numbers differ from eager in rounding).")
     val_every: int = setting(250, "Validate every this many updates (0 disables).")
     val_examples: int = setting(512, "Validation examples used each time (0: all).")
     save_every: int = setting(250, "Save a checkpoint every this many updates (0: only at the end and best).")
@@ -79,10 +91,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 1")
-        for name in ("stop_after", "warmup_updates", "val_every", "val_examples", "save_every", "keep_last",
-                     "time_limit", "stop_margin"):
+        for name in ("stop_after", "warmup_updates", "cooldown_updates", "val_every", "val_examples", "save_every",
+                     "keep_last", "time_limit", "stop_margin", "projector_lr", "decoder_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 0")
+        if self.cooldown_updates and self.warmup_updates + self.cooldown_updates > self.max_updates:
+            raise ValueError(f"--train.warmup_updates {self.warmup_updates} + --train.cooldown_updates "
+                             f"{self.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--train.precision {self.precision!r} must be fp32, bf16 or fp16")
         if self.dist_timeout <= 0:
             raise ValueError(f"--train.dist_timeout {self.dist_timeout} must be > 0 seconds")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -96,7 +113,7 @@ class TrainConfig:
 CHANGEABLE_ON_RESUME = {
     "train": {"store", "dataset", "run_dir", "stop_after", "time_limit", "slurm_time_limit", "stop_margin",
               "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
-              "dist_timeout"},
+              "dist_timeout", "compile"},
     "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
 }
 
@@ -186,22 +203,32 @@ def split_path(train: TrainConfig) -> Path:
 
 
 def _schedule(train: TrainConfig):
+    """Learning-rate factor per update: linear warmup to 1, cosine decay to min_lr_ratio, linear cooldown to 0."""
+    decay_end = train.max_updates - train.cooldown_updates
+
     def factor(update: int) -> float:
         if update < train.warmup_updates:
             return (update + 1) / train.warmup_updates
-        progress = (update - train.warmup_updates) / max(1, train.max_updates - train.warmup_updates)
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if update >= decay_end:
+            return train.min_lr_ratio * max(0.0, (train.max_updates - update) / max(1, train.cooldown_updates))
+        progress = (update - train.warmup_updates) / max(1, decay_end - train.warmup_updates)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
 
 def _optimizer(model: MellowModel, train: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW with a parameter group per part (projector, decoder) and decay kind (matrices decay, the rest not),
+    each part at its own peak learning rate."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            is_matrix = parameter.dim() >= 2 and "embed" not in name
-            (decay if is_matrix else no_decay).append(parameter)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr, betas=(0.9, 0.98), fused=True)
+            part = "decoder" if name.startswith("language_model.") else "projector"
+            decays = parameter.dim() >= 2 and "embed" not in name
+            groups.setdefault((part, decays), []).append(parameter)
+    peak = {"projector": train.projector_lr or train.lr, "decoder": train.decoder_lr or train.lr}
+    return torch.optim.AdamW([{"params": parameters, "lr": peak[part], "name": f"{part}/{'decay' if decays else 'no'}",
+                               "weight_decay": train.weight_decay if decays else 0.0}
+                              for (part, decays), parameters in sorted(groups.items())], betas=(0.9, 0.98), fused=True)
 
 
 def epoch_micro_batches(lengths: list[int], micro_batch: int, seed: int, epoch: int,
@@ -253,7 +280,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     model.to(device)
     optimizer = _optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train))
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # saved and restored now; used by fp16 training
+    scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")  # a no-op unless fp16
     torch.manual_seed(train.seed + context.rank)  # dropout differs across ranks, reproducibly
     state = TrainingState()
     if checkpoint is not None:
@@ -271,6 +298,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         train.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved))
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
+    forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
+    autocast = mixed_precision(train.precision, device)
     lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in train_set.items]
     batches = micro_batches(lengths, train.batch_size // train.grad_accum, train.seed, state.micro_batches,
                             context, train.length_buckets)
@@ -296,12 +325,18 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                 # ranks exchange gradients once per update, after the last micro-batch
                 last = micro_step == train.grad_accum - 1
                 with contextlib.nullcontext() if last or wrapped is model else wrapped.no_sync():
-                    loss = wrapped(move_to(train_set.batch(indices, epoch=epoch), device)) / train.grad_accum
-                    loss.backward()
+                    with autocast:
+                        loss = forward(move_to(train_set.batch(indices, epoch=epoch), device)) / train.grad_accum
+                    scaler.scale(loss).backward()
                 window_loss += loss.item()
             state.micro_batches += train.grad_accum
+            scaler.unscale_(optimizer)  # true gradients for clipping (a no-op without fp16)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_grad or float("inf"))
-            optimizer.step()
+            if torch.isfinite(grad_norm):  # the same on every rank: gradients are all-reduced first
+                scaler.step(optimizer)
+            else:
+                state.skipped_updates += 1
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.update += 1
@@ -310,8 +345,10 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                 last_loss = distributed.mean_across_ranks(window_loss / count, device)
                 rate = count * train.batch_size / (time.time() - window_start)
                 _log(train, context, {"update": state.update, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                                      "grad_norm": float(grad_norm), "samples_per_s": rate})
-                progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s")
+                                      "grad_norm": float(grad_norm), "samples_per_s": rate,
+                                      "skipped_updates": state.skipped_updates})
+                skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
+                progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s{skipped}")
                 window_loss, window_start = 0.0, time.time()
             stopper.update_took(time.time() - update_started)
             validate_now = train.val_every and (state.update % train.val_every == 0
@@ -319,7 +356,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             val_loss = None
             if validate_now:
                 validation_started = time.time()
-                val_loss = validation_loss(model, val_set, train, context, device)
+                with autocast:
+                    val_loss = validation_loss(model, val_set, train, context, device)
                 validation_seconds = time.time() - validation_started
                 _log(train, context, {"update": state.update, "val_loss": val_loss})
                 progress.console.print(f"update {state.update}: validation loss {val_loss:.4f}")
@@ -357,6 +395,12 @@ def validation_loss(model: MellowModel, val_set: ExampleSet, train: TrainConfig,
         examples += len(batch)
     total, examples = distributed.sum_across_ranks([total, float(examples)], device)
     return total / max(examples, 1.0)
+
+
+def mixed_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _log(train: TrainConfig, context: DistributedContext, record: dict) -> None:

@@ -1,0 +1,160 @@
+"""The training toolbox: LoRA (peft), mixed precision with its scaler, skipped non-finite updates, the
+warmup -> cosine -> cooldown schedule, per-group learning rates, and torch.compile (slow)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from mellow import train
+from mellow.checkpoint import find_checkpoint, load_trained_model
+from mellow.data import ExampleSet, load_examples
+from mellow.files import read_json, read_jsonl
+from mellow.model import MellowModel, ModelConfig
+from mellow.store import EmbeddingStore
+from mellow.train import TrainConfig, _optimizer, _schedule
+
+
+def _config(store: Path, dataset: Path, run_dir: Path, **overrides) -> TrainConfig:
+    values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=8, batch_size=4, lr=3e-3,
+                  warmup_updates=2, val_every=0, save_every=4, log_every=1, seed=5)
+    return TrainConfig(**{**values, **overrides})
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {row["update"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
+
+
+def _stop_and_resume_equals_straight(store: Path, dataset: Path, root: Path, model: ModelConfig,
+                                     **overrides) -> tuple[Path, Path]:
+    straight, stopped = root / "straight", root / "stopped"
+    train.run(_config(store, dataset, straight, **overrides), model)
+    train.run(_config(store, dataset, stopped, stop_after=3, **overrides), model)
+    train.run(_config(store, dataset, stopped, **overrides), model, resume=True)
+    assert _losses(stopped) == _losses(straight) and len(_losses(straight)) == 8
+    first, second = (torch.load(find_checkpoint(run) / "model.pt") for run in (straight, stopped))
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    return straight, stopped
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory) -> Path:
+    """A small pretrained-style decoder folder (random weights, saved with save_pretrained) and tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mellow.decoders import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    folder = tmp_path_factory.mktemp("decoder")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_lora_trains_adapters_and_projector_only_resumes_exactly_and_reloads(mel_store, tiny_dataset, tmp_path,
+                                                                             decoder_dir):
+    from safetensors.torch import load_file
+
+    model = ModelConfig(decoder=f"hf:{decoder_dir}", decoder_mode="lora", lora_rank=4, lora_targets="q_proj,v_proj")
+    straight, _ = _stop_and_resume_equals_straight(mel_store, tiny_dataset, tmp_path, model)
+    checkpoint = find_checkpoint(straight)
+    saved = torch.load(checkpoint / "model.pt")
+    decoder_keys = [key for key in saved if key.startswith("language_model.")]
+    assert decoder_keys and all(".lora_A." in key or ".lora_B." in key for key in decoder_keys)
+    assert len(decoder_keys) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert any(key.startswith("audio_projector.") for key in saved)
+    assert any(saved[key].abs().sum() > 0 for key in decoder_keys if ".lora_B." in key)  # B starts at 0
+    base = load_file(decoder_dir / "model.safetensors")
+    reloaded, tokenizer, trainer = load_trained_model(checkpoint, torch.device("cpu"))
+    assert trainer["base_decoder"]["decoder"] == f"hf:{decoder_dir}"
+    weight = "model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert torch.equal(reloaded.language_model.get_parameter(weight), base["model.layers.0.self_attn.q_proj.weight"])
+    store = EmbeddingStore(mel_store)
+    examples = ExampleSet(load_examples(tiny_dataset, "test"), store, tokenizer, max_text_tokens=64)
+    answers = reloaded.generate(examples.batch([0, 1], for_generation=True), 4, tokenizer.eos_token_id)
+    assert len(answers) == 2
+    # a checkpoint whose base decoder changed since is refused, not silently loaded onto other weights
+    changed = {**base, "model.norm.weight": base["model.norm.weight"] * 2}
+    from safetensors.torch import save_file
+
+    save_file(changed, decoder_dir / "model.safetensors", metadata={"format": "pt"})
+    try:
+        with pytest.raises(ValueError, match="base decoder"):
+            load_trained_model(checkpoint, torch.device("cpu"))
+    finally:
+        save_file(base, decoder_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes_exactly(mel_store, tiny_dataset, tmp_path, precision):
+    straight, _ = _stop_and_resume_equals_straight(mel_store, tiny_dataset, tmp_path, ModelConfig(**TINY_MODEL),
+                                                   precision=precision)
+    assert all(math.isfinite(loss) for loss in _losses(straight).values())
+    scaler = torch.load(find_checkpoint(straight) / "optimizer.pt", weights_only=False)["scaler"]
+    assert (scaler.get("scale", 0) > 0) == (precision == "fp16")  # the fp16 scaler state is saved
+    weights = torch.load(find_checkpoint(straight) / "model.pt")
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())  # master weights stay fp32
+
+
+def test_an_update_with_non_finite_gradients_is_skipped(mel_store, tiny_dataset, tmp_path, monkeypatch):
+    calls = {"count": 0}
+    forward = MellowModel.forward
+
+    def poisoned(self, batch):
+        calls["count"] += 1
+        loss = forward(self, batch)
+        return loss * float("nan") if calls["count"] == 3 and self.training else loss
+
+    monkeypatch.setattr(MellowModel, "forward", poisoned)
+    run_dir = tmp_path / "run"
+    train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, save_every=1, keep_last=10),
+              ModelConfig(**TINY_MODEL))
+    before, after = (torch.load(run_dir / f"step-{update:06d}" / "model.pt") for update in (2, 3))
+    assert all(torch.equal(before[key], after[key]) for key in before)  # update 3 changed nothing
+    rows = {row["update"]: row for row in read_jsonl(run_dir / "metrics.jsonl")}
+    assert math.isnan(rows[3]["grad_norm"]) and rows[3]["skipped_updates"] == 1 and rows[4]["skipped_updates"] == 1
+    assert math.isfinite(rows[4]["loss"])
+    assert read_json(run_dir / "step-000004" / "trainer.json")["skipped_updates"] == 1
+    after_4 = torch.load(run_dir / "step-000004" / "model.pt")
+    assert not all(torch.equal(after[key], after_4[key]) for key in after)  # and training went on
+
+
+def test_schedule_warms_up_decays_by_cosine_and_cools_down_to_zero():
+    config = TrainConfig(max_updates=100, warmup_updates=10, cooldown_updates=20, min_lr_ratio=0.1)
+    factor = _schedule(config)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(45) == pytest.approx(0.55)  # cosine midpoint
+    assert factor(79) > factor(80) == pytest.approx(0.1)  # the end of the cosine decay
+    assert factor(90) == pytest.approx(0.05) and factor(99) == pytest.approx(0.005) and factor(100) == 0.0
+    values = [factor(update) for update in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # never rises after warmup
+    with pytest.raises(ValueError, match="must not exceed"):
+        TrainConfig(max_updates=20, warmup_updates=10, cooldown_updates=15)
+
+
+def test_projector_and_decoder_get_their_own_learning_rates(mel_store):
+    from mellow.model import build_model
+
+    model, _ = build_model(ModelConfig(**TINY_MODEL), EmbeddingStore(mel_store).dim, seed=0)
+    optimizer = _optimizer(model, TrainConfig(lr=1e-3, projector_lr=5e-3, decoder_lr=2e-4))
+    by_name = {group["name"]: group for group in optimizer.param_groups}
+    assert set(by_name) == {"decoder/decay", "decoder/no", "projector/decay", "projector/no"}
+    assert by_name["projector/decay"]["lr"] == 5e-3 and by_name["decoder/decay"]["lr"] == 2e-4
+    assert by_name["decoder/no"]["weight_decay"] == 0.0 and by_name["projector/decay"]["weight_decay"] == 0.01
+    projector = {id(p) for p in model.audio_projector.parameters()}
+    assert projector <= {id(p) for group in ("projector/decay", "projector/no") for p in by_name[group]["params"]}
+
+
+@pytest.mark.slow
+def test_torch_compile_trains(mel_store, tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, compile=True),
+                       ModelConfig(**TINY_MODEL))
+    assert result.updates == 4 and all(math.isfinite(loss) for loss in _losses(run_dir).values())
