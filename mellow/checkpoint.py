@@ -1,13 +1,14 @@
 """Checkpoints of a training run: written atomically, pointed to by latest/best, pruned, resumed exactly.
 
     <run_dir>/step-000500/
-        model.pt          the trainable weights (the whole decoder in full mode; else only what trains)
+        model.pt          the weights that train (the whole decoder in full mode), and frozen ones that differ
+                          from the base decoder (loaded by --init-from)
         optimizer.pt      optimizer, learning-rate scheduler and grad-scaler states
-        trainer.json      update, data position (micro-batches consumed), best validation loss, world size,
+        trainer.json      update, data position (micro-batches consumed), best validation value, world size,
                           resolved config, store fingerprint, training-split hash, and a reference to the
                           base decoder (name + weights hash), so one that is not saved here can be found again
         rng-rank<r>.pt    every rank's random states: python, numpy, torch, cuda
-    <run_dir>/latest.json    -> the newest complete checkpoint; best.json -> the lowest validation loss
+    <run_dir>/latest.json    -> the newest complete checkpoint; best.json -> the best by the run's best_metric
 
 A checkpoint folder is written under a temporary name and renamed into place; the pointers are written after
 it, so a run killed at any moment leaves the previous checkpoint intact and pointed to.
@@ -38,7 +39,7 @@ class TrainingState:
 
     update: int = 0
     micro_batches: int = 0  # global micro-batches consumed: the position in the data order
-    best_val_loss: float | None = None
+    best_value: float | None = None  # of the run's best_metric
     skipped_updates: int = 0  # updates whose gradients were not finite, so the optimizer did not step
 
 
@@ -68,17 +69,18 @@ def save_checkpoint(run_dir: Path, keep_last: int, model: MellowModel, optimizer
     torch.save(capture_rng(), temporary / f"rng-rank{context.rank}.pt")
     distributed.barrier()
     if context.is_main:
-        torch.save(model.trainable_state_dict(), temporary / "model.pt")
+        torch.save(model.checkpoint_state_dict(), temporary / "model.pt")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict()}, temporary / "optimizer.pt")
         write_json_atomic(temporary / "trainer.json", {
-            "update": state.update, "micro_batches": state.micro_batches, "best_val_loss": state.best_val_loss,
+            "update": state.update, "micro_batches": state.micro_batches, "best_value": state.best_value,
             "skipped_updates": state.skipped_updates, "world_size": context.world_size, **meta})
         replace_directory(temporary, run_dir / name)
         write_json_atomic(run_dir / "latest.json", {"path": name, "update": state.update})
         if is_best:
             write_json_atomic(run_dir / "best.json", {"path": name, "update": state.update,
-                                                      "val_loss": state.best_val_loss})
+                                                      "metric": meta["config"]["train"]["best_metric"],
+                                                      "value": state.best_value})
         prune(run_dir, keep_last)
     distributed.barrier()
     return run_dir / name
@@ -102,7 +104,7 @@ def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim
     (seed, update, rank), which changes dropout from what an uninterrupted run would have drawn."""
     trainer = read_json(checkpoint / "trainer.json")
     check_base_decoder(checkpoint, trainer)
-    model.load_trainable_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
+    model.load_checkpoint_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
     states = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
@@ -114,8 +116,32 @@ def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim
         random.seed(reseed)
         np.random.seed(reseed % 2**32)
         torch.manual_seed(reseed)
-    return TrainingState(trainer["update"], trainer["micro_batches"], trainer["best_val_loss"],
+    return TrainingState(trainer["update"], trainer["micro_batches"], trainer["best_value"],
                          trainer["skipped_updates"])
+
+
+def initialise_from(source: Path, model: MellowModel) -> int:
+    """Load the trained weights of another run's checkpoint into a new run's model (fine-tuning; not a resume:
+    the optimizer, schedule and data position start afresh). Returns how many tensors were loaded.
+
+    Weights of a decoder layer that this model wraps with a LoRA adapter go into the wrapped base layer."""
+    own = model.state_dict()
+    loaded = {}
+    for key, tensor in torch.load(source / "model.pt", map_location="cpu").items():
+        module, _, leaf = key.rpartition(".")
+        target = key if key in own else f"{module}.base_layer.{leaf}"
+        if target not in own:
+            continue
+        if own[target].shape != tensor.shape:
+            raise ValueError(f"--train.init_from {source}: {key} has shape {tuple(tensor.shape)} there and "
+                             f"{tuple(own[target].shape)} in this model; use a checkpoint of the same model shape")
+        loaded[target] = tensor
+    if not loaded:
+        raise ValueError(f"--train.init_from {source}: none of its weights fit this model")
+    model.load_state_dict(loaded, strict=False)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    model.frozen_overrides = set(loaded) - trainable  # no longer the base decoder's: checkpoints must hold them
+    return len(loaded)
 
 
 def check_base_decoder(checkpoint: Path, trainer: dict) -> None:
@@ -147,7 +173,7 @@ def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[MellowMo
     model_config = build(ModelConfig, trainer["config"]["model"], "model")
     model, tokenizer = build_model(model_config, trainer["store_fingerprint"]["dim"],
                                    seed=trainer["config"]["train"]["seed"])
-    model.load_trainable_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
+    model.load_checkpoint_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
     return model.to(device).eval(), tokenizer, trainer
 
 

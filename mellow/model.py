@@ -83,6 +83,7 @@ class MellowModel(nn.Module):
         self.language_model = language_model
         self.audio_projector = AudioProjector(audio_dim, hidden, dropout)
         self.no_audio_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.frozen_overrides: set[str] = set()  # frozen weights loaded by --init-from, saved in checkpoints
         self.audio_separator = nn.Parameter(torch.randn(hidden) * 0.02)
 
     def get_audio_features(self, audio: torch.Tensor) -> torch.Tensor:
@@ -151,17 +152,22 @@ class MellowModel(nn.Module):
         tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(embeds.shape[0])]
         return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the parameters that train; a frozen decoder is referenced by name, not copied."""
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds: those that train, and frozen ones that differ from the base decoder
+        (loaded by --init-from). The rest of a frozen or LoRA decoder is referenced by name, not copied."""
         trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
-        return {name: tensor for name, tensor in self.state_dict().items() if name in trainable}
+        keep = trainable | self.frozen_overrides
+        return {name: tensor for name, tensor in self.state_dict().items() if name in keep}
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what checkpoint_state_dict saved; every trainable weight must be there."""
         missing, unexpected = self.load_state_dict(state, strict=False)
-        expected = set(self.trainable_state_dict())
-        if unexpected or expected - set(state):
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        absent = {name for name in trainable if name not in state}
+        if unexpected or absent:
             raise ValueError(f"checkpoint does not match the model: unexpected {sorted(unexpected)[:5]}, "
-                             f"missing {sorted(expected - set(state))[:5]}")
+                             f"missing {sorted(absent)[:5]}")
+        self.frozen_overrides = set(state) - trainable
 
 
 def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[MellowModel, object]:

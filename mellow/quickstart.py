@@ -21,6 +21,15 @@ from mellow.store import EncoderExpectation, StoreConfig
 from mellow.train import TrainConfig
 
 
+def training_configs(store: Path, dataset: Path, run_dir: Path, encoder: str,
+                     updates: int) -> tuple[TrainConfig, ModelConfig, EncoderExpectation]:
+    """The quickstart's training run (stages/configs/quickstart.yaml holds the same, for 03_train)."""
+    return (TrainConfig(store=store, dataset=dataset, run_dir=run_dir, max_updates=updates,
+                        val_every=max(1, updates // 4), save_every=max(1, updates // 4)),
+            ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4),
+            EncoderExpectation(name=encoder, tokens=16))
+
+
 def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     """Run 00 -> 01 -> 03 -> 04 under `root` and return the test scores."""
     started = time.time()
@@ -36,10 +45,7 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     console.rule("[bold]03 train")
     stage = time.time()
     run_dir = root / "checkpoints" / f"quickstart-{stored.store_path.name}"
-    train.run(TrainConfig(store=stored.store_path, dataset=dataset, run_dir=run_dir, max_updates=updates,
-                          val_every=max(1, updates // 4), save_every=max(1, updates // 4)),
-              ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4), resume=True,
-              expected=EncoderExpectation(name=encoder, tokens=16))
+    train.run(*training_configs(stored.store_path, dataset, run_dir, encoder, updates), resume=True)
     timings["train"] = time.time() - stage
     console.rule("[bold]04 eval")
     stage = time.time()

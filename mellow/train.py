@@ -26,8 +26,16 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from mellow import distributed
-from mellow.checkpoint import TrainingState, load_checkpoint, report_world_size_change, save_checkpoint
+from mellow import distributed, metrics
+from mellow.checkpoint import (
+    TrainingState,
+    check_base_decoder,
+    find_checkpoint,
+    initialise_from,
+    load_checkpoint,
+    report_world_size_change,
+    save_checkpoint,
+)
 from mellow.config import describe_differences, setting, to_dict
 from mellow.data import ExampleSet, load_examples, move_to
 from mellow.decoders import decoder_reference
@@ -44,6 +52,9 @@ class TrainConfig:
     store: Path = setting(Path(""), "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>).")
     dataset: Path = setting(Path("datasets/synth"), "Dataset folder with the <split>.jsonl example files.")
     run_dir: Path = setting(Path("checkpoints/run"), "Where checkpoints, metrics and the resolved config go.")
+    init_from: Path | None = setting(None, "Start a new run from the trained weights of this run or checkpoint "
+                                           "folder (fine-tuning on a new task or dataset): only weights, with a new "
+                                           "optimizer, schedule and data order. --resume continues a run instead.")
     train_split: str = setting("train", "Split to train on.")
     val_split: str = setting("val", "Split for validation loss.")
     max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
@@ -75,6 +86,10 @@ class TrainConfig:
                                    "compiles; numbers differ from eager in rounding).")
     val_every: int = setting(250, "Validate every this many updates (0 disables).")
     val_examples: int = setting(512, "Validation examples used each time (0: all).")
+    best_metric: Literal["val_loss", "val_accuracy"] = setting(
+        "val_loss", "Validation metric that picks the best checkpoint: val_loss (lower is better) or val_accuracy "
+                    "(accuracy of greedy answers to the closed-task validation examples; higher is better; costs "
+                    "a generation pass).")
     save_every: int = setting(250, "Save a checkpoint every this many updates (0: only at the end and best).")
     keep_last: int = setting(2, "Numbered checkpoints kept besides the best one.")
     log_every: int = setting(10, "Write metrics every this many updates.")
@@ -98,6 +113,8 @@ class TrainConfig:
         if self.cooldown_updates and self.warmup_updates + self.cooldown_updates > self.max_updates:
             raise ValueError(f"--train.warmup_updates {self.warmup_updates} + --train.cooldown_updates "
                              f"{self.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
+        if self.best_metric not in ("val_loss", "val_accuracy"):
+            raise ValueError(f"--train.best_metric {self.best_metric!r} must be val_loss or val_accuracy")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"--train.precision {self.precision!r} must be fp32, bf16 or fp16")
         if self.dist_timeout <= 0:
@@ -123,7 +140,7 @@ class TrainResult:
     run_dir: Path
     updates: int
     final_loss: float
-    best_val_loss: float | None
+    best_value: float | None  # of train.best_metric
     seconds: float
     stop_reason: str | None = None  # why the invocation stopped before max_updates (None: it did not)
 
@@ -140,8 +157,9 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
     try:
         with StopControl(started, train.time_limit, train.slurm_time_limit, train.stop_margin, device) as stopper:
             resolved = resolved_config(train, model_config, expected)
-            checkpoint = validate_args(train, resume, context, expected or EncoderExpectation(), resolved)
-            result = fit(train, model_config, checkpoint, context, device, resolved, stopper)
+            checkpoint, initial = validate_args(train, model_config, resume, context, expected or EncoderExpectation(),
+                                                resolved)
+            result = fit(train, model_config, checkpoint, initial, context, device, resolved, stopper)
         if result.stop_reason and stopper.preempted and train.requeue and context.is_main:
             requeue_slurm_job()
         result.seconds = time.time() - started
@@ -154,9 +172,9 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
         distributed.teardown()
 
 
-def validate_args(train: TrainConfig, resume: bool, context: DistributedContext, expected: EncoderExpectation,
-                  resolved: dict) -> Path | None:
-    """Check inputs before any work; return the checkpoint to resume from, if any."""
+def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, context: DistributedContext,
+                  expected: EncoderExpectation, resolved: dict) -> tuple[Path | None, Path | None]:
+    """Check inputs before any work; return the checkpoint to resume from and the one to initialise from."""
     if not (train.store / "meta.json").is_file():
         raise ValueError(f"--train.store {str(train.store)!r} is not an embedding store; run 01_precompute "
                          "and pass its output folder (shards/<dataset>/<encoder-tag>)")
@@ -175,7 +193,7 @@ def validate_args(train: TrainConfig, resume: bool, context: DistributedContext,
     if not latest.exists():
         if resume:
             console.print(f"no checkpoint in {train.run_dir} yet; starting a new run")
-        return None
+        return None, check_init_from(train, model_config) if train.init_from else None
     checkpoint = train.run_dir / read_json(latest)["path"]
     saved = read_json(checkpoint / "trainer.json")
     EmbeddingStore(train.store).check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
@@ -183,7 +201,19 @@ def validate_args(train: TrainConfig, resume: bool, context: DistributedContext,
     if sha256_file(split_path(train)) != saved["train_split_sha256"]:
         raise ValueError(f"{split_path(train)} changed since {checkpoint} was saved: resuming would train on other "
                          "examples. Restore it, or start a new run (--train.run_dir)")
-    return checkpoint
+    return checkpoint, None
+
+
+def check_init_from(train: TrainConfig, model_config: ModelConfig) -> Path:
+    """The checkpoint --train.init_from names, if its weights can start this run."""
+    source = find_checkpoint(train.init_from)
+    trainer = read_json(source / "trainer.json")
+    check_base_decoder(source, trainer)
+    if trainer["config"]["model"]["decoder"] != model_config.decoder:
+        raise ValueError(f"--train.init_from {source} was trained with decoder {trainer['config']['model']['decoder']}"
+                         f"; this run uses {model_config.decoder}. Use the same --model.decoder")
+    EmbeddingStore(train.store).check_fingerprint(trainer["store_fingerprint"], f"--train.init_from {source}")
+    return source
 
 
 def check_resumable_config(saved: dict, now: dict, checkpoint: Path) -> None:
@@ -269,10 +299,14 @@ def micro_batches(lengths: list[int], micro_batch: int, seed: int, start: int, c
         epoch, offset = epoch + 1, 0
 
 
-def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, context: DistributedContext,
-        device: torch.device, resolved: dict, stopper: StopControl) -> TrainResult:
+def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, initial: Path | None,
+        context: DistributedContext, device: torch.device, resolved: dict, stopper: StopControl) -> TrainResult:
     store = EmbeddingStore(train.store)
     model, tokenizer = build_model(model_config, store.dim, train.seed)
+    if initial is not None:
+        loaded = initialise_from(initial, model)
+        console.print(f"initialised from {initial} ({loaded} tensors): a new run, with a new optimizer, schedule "
+                      "and data order")
     train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens,
                            seed=train.seed)
     val_set = ExampleSet(load_examples(train.dataset, train.val_split), store, tokenizer, train.max_text_tokens,
@@ -306,7 +340,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     stop_at = min(train.max_updates, state.update + train.stop_after) if train.stop_after else train.max_updates
     meta = {"store_fingerprint": store.fingerprint, "store": str(train.store), "config": resolved,
             "base_decoder": decoder_reference(model_config.decoder, train.seed),
-            "train_split_sha256": sha256_file(split_path(train))}
+            "train_split_sha256": sha256_file(split_path(train)),
+            "initialised_from": str(initial) if initial else None}
     window_loss, window_start, last_loss, stop_reason, validation_seconds = 0.0, time.time(), float("nan"), None, 0.0
 
     def save(is_best: bool) -> None:
@@ -353,16 +388,19 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             stopper.update_took(time.time() - update_started)
             validate_now = train.val_every and (state.update % train.val_every == 0
                                                 or state.update == train.max_updates)
-            val_loss = None
+            is_best = False
             if validate_now:
                 validation_started = time.time()
                 with autocast:
-                    val_loss = validation_loss(model, val_set, train, context, device)
+                    scores = validate(model, val_set, train, context, device)
                 validation_seconds = time.time() - validation_started
-                _log(train, context, {"update": state.update, "val_loss": val_loss})
-                progress.console.print(f"update {state.update}: validation loss {val_loss:.4f}")
-            is_best = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
-            state.best_val_loss = val_loss if is_best else state.best_val_loss
+                _log(train, context, {"update": state.update, **scores})
+                progress.console.print(f"update {state.update}: " + ", ".join(
+                    f"{name.replace('_', ' ')} {value:.4f}" for name, value in scores.items()))
+                value = scores[train.best_metric]
+                is_best = state.best_value is None or (value < state.best_value if train.best_metric == "val_loss"
+                                                       else value > state.best_value)
+                state.best_value = value if is_best else state.best_value
             saved = (train.save_every and state.update % train.save_every == 0) or state.update == stop_at or is_best
             if saved:
                 save(is_best)
@@ -376,14 +414,15 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                     break
     if stop_reason is None and state.update < train.max_updates:
         stop_reason = f"--train.stop_after {train.stop_after}"
-    return TrainResult(train.run_dir, state.update, last_loss, state.best_val_loss, 0.0, stop_reason)
+    return TrainResult(train.run_dir, state.update, last_loss, state.best_value, 0.0, stop_reason)
 
 
 @torch.no_grad()
-def validation_loss(model: MellowModel, val_set: ExampleSet, train: TrainConfig, context: DistributedContext,
-                    device: torch.device) -> float:
-    """Mean loss over the validation examples; ranks take interleaved shares that may differ in size (a rank
-    may have none), and the mean is weighted by batch sizes, so it equals the one-process value."""
+def validate(model: MellowModel, val_set: ExampleSet, train: TrainConfig, context: DistributedContext,
+             device: torch.device) -> dict[str, float]:
+    """val_loss over the first val_examples validation examples, and val_accuracy (greedy answers to the
+    closed-task ones) when it picks the best checkpoint. Ranks take interleaved shares that may differ in size
+    (a rank may have none); sums are weighted by examples, so the values equal the one-process ones."""
     model.eval()
     count = len(val_set) if not train.val_examples else min(train.val_examples, len(val_set))
     indices = list(range(count))[context.rank :: context.world_size]
@@ -394,7 +433,22 @@ def validation_loss(model: MellowModel, val_set: ExampleSet, train: TrainConfig,
         total += model(move_to(val_set.batch(batch), device)).item() * len(batch)
         examples += len(batch)
     total, examples = distributed.sum_across_ranks([total, float(examples)], device)
-    return total / max(examples, 1.0)
+    scores = {"val_loss": total / max(examples, 1.0)}
+    if train.best_metric == "val_accuracy":
+        closed = [i for i in indices if val_set.examples[i]["task"] in metrics.CLOSED_TASKS]
+        correct = 0
+        for start in range(0, len(closed), step):
+            batch = closed[start : start + step]
+            answers = model.generate(move_to(val_set.batch(batch, for_generation=True), device), 16,
+                                     val_set.tokenizer.eos_token_id)
+            texts = val_set.tokenizer.batch_decode(answers, skip_special_tokens=True)
+            correct += sum(metrics.is_correct(val_set.examples[i], text.strip()) for i, text in zip(batch, texts))
+        correct, asked = distributed.sum_across_ranks([float(correct), float(len(closed))], device)
+        if asked == 0:
+            raise ValueError(f"--train.best_metric val_accuracy: the first {count} validation examples hold no "
+                             f"closed-task example ({', '.join(metrics.CLOSED_TASKS)}); use val_loss")
+        scores["val_accuracy"] = correct / asked
+    return scores
 
 
 def mixed_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -410,7 +464,7 @@ def _log(train: TrainConfig, context: DistributedContext, record: dict) -> None:
 
 
 def report(result: TrainResult, train: TrainConfig) -> None:
-    best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    best = f", best {train.best_metric} {result.best_value:.4f}" if result.best_value is not None else ""
     last = "nothing left to train" if math.isnan(result.final_loss) else f"last loss {result.final_loss:.4f}"
     if result.stop_reason:
         console.print(f"[bold yellow]stopped early[/] ({result.stop_reason}) at update {result.updates} of "

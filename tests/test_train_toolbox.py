@@ -158,3 +158,51 @@ def test_torch_compile_trains(mel_store, tiny_dataset, tmp_path):
     result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, compile=True),
                        ModelConfig(**TINY_MODEL))
     assert result.updates == 4 and all(math.isfinite(loss) for loss in _losses(run_dir).values())
+
+
+@pytest.mark.parametrize("metric", ["val_loss", "val_accuracy"])
+def test_best_checkpoint_follows_the_configured_metric(mel_store, tiny_dataset, tmp_path, metric):
+    run_dir = tmp_path / "run"
+    result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=12, val_every=3, val_examples=16,
+                               best_metric=metric, keep_last=10), ModelConfig(**TINY_MODEL))
+    values = {row["update"]: row[metric] for row in read_jsonl(run_dir / "metrics.jsonl") if metric in row}
+    assert sorted(values) == [3, 6, 9, 12]
+    pick = min if metric == "val_loss" else max
+    best_update = pick(values, key=lambda update: (values[update], update if pick is min else -update))
+    best = read_json(run_dir / "best.json")
+    assert best == {"path": f"step-{best_update:06d}", "update": best_update, "metric": metric,
+                    "value": values[best_update]}
+    assert result.best_value == values[best_update]
+    if metric == "val_accuracy":
+        assert all(0.0 <= value <= 1.0 for value in values.values())
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(mel_store, tiny_dataset, tmp_path, decoder_dir):
+    from typer.testing import CliRunner
+
+    from mellow.cli import app
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    full = ModelConfig(decoder=f"hf:{decoder_dir}", decoder_mode="full")
+    train.run(_config(mel_store, tiny_dataset, first, max_updates=8), full)
+    trained = torch.load(find_checkpoint(first) / "model.pt")
+    result = CliRunner().invoke(app, [
+        "train", f"--train.store={mel_store}", f"--train.dataset={tiny_dataset}", f"--train.run_dir={second}",
+        "--init-from", str(first), "--train.max_updates=2", "--train.batch_size=4", "--train.val_every=0",
+        "--train.log_every=1", f"--model.decoder=hf:{decoder_dir}", "--model.decoder_mode=lora",
+        "--model.lora_targets=q_proj,v_proj"])
+    assert result.exit_code == 0, result.output
+    assert "initialised from" in result.output and "a new run" in result.output
+    trainer = read_json(second / "step-000002" / "trainer.json")
+    assert trainer["initialised_from"] == str(find_checkpoint(first)) and trainer["update"] == 2
+    optimizer = torch.load(second / "step-000002" / "optimizer.pt", weights_only=False)["optimizer"]
+    assert all(int(state["step"]) == 2 for state in optimizer["state"].values())  # a fresh optimizer
+    model, _, _ = load_trained_model(second / "step-000002", torch.device("cpu"))
+    # the full run's decoder weights sit under the LoRA wrappers (they stay frozen there), and untouched
+    # layers are the trained ones, not the base decoder's
+    base = model.language_model.get_parameter("model.layers.0.self_attn.q_proj.base_layer.weight")
+    assert torch.equal(base, trained["language_model.model.layers.0.self_attn.q_proj.weight"])
+    # losses start where the first run ended, far below a fresh start
+    assert _losses(second)[1] < _losses(first)[1]
+    with pytest.raises(ValueError, match="trained with decoder"):
+        train.run(_config(mel_store, tiny_dataset, tmp_path / "third", init_from=first), ModelConfig(**TINY_MODEL))
