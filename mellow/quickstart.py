@@ -45,7 +45,8 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     console.rule("[bold]03 train")
     stage = time.time()
     run_dir = root / "checkpoints" / f"quickstart-{stored.store_path.name}"
-    train.run(*training_configs(stored.store_path, dataset, run_dir, encoder, updates), resume=True)
+    train_config, model_config, expected = training_configs(stored.store_path, dataset, run_dir, encoder, updates)
+    train.run(train_config, model_config, resume=True, expected=expected)
     timings["train"] = time.time() - stage
     console.rule("[bold]04 eval")
     stage = time.time()
