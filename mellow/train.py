@@ -14,7 +14,6 @@ or before its time limit (mellow/stopping.py), and under SLURM requeues itself.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -40,10 +39,11 @@ from mellow.config import describe_differences, setting, to_dict
 from mellow.data import ExampleSet, load_examples, move_to
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
-from mellow.files import read_json, read_jsonl, sha256_file, write_jsonl_atomic, write_text_atomic
+from mellow.files import read_json, sha256_file, write_text_atomic
 from mellow.model import MellowModel, ModelConfig, build_model
 from mellow.progress import console, progress_bar
 from mellow.stopping import StopControl, requeue_slurm_job
+from mellow.tracking import Tracker, peak_memory_mb
 from mellow.store import EmbeddingStore, EncoderExpectation
 
 
@@ -93,6 +93,11 @@ class TrainConfig:
     save_every: int = setting(250, "Save a checkpoint every this many updates (0: only at the end and best).")
     keep_last: int = setting(2, "Numbered checkpoints kept besides the best one.")
     log_every: int = setting(10, "Write metrics every this many updates.")
+    tensorboard: bool = setting(True, "Also write TensorBoard event files to <run_dir>/tensorboard.")
+    wandb: Literal["auto", "on", "off"] = setting(
+        "auto", "Weights & Biases: auto (when the wandb package is installed), on (required), off. It runs "
+                "offline unless WANDB_MODE says otherwise.")
+    wandb_project: str = setting("mellow", "W&B project name.")
     seed: int = setting(0, "Seed for initialisation, data order and dropout.")
     device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
     dist_timeout: float = setting(900.0, "Seconds a process waits for the others in a collective before it "
@@ -113,6 +118,8 @@ class TrainConfig:
         if self.cooldown_updates and self.warmup_updates + self.cooldown_updates > self.max_updates:
             raise ValueError(f"--train.warmup_updates {self.warmup_updates} + --train.cooldown_updates "
                              f"{self.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
+        if self.wandb not in ("auto", "on", "off"):
+            raise ValueError(f"--train.wandb {self.wandb!r} must be auto, on or off")
         if self.best_metric not in ("val_loss", "val_accuracy"):
             raise ValueError(f"--train.best_metric {self.best_metric!r} must be val_loss or val_accuracy")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -130,7 +137,7 @@ class TrainConfig:
 CHANGEABLE_ON_RESUME = {
     "train": {"store", "dataset", "run_dir", "stop_after", "time_limit", "slurm_time_limit", "stop_margin",
               "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
-              "dist_timeout", "compile"},
+              "dist_timeout", "compile", "tensorboard", "wandb", "wandb_project"},
     "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
 }
 
@@ -143,6 +150,7 @@ class TrainResult:
     best_value: float | None  # of train.best_metric
     seconds: float
     stop_reason: str | None = None  # why the invocation stopped before max_updates (None: it did not)
+    peak_memory_mb: float = 0.0
 
 
 def resolved_config(train: TrainConfig, model: ModelConfig, expected: EncoderExpectation | None = None) -> dict:
@@ -325,12 +333,11 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         epoch, position = divmod(state.micro_batches, len(train_set) // (train.batch_size // train.grad_accum))
         console.print(f"resuming {train.run_dir} from update {state.update} ({checkpoint.name}): epoch {epoch}, "
                       f"micro-batch {position} of it")
-        metrics = train.run_dir / "metrics.jsonl"
-        if context.is_main and metrics.exists():  # a killed run may have logged updates past its checkpoint
-            write_jsonl_atomic(metrics, [row for row in read_jsonl(metrics) if row["update"] <= state.update])
     elif context.is_main:
         train.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved))
+    tracker = Tracker(train.run_dir, resolved, context.is_main, state.update if checkpoint else None,
+                      train.tensorboard, train.wandb, train.wandb_project)
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
     forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
     autocast = mixed_precision(train.precision, device)
@@ -350,7 +357,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                         context, meta)
         stopper.save_took(time.time() - started)
 
-    with progress_bar() as progress:
+    with tracker, progress_bar() as progress:
         task = progress.add_task("training", total=train.max_updates, completed=state.update)
         while state.update < stop_at:
             update_started = time.time()
@@ -379,9 +386,9 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                 count = train.log_every if state.update % train.log_every == 0 else state.update % train.log_every
                 last_loss = distributed.mean_across_ranks(window_loss / count, device)
                 rate = count * train.batch_size / (time.time() - window_start)
-                _log(train, context, {"update": state.update, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                                      "grad_norm": float(grad_norm), "samples_per_s": rate,
-                                      "skipped_updates": state.skipped_updates})
+                tracker.log({"update": state.update, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                             "grad_norm": float(grad_norm), "samples_per_s": rate,
+                             "skipped_updates": state.skipped_updates, "peak_memory_mb": peak_memory_mb(device)})
                 skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
                 progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s{skipped}")
                 window_loss, window_start = 0.0, time.time()
@@ -394,7 +401,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                 with autocast:
                     scores = validate(model, val_set, train, context, device)
                 validation_seconds = time.time() - validation_started
-                _log(train, context, {"update": state.update, **scores})
+                tracker.log({"update": state.update, **scores})
                 progress.console.print(f"update {state.update}: " + ", ".join(
                     f"{name.replace('_', ' ')} {value:.4f}" for name, value in scores.items()))
                 value = scores[train.best_metric]
@@ -414,7 +421,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                     break
     if stop_reason is None and state.update < train.max_updates:
         stop_reason = f"--train.stop_after {train.stop_after}"
-    return TrainResult(train.run_dir, state.update, last_loss, state.best_value, 0.0, stop_reason)
+    return TrainResult(train.run_dir, state.update, last_loss, state.best_value, 0.0, stop_reason,
+                       peak_memory_mb(device))
 
 
 @torch.no_grad()
@@ -457,14 +465,9 @@ def mixed_precision(precision: str, device: torch.device) -> contextlib.Abstract
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _log(train: TrainConfig, context: DistributedContext, record: dict) -> None:
-    if context.is_main:
-        with open(train.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({**record, "time": time.time()}) + "\n")
-
-
 def report(result: TrainResult, train: TrainConfig) -> None:
     best = f", best {train.best_metric} {result.best_value:.4f}" if result.best_value is not None else ""
+    best += f", peak memory {result.peak_memory_mb:.0f} MB"
     last = "nothing left to train" if math.isnan(result.final_loss) else f"last loss {result.final_loss:.4f}"
     if result.stop_reason:
         console.print(f"[bold yellow]stopped early[/] ({result.stop_reason}) at update {result.updates} of "

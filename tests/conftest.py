@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ from mellow.encoders import EncoderConfig
 from mellow.precompute import PrecomputeConfig
 from mellow.prepare import PrepareConfig
 from mellow.store import StoreConfig
+
+# Training logs to W&B when wandb is installed (it is, as a dev dependency); tests that do not test it turn it
+# off, for them and the processes they start. tests/test_tracking.py runs it offline.
+os.environ["WANDB_MODE"] = "disabled"
 
 TINY_MODEL = {"decoder": "tiny", "tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2}
 

@@ -1,0 +1,73 @@
+"""Where training metrics go: metrics.jsonl, TensorBoard event files (read back with tensorboard's own
+reader), and an offline W&B run; each shows every update once after a resume that dropped logged updates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY_MODEL
+
+from mellow import train
+from mellow.files import read_jsonl, write_json_atomic
+from mellow.model import ModelConfig
+from mellow.train import TrainConfig
+
+
+def _config(store: Path, dataset: Path, run_dir: Path, **overrides) -> TrainConfig:
+    values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=6, batch_size=4, warmup_updates=2,
+                  val_every=3, save_every=3, log_every=1, seed=5, keep_last=5)
+    return TrainConfig(**{**values, **overrides})
+
+
+def _killed_after_logging_update_5_then_resumed(store: Path, dataset: Path, run_dir: Path, **overrides) -> None:
+    """Update 5 is logged, but the run 'dies' before its checkpoint: latest points to update 3 again."""
+    model = ModelConfig(**TINY_MODEL)
+    train.run(_config(store, dataset, run_dir, stop_after=5, **overrides), model)
+    shutil.rmtree(run_dir / "step-000005")
+    write_json_atomic(run_dir / "latest.json", {"path": "step-000003", "update": 3})
+    train.run(_config(store, dataset, run_dir, **overrides), model, resume=True)
+
+
+def test_jsonl_and_tensorboard_hold_every_update_once_after_a_resume(mel_store, tiny_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    _killed_after_logging_update_5_then_resumed(mel_store, tiny_dataset, run_dir)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    losses = {row["update"]: row["loss"] for row in rows if "loss" in row}
+    assert [row["update"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]
+    assert all(row["peak_memory_mb"] > 10 for row in rows if "loss" in row)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    assert [event.step for event in scalars] == [1, 2, 3, 4, 5, 6]  # the first run's update 4 and 5 purged
+    assert all(event.value == pytest.approx(losses[event.step], rel=1e-6) for event in scalars)
+    assert [event.step for event in events.Scalars("val_loss")] == [3, 6]
+    assert {"lr", "grad_norm", "samples_per_s", "peak_memory_mb"} <= set(events.Tags()["scalars"])
+
+
+def test_an_offline_wandb_run_gets_every_update_and_is_resumed(mel_store, tiny_dataset, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    _killed_after_logging_update_5_then_resumed(mel_store, tiny_dataset, run_dir, tensorboard=False)
+    run_id = (run_dir / "wandb-id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)  # one W&B run, resumed
+    logged = b"".join(path.read_bytes() for path in (run_dir / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
+        for key in ("loss", "val_loss"):
+            if key in row:
+                assert json.dumps(row[key]).encode() in logged, (row["update"], key)
+    assert not (run_dir / "tensorboard").exists()
+
+
+def test_wandb_on_without_the_package_is_a_clear_error(mel_store, tiny_dataset, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ValueError, match="needs the wandb package"):
+        train.run(_config(mel_store, tiny_dataset, tmp_path / "run", wandb="on"), ModelConfig(**TINY_MODEL))
