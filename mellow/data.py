@@ -1,20 +1,60 @@
 """Examples joined with store embeddings, tokenised once, and batched for training or generation.
 
-The store is read whole into RAM (float16) with sequential shard reads; the quickstart store is ~15 MB.
-A store with several views (crops) per clip gives each clip a random view per training epoch, drawn from
-(seed, epoch) alone so a resumed run sees the same ones; evaluation always uses the first view.
+Embedding rows come from a RAM cache of the whole store (read shard by shard, sequentially; the quickstart
+store is ~13 MB) or are read per batch from the Zarr store (for stores larger than RAM allows), in the
+DataLoader's worker processes, ahead of the training step. A store with several views (crops) per clip gives
+each clip a random view per training epoch, drawn from (seed, epoch) alone so a resumed run sees the same
+ones; evaluation always uses the first view.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import zarr
 
 from mellow.files import read_jsonl
 from mellow.progress import console
 from mellow.store import EmbeddingStore
+
+
+class RowsInMemory:
+    """Every row of the store in RAM: (N, V, T, D) float16. Worker processes share it (fork, copy-on-write)."""
+
+    def __init__(self, store: EmbeddingStore) -> None:
+        self.embeddings, self.valid = store.load_all()
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self.embeddings[rows]
+
+
+class RowsFromZarr:
+    """Rows read from the Zarr store when a batch needs them (one chunk per clip); each process opens the store
+    itself. The valid counts, (N, V) int16, are read whole up front."""
+
+    def __init__(self, store: EmbeddingStore) -> None:
+        self.path = store.path / "store.zarr"
+        self.valid = store.load_all_valid()
+        self._opened: tuple[int, zarr.Array] | None = None
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        if self._opened is None or self._opened[0] != os.getpid():  # a forked worker opens its own
+            self._opened = (os.getpid(), zarr.open_group(self.path, mode="r")["emb"])
+        emb = self._opened[1].get_orthogonal_selection(np.asarray(rows))
+        return emb if emb.ndim == 4 else emb[:, None]
+
+
+def embedding_rows(store: EmbeddingStore, cache: str, ram_limit_gb: float) -> RowsInMemory | RowsFromZarr:
+    """`ram`, `stream`, or `auto`: the RAM cache if the store's rows fit in `ram_limit_gb`, else streaming."""
+    if cache == "auto":
+        cache = "ram" if store.rows_bytes() <= ram_limit_gb * 2**30 else "stream"
+    return RowsInMemory(store) if cache == "ram" else RowsFromZarr(store)
 
 
 def load_examples(dataset: Path, split: str) -> list[dict]:
@@ -34,10 +74,10 @@ class EncodedExample:
 
 
 class ExampleSet:
-    """The examples of one split whose audio is in the store, with the store's embeddings in memory."""
+    """The examples of one split whose audio is in the store, tokenised, with a source of embedding rows."""
 
     def __init__(self, examples: list[dict], store: EmbeddingStore, tokenizer, max_text_tokens: int,
-                 embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> None:
+                 rows: RowsInMemory | RowsFromZarr | None = None, seed: int = 0) -> None:
         self.tokenizer = tokenizer
         self.seed = seed
         kept = [e for e in examples if e["audio1"] in store.rows and (e.get("audio2") is None
@@ -46,10 +86,8 @@ class ExampleSet:
             console.print(f"[yellow]skipping {len(examples) - len(kept)} example(s) whose audio failed "
                           f"to encode or is not in the store")
         self.examples = kept
-        if embeddings is None:
-            emb, valid = store.load_all()
-            embeddings = torch.from_numpy(emb), torch.from_numpy(valid.astype("int64"))
-        self.embeddings, self.valid = embeddings  # (N, V, T, D) float16, (N, V)
+        self.rows = rows or RowsInMemory(store)
+        self.valid = torch.from_numpy(self.rows.valid.astype("int64"))  # (N, V) valid tokens
         self.view_counts = (self.valid > 0).sum(dim=1).clamp(min=1)  # (N,) views each clip has
         self._views: tuple[int | None, torch.Tensor] = (None, torch.zeros(len(self.valid), dtype=torch.long))
         prompts = tokenizer([e["prompt"] + "\n" for e in kept], add_special_tokens=False)["input_ids"]
@@ -66,7 +104,7 @@ class ExampleSet:
 
     def views_of_epoch(self, epoch: int | None) -> torch.Tensor:
         """The view of every clip (N,) used in training epoch `epoch`; the first view for epoch None."""
-        if epoch is None or self.embeddings.shape[1] == 1:
+        if epoch is None or self.valid.shape[1] == 1:
             return torch.zeros(len(self.valid), dtype=torch.long)
         if self._views[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
@@ -76,7 +114,9 @@ class ExampleSet:
     def _audio(self, rows: list[int], epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.tensor([max(row, 0) for row in rows])
         views = self.views_of_epoch(epoch)[index]
-        return self.embeddings[index, views].float(), self.valid[index, views]  # (B, T, D), (B,)
+        unique, position = np.unique(index.numpy(), return_inverse=True)  # each row read once
+        embeddings = torch.from_numpy(self.rows.read(unique))[torch.from_numpy(position), views]
+        return embeddings.float(), self.valid[index, views]  # (B, T, D), (B,)
 
     def batch(self, indices: list[int], for_generation: bool = False,
               epoch: int | None = None) -> dict[str, torch.Tensor]:
@@ -105,3 +145,39 @@ class ExampleSet:
 
 def move_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """A map-style dataset whose items are whole micro-batches: (epoch, example indices) -> batch tensors, so
+    a DataLoader builds them in worker processes in exactly the order the sampler gives."""
+
+    def __init__(self, examples: ExampleSet) -> None:
+        self.examples = examples
+
+    def __getitem__(self, key: tuple[int, list[int]]) -> dict[str, torch.Tensor]:
+        epoch, indices = key
+        return self.examples.batch(indices, epoch=epoch)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM and torchrun send SIGTERM to every process of a job; a worker that died of it would take the
+    training process down with it ("DataLoader worker is killed by signal") before it could save. The training
+    process decides when to stop and ends its workers itself (a worker also exits when its parent dies)."""
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def batch_loader(examples: ExampleSet, order: Iterator[tuple[int, list[int]]], workers: int, prefetch: int,
+                 pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches in `order`, built by `workers` processes up to `prefetch` batches each ahead of the training
+    step (0 workers: built in this process when asked for)."""
+    if workers == 0:
+        return (examples.batch(indices, epoch=epoch) for epoch, indices in order)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenising; they never tokenise
+    # Its own generator: the loader draws a seed for its workers from it, and a draw from the global generator
+    # would shift the training's random stream (dropout), so a resumed run would no longer match.
+    loader = torch.utils.data.DataLoader(MicroBatches(examples), sampler=order, batch_size=None, num_workers=workers,
+                                         prefetch_factor=prefetch, pin_memory=pin_memory,
+                                         generator=torch.Generator().manual_seed(0),
+                                         worker_init_fn=_ignore_stop_signals)
+    return iter(loader)

@@ -314,14 +314,21 @@ class EmbeddingStore:
     def views(self) -> int:
         return self.fingerprint.get("views", 1)
 
+    def rows_bytes(self) -> int:
+        """Bytes of all rows in memory (uncompressed float16)."""
+        return self.meta["rows"] * int(np.prod(row_shape(self.fingerprint))) * 2
+
+    def load_all_valid(self) -> np.ndarray:
+        """Valid token counts (N, V) int16 (V = 1 for a one-view store)."""
+        valid = self.valid[:]
+        return valid if valid.ndim == 2 else valid[:, None]
+
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All embeddings (N, V, T, D) float16 and valid token counts (N, V), read shard by shard (sequential
         I/O). A one-view store (stored as (N, T, D)) gets V = 1; a view with 0 valid tokens does not exist
         (the clip was too short for it)."""
-        emb, valid = self.emb[:], self.valid[:]
-        if emb.ndim == 3:
-            emb, valid = emb[:, None], valid[:, None]
-        return emb, valid
+        emb = self.emb[:]
+        return (emb if emb.ndim == 4 else emb[:, None]), self.load_all_valid()
 
     def check_fingerprint(self, expected: dict, what: str) -> None:
         differences = describe_differences(expected, self.fingerprint)

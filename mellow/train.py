@@ -36,7 +36,7 @@ from mellow.checkpoint import (
     save_checkpoint,
 )
 from mellow.config import describe_differences, setting, to_dict
-from mellow.data import ExampleSet, load_examples, move_to
+from mellow.data import ExampleSet, batch_loader, embedding_rows, load_examples, move_to
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
 from mellow.files import read_json, sha256_file, write_text_atomic
@@ -103,21 +103,33 @@ class TrainConfig:
     dist_timeout: float = setting(900.0, "Seconds a process waits for the others in a collective before it "
                                          "gives up (a rank that hangs, rather than dies).")
     max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
+    data_workers: int = setting(2, "Worker processes building batches ahead of the training step (0: in this "
+                                   "process, when needed).")
+    prefetch: int = setting(4, "Batches each data worker prepares ahead.")
+    data_cache: Literal["auto", "ram", "stream"] = setting(
+        "auto", "Where embedding rows come from: ram (the whole store read once into memory), stream (read from "
+                "the Zarr store per batch, by the data workers), auto (ram if it fits in ram_cache_gb).")
+    ram_cache_gb: float = setting(16.0, "Largest store (uncompressed) that data_cache auto keeps in RAM, per "
+                                        "process.")
     length_buckets: int = setting(1, "Micro-batches sorted by length together to cut padding (1: off). Faster "
                                      "per update, but the task-homogeneous batches learned slower here.")
 
     def __post_init__(self) -> None:
-        positive = ("max_updates", "batch_size", "grad_accum", "log_every", "max_text_tokens", "length_buckets")
+        positive = ("max_updates", "batch_size", "grad_accum", "log_every", "max_text_tokens", "length_buckets",
+                    "prefetch")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 1")
         for name in ("stop_after", "warmup_updates", "cooldown_updates", "val_every", "val_examples", "save_every",
-                     "keep_last", "time_limit", "stop_margin", "projector_lr", "decoder_lr"):
+                     "keep_last", "time_limit", "stop_margin", "projector_lr", "decoder_lr", "data_workers",
+                     "ram_cache_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 0")
         if self.cooldown_updates and self.warmup_updates + self.cooldown_updates > self.max_updates:
             raise ValueError(f"--train.warmup_updates {self.warmup_updates} + --train.cooldown_updates "
                              f"{self.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
+        if self.data_cache not in ("auto", "ram", "stream"):
+            raise ValueError(f"--train.data_cache {self.data_cache!r} must be auto, ram or stream")
         if self.wandb not in ("auto", "on", "off"):
             raise ValueError(f"--train.wandb {self.wandb!r} must be auto, on or off")
         if self.best_metric not in ("val_loss", "val_accuracy"):
@@ -137,7 +149,8 @@ class TrainConfig:
 CHANGEABLE_ON_RESUME = {
     "train": {"store", "dataset", "run_dir", "stop_after", "time_limit", "slurm_time_limit", "stop_margin",
               "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
-              "dist_timeout", "compile", "tensorboard", "wandb", "wandb_project"},
+              "dist_timeout", "compile", "tensorboard", "wandb", "wandb_project", "data_workers", "prefetch",
+              "data_cache", "ram_cache_gb"},
     "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
 }
 
@@ -315,10 +328,11 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         loaded = initialise_from(initial, model)
         console.print(f"initialised from {initial} ({loaded} tensors): a new run, with a new optimizer, schedule "
                       "and data order")
+    rows = embedding_rows(store, train.data_cache, train.ram_cache_gb)
     train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens,
-                           seed=train.seed)
+                           rows=rows, seed=train.seed)
     val_set = ExampleSet(load_examples(train.dataset, train.val_split), store, tokenizer, train.max_text_tokens,
-                         embeddings=(train_set.embeddings, train_set.valid))
+                         rows=rows)
     model.to(device)
     optimizer = _optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train))
@@ -342,14 +356,16 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
     autocast = mixed_precision(train.precision, device)
     lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in train_set.items]
-    batches = micro_batches(lengths, train.batch_size // train.grad_accum, train.seed, state.micro_batches,
-                            context, train.length_buckets)
+    order = micro_batches(lengths, train.batch_size // train.grad_accum, train.seed, state.micro_batches, context,
+                          train.length_buckets)
+    batches = batch_loader(train_set, order, train.data_workers, train.prefetch, pin_memory=device.type == "cuda")
     stop_at = min(train.max_updates, state.update + train.stop_after) if train.stop_after else train.max_updates
     meta = {"store_fingerprint": store.fingerprint, "store": str(train.store), "config": resolved,
             "base_decoder": decoder_reference(model_config.decoder, train.seed),
             "train_split_sha256": sha256_file(split_path(train)),
             "initialised_from": str(initial) if initial else None}
     window_loss, window_start, last_loss, stop_reason, validation_seconds = 0.0, time.time(), float("nan"), None, 0.0
+    window_wait = 0.0  # seconds of the log window spent waiting for batches
 
     def save(is_best: bool) -> None:
         started = time.time()
@@ -363,12 +379,14 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             update_started = time.time()
             model.train()
             for micro_step in range(train.grad_accum):
-                epoch, indices = next(batches)
+                waited = time.time()
+                batch = move_to(next(batches), device)
+                window_wait += time.time() - waited
                 # ranks exchange gradients once per update, after the last micro-batch
                 last = micro_step == train.grad_accum - 1
                 with contextlib.nullcontext() if last or wrapped is model else wrapped.no_sync():
                     with autocast:
-                        loss = forward(move_to(train_set.batch(indices, epoch=epoch), device)) / train.grad_accum
+                        loss = forward(batch) / train.grad_accum
                     scaler.scale(loss).backward()
                 window_loss += loss.item()
             state.micro_batches += train.grad_accum
@@ -385,13 +403,14 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             if state.update % train.log_every == 0 or state.update == stop_at:
                 count = train.log_every if state.update % train.log_every == 0 else state.update % train.log_every
                 last_loss = distributed.mean_across_ranks(window_loss / count, device)
-                rate = count * train.batch_size / (time.time() - window_start)
+                window = time.time() - window_start
+                rate = count * train.batch_size / window
                 tracker.log({"update": state.update, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                             "grad_norm": float(grad_norm), "samples_per_s": rate,
+                             "grad_norm": float(grad_norm), "samples_per_s": rate, "data_wait": window_wait / window,
                              "skipped_updates": state.skipped_updates, "peak_memory_mb": peak_memory_mb(device)})
                 skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
                 progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s{skipped}")
-                window_loss, window_start = 0.0, time.time()
+                window_loss, window_start, window_wait = 0.0, time.time(), 0.0
             stopper.update_took(time.time() - update_started)
             validate_now = train.val_every and (state.update % train.val_every == 0
                                                 or state.update == train.max_updates)

@@ -168,7 +168,7 @@ def test_sigterm_stops_a_single_process_cleanly(mel_store, tiny_dataset, tmp_pat
     run_dir = tmp_path / "run"
     process = _start(_command(mel_store, tiny_dataset, run_dir, "--train.max_updates=5000", "--train.save_every=2"))
     _wait_for(run_dir / "step-000002", process)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)  # as SLURM does: every process of the job, data workers included
     code, output = _finish(process)
     assert code == 0 and "stopped early (received SIGTERM)" in output and "Traceback" not in output
     latest = read_json(run_dir / "latest.json")["update"]

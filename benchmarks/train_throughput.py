@@ -1,0 +1,125 @@
+"""Training throughput from the store vs. with the frozen encoder run on raw audio in the loop, in one run.
+
+    uv run python benchmarks/train_throughput.py                                   # the quickstart's model
+    uv run python benchmarks/train_throughput.py --decoder smollm2-135m --decoder-mode lora --updates 12
+
+Prints, for the same model, batches and optimizer: samples/s of mellow's training loop reading the store
+(RAM cache, and rows streamed from Zarr by the data workers), with the fraction of step time spent waiting
+for data; samples/s of a loop that decodes each batch's clips with ffmpeg (a thread pool, as 01_precompute
+does) and runs the whisper-tiny encoder on them before every step (what mellow replaces); and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mellow import precompute, prepare, train
+from mellow.data import ExampleSet, load_examples
+from mellow.distributed import DistributedContext
+from mellow.encoders import EncoderConfig, build_encoder
+from mellow.files import read_jsonl
+from mellow.model import ModelConfig, build_model
+from mellow.precompute import PrecomputeConfig, decode_views
+from mellow.prepare import PrepareConfig
+from mellow.store import EmbeddingStore, StoreConfig
+from mellow.train import TrainConfig, _optimizer, micro_batches, mixed_precision
+
+
+def from_store(store: Path, dataset: Path, run_dir: Path, model: ModelConfig, args: argparse.Namespace,
+               cache: str) -> tuple[float, float]:
+    """(samples/s, data-wait fraction) of mellow's own training loop over the measured updates."""
+    train.run(TrainConfig(store=store, dataset=dataset, run_dir=run_dir, batch_size=args.batch_size,
+                          max_updates=args.warmup + args.updates, log_every=1, val_every=0, save_every=0,
+                          data_cache=cache, data_workers=args.data_workers, tensorboard=False, wandb="off",
+                          lr=1e-4, warmup_updates=1, compile=args.compile, precision=args.precision), model)
+    rows = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row][args.warmup:]
+    seconds = rows[-1]["time"] - rows[0]["time"]
+    # log_every 1: each row's data_wait is a fraction of the time since the previous row
+    waited = sum(row["data_wait"] * (row["time"] - previous["time"]) for previous, row in zip(rows, rows[1:]))
+    return (len(rows) - 1) * args.batch_size / seconds, waited / seconds
+
+
+def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig, args: argparse.Namespace) -> float:
+    """samples/s when every batch's audio is decoded and encoded inside the loop."""
+    store = EmbeddingStore(store_path)
+    model, tokenizer = build_model(model_config, store.dim, seed=0)
+    examples = ExampleSet(load_examples(dataset, "train"), store, tokenizer, 96, seed=0)
+    optimizer = _optimizer(model, TrainConfig(lr=1e-4))
+    encoder = build_encoder(EncoderConfig(name="whisper-tiny", tokens=16))
+    config = PrecomputeConfig(dataset=dataset, encoder=encoder.config)
+    records = {r["id"]: r for r in read_jsonl(dataset / "audio.jsonl")}
+    clip_of_row = {r["row"]: r["id"] for r in store.index}
+    lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in examples.items]
+    order = micro_batches(lengths, args.batch_size, 0, 0, DistributedContext(0, 1, 0), 1)
+    model.train()
+    forward = torch.compile(model, dynamic=True) if args.compile else model
+    with ThreadPoolExecutor(2 * (os.cpu_count() or 1)) as pool:
+        for update in range(args.warmup + args.updates):
+            if update == args.warmup:
+                started = time.perf_counter()
+            epoch, indices = next(order)
+            batch = examples.batch(indices, epoch=epoch)  # text; its audio is replaced below
+            rows = sorted({row for i in indices for row in (examples.items[i].row1, examples.items[i].row2)
+                           if row >= 0})
+            decoded = pool.map(lambda row: decode_views(records[clip_of_row[row]], str(
+                dataset / records[clip_of_row[row]]["path"]), config, encoder.sample_rate)[0], rows)
+            waves, fractions = zip(*decoded)
+            embeddings, valid = encoder.encode(np.stack(waves), np.array(fractions))
+            position = {row: n for n, row in enumerate(rows)}
+            for slot, row_of in (("audio1", lambda item: item.row1), ("audio2", lambda item: item.row2)):
+                picked = [position.get(row_of(examples.items[i]), 0) for i in indices]
+                batch[slot] = torch.from_numpy(embeddings[picked]).float()
+                batch[f"{slot}_valid"] = torch.from_numpy(valid[picked].astype("int64"))
+            with mixed_precision(args.precision, torch.device("cpu")):
+                loss = forward(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return args.updates * args.batch_size / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decoder", default="tiny", help="tiny (the quickstart's 4 x 192) or smollm2-135m")
+    parser.add_argument("--decoder-mode", default="full", help="full, frozen or lora")
+    parser.add_argument("--clips", type=int, default=400, help="synthetic clips in the dataset")
+    parser.add_argument("--updates", type=int, default=30, help="updates measured in each loop")
+    parser.add_argument("--warmup", type=int, default=3, help="updates run first and not measured")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data-workers", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 autocast, in both loops")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops (the warmup "
+                                                                "updates must then cover compilation)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mellow-train-bench-"))
+    dataset = prepare.run(PrepareConfig(root=work / "datasets", num_clips=args.clips))
+    store = precompute.run(PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name="whisper-tiny", tokens=16),
+                                            store=StoreConfig(root=work / "shards"))).store_path
+    shape = dict(tiny_hidden=192, tiny_layers=4, tiny_heads=4) if args.decoder == "tiny" else {}
+    model = ModelConfig(decoder=args.decoder, decoder_mode=args.decoder_mode, **shape)
+    ram, ram_wait = from_store(store, dataset, work / "ram", model, args, "ram")
+    stream, stream_wait = from_store(store, dataset, work / "stream", model, args, "stream")
+    raw = raw_audio_loop(store, dataset, model, args)
+    parameters = sum(p.numel() for p in build_model(model, 384, 0)[0].parameters()) / 1e6
+    print(f"\nmodel {args.decoder} ({args.decoder_mode}, {parameters:.1f} M parameters), whisper-tiny 16 tokens, "
+          f"batch {args.batch_size}, {args.updates} updates measured, {os.cpu_count()} CPU cores, "
+          f"torch threads {torch.get_num_threads()}, data workers {args.data_workers}"
+          f"{', torch.compile' if args.compile else ''}, {args.precision}")
+    print(f"from the store, RAM cache           {ram:8.1f} samples/s, data wait {ram_wait:6.1%} of step time")
+    print(f"from the store, streamed from Zarr  {stream:8.1f} samples/s, data wait {stream_wait:6.1%} of step time")
+    print(f"raw audio in the loop               {raw:8.1f} samples/s (ffmpeg decode + whisper-tiny encode per batch)")
+    print(f"store / raw audio                   {ram / raw:8.1f} x (RAM cache), {stream / raw:.1f} x (streamed)")
+
+
+if __name__ == "__main__":
+    main()
