@@ -9,15 +9,29 @@ import pytest
 
 from mellow import precompute, prepare
 from mellow.encoders import EncoderConfig
+from mellow.files import read_jsonl
 from mellow.precompute import PrecomputeConfig
 from mellow.prepare import PrepareConfig
 from mellow.store import StoreConfig
+from mellow.train import TrainConfig
 
 # Training logs to W&B when wandb is installed (it is, as a dev dependency); tests that do not test it turn it
 # off, for them and the processes they start. tests/test_tracking.py runs it offline.
 os.environ["WANDB_MODE"] = "disabled"
 
 TINY_MODEL = {"decoder": "tiny", "tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2}
+
+
+def train_config(store: Path, dataset: Path, run_dir: Path, **overrides) -> TrainConfig:
+    """A short, seeded training config for tests; `overrides` replace any field."""
+    values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=8, batch_size=4, lr=3e-3,
+                  warmup_updates=2, val_every=0, save_every=4, log_every=1, seed=5)
+    return TrainConfig(**{**values, **overrides})
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """{update: training loss} from a run's metrics.jsonl."""
+    return {row["update"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,15 @@ def test_quickstart_runs_every_stage_and_prints_scores(tmp_path):
     assert list(run_dir.glob("step-*/eval-test/scores.json"))
     code, output = invoke("quickstart", "--root", tmp_path, "--num-clips", 20, "--updates", 3)
     assert code == 0 and "already prepared" in output  # a second run reuses every stage's output
+
+
+def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tmp_path):
+    """A SLURM log or a pipe cannot show a redrawn bar: plain lines say where the work is instead."""
+    completed = subprocess.run([sys.executable, "-m", "mellow.cli", "prepare", "--root", str(tmp_path),
+                                "--num-clips", "10"], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "MELLOW_LOG_SECONDS": "0"})
+    assert completed.returncode == 0, completed.stderr
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("writing audio ")]
+    assert re.search(r"^writing audio 5/10: elapsed \d+:\d\d:\d\d, eta \d+:\d\d:\d\d$", completed.stdout,
+                     re.MULTILINE), completed.stdout
+    assert len(lines) >= 10  # one a step at MELLOW_LOG_SECONDS=0, then rich's final bar

@@ -3,23 +3,20 @@ reader), and an offline W&B run; each shows every update once after a resume tha
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, train_config
 
 from mellow import train
 from mellow.files import read_jsonl, write_json_atomic
 from mellow.model import ModelConfig
-from mellow.train import TrainConfig
 
 
-def _config(store: Path, dataset: Path, run_dir: Path, **overrides) -> TrainConfig:
-    values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=6, batch_size=4, warmup_updates=2,
-                  val_every=3, save_every=3, log_every=1, seed=5, keep_last=5)
-    return TrainConfig(**{**values, **overrides})
+_config = functools.partial(train_config, max_updates=6, lr=1e-3, val_every=3, save_every=3, keep_last=5)
 
 
 def _killed_after_logging_update_5_then_resumed(store: Path, dataset: Path, run_dir: Path, **overrides) -> None:

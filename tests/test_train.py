@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, logged_losses, train_config
 
 from mellow import train
 from mellow.files import read_json, read_jsonl
 from mellow.model import ModelConfig
 from mellow.store import StoreConfig
-from mellow.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(store: Path, dataset: Path, run_dir: Path, **overrides) -> TrainConfig:
-    values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=8, batch_size=4, lr=3e-3,
-                  warmup_updates=2, val_every=4, save_every=4, log_every=1, seed=5)
-    return TrainConfig(**{**values, **overrides})
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {row["update"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
+_config = functools.partial(train_config, val_every=4)
 
 
 def test_train_writes_checkpoints_and_loss_falls(mel_store, tiny_dataset, tmp_path):
@@ -34,7 +27,7 @@ def test_train_writes_checkpoints_and_loss_falls(mel_store, tiny_dataset, tmp_pa
     result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=30, save_every=10, val_every=10,
                                keep_last=2), ModelConfig(**TINY_MODEL))
     assert result.updates == 30
-    losses = _losses(run_dir)
+    losses = logged_losses(run_dir)
     assert sum(list(losses.values())[-5:]) < sum(list(losses.values())[:5])
     latest = read_json(run_dir / "latest.json")
     assert latest == {"path": "step-000030", "update": 30}
@@ -58,7 +51,7 @@ def test_resume_after_a_stop_continues_with_the_same_losses_and_weights(mel_stor
     with open(stopped / "metrics.jsonl", "a") as handle:  # as if killed after logging an unsaved update
         handle.write('{"update": 4, "loss": 123.0}\n')
     train.run(_config(mel_store, tiny_dataset, stopped), model, resume=True)
-    expected, resumed = _losses(straight), _losses(stopped)
+    expected, resumed = logged_losses(straight), logged_losses(stopped)
     assert [resumed[u] for u in range(1, 9)] == [expected[u] for u in range(1, 9)]
     assert len(read_jsonl(stopped / "metrics.jsonl")) == len(read_jsonl(straight / "metrics.jsonl"))
     first = torch.load(straight / "step-000008" / "model.pt")
@@ -89,7 +82,7 @@ def test_torchrun_two_processes(mel_store, tiny_dataset, tmp_path):
     trainer = read_json(run_dir / "step-000006" / "trainer.json")
     assert trainer["world_size"] == 2
     assert (run_dir / "step-000006" / "rng-rank1.pt").is_file()
-    assert len(_losses(run_dir)) == 6
+    assert len(logged_losses(run_dir)) == 6
     assert completed.stdout.count("trained ") == 1  # only rank 0 prints
 
 

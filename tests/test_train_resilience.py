@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, logged_losses
 
 from mellow.files import read_json, read_jsonl
 
@@ -94,10 +94,6 @@ def _fake_scontrol(folder: Path) -> dict:
     return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {row["update"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
-
-
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / read_json(run_dir / "latest.json")["path"] / "model.pt")
 
@@ -117,7 +113,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_losses_and_weights(mel_stor
     assert 8 <= saved < 24, saved
     output = _run(_resume(killed, processes=processes))
     assert f"from update {saved}" in output and f"epoch 0, micro-batch {saved} of it" in output
-    assert _losses(killed) == _losses(straight) and len(_losses(straight)) == 24
+    assert logged_losses(killed) == logged_losses(straight) and len(logged_losses(straight)) == 24
     first, second = _weights(straight), _weights(killed)
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
     for rank in range(processes):  # every rank's random states are in the checkpoint
@@ -138,7 +134,7 @@ def test_resume_at_another_world_size_continues_the_data_order(mel_store, tiny_d
     _run(_command(mel_store, tiny_dataset, changed, *extra, "--train.stop_after=5", processes=2))
     output = _run(_resume(changed, processes=1))
     assert "resuming a run saved by 2 process(es) with 1" in output and "not bitwise" in output
-    expected, resumed = _losses(straight), _losses(changed)
+    expected, resumed = logged_losses(straight), logged_losses(changed)
     assert [resumed[u] for u in range(1, 6)] == [expected[u] for u in range(1, 6)]
     # the same examples and weights at update 6: only the order of floating-point sums differs
     assert resumed[6] == pytest.approx(expected[6], rel=1e-5)
@@ -157,7 +153,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_update_and_requeues(mel_sto
     assert code == 0, output[-3000:]
     assert "stopped early (another rank received a stop signal)" in output
     latest = read_json(run_dir / "latest.json")["update"]
-    assert 3 <= latest < 5000 and max(_losses(run_dir)) == latest  # saved where it stopped
+    assert 3 <= latest < 5000 and max(logged_losses(run_dir)) == latest  # saved where it stopped
     assert {p.name for p in (run_dir / f"step-{latest:06d}").glob("rng-rank*.pt")} == {"rng-rank0.pt",
                                                                                         "rng-rank1.pt"}
     assert (tmp_path / "bin" / "calls.txt").read_text().split() == ["requeue", "4242"]
@@ -172,7 +168,7 @@ def test_sigterm_stops_a_single_process_cleanly(mel_store, tiny_dataset, tmp_pat
     code, output = _finish(process)
     assert code == 0 and "stopped early (received SIGTERM)" in output and "Traceback" not in output
     latest = read_json(run_dir / "latest.json")["update"]
-    assert max(_losses(run_dir)) == latest and f"--resume --train.run_dir {run_dir}" in output.replace("\n", "")
+    assert max(logged_losses(run_dir)) == latest and f"--resume --train.run_dir {run_dir}" in output.replace("\n", "")
 
 
 def test_time_limits_stop_early_enough_to_save(mel_store, tiny_dataset, tmp_path):
@@ -183,7 +179,7 @@ def test_time_limits_stop_early_enough_to_save(mel_store, tiny_dataset, tmp_path
     assert "stopped early (time limit:" in output
     run_seconds = float(output.split("saved; last loss")[1].split(" in ")[1].split(" s")[0])
     assert run_seconds <= 6.0 and time.time() - started < 60
-    assert read_json(run_dir / "latest.json")["update"] == max(_losses(run_dir)) > 10
+    assert read_json(run_dir / "latest.json")["update"] == max(logged_losses(run_dir)) > 10
     # a SLURM job's end time counts the same way, and the job requeues itself
     end = time.time() + 16
     env = _env(**_fake_scontrol(tmp_path / "bin"), SLURM_JOB_END_TIME=str(end))

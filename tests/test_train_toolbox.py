@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, logged_losses, train_config
 
 from mellow import train
 from mellow.checkpoint import find_checkpoint, load_trained_model
@@ -19,23 +19,13 @@ from mellow.store import EmbeddingStore
 from mellow.train import TrainConfig, _optimizer, _schedule
 
 
-def _config(store: Path, dataset: Path, run_dir: Path, **overrides) -> TrainConfig:
-    values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=8, batch_size=4, lr=3e-3,
-                  warmup_updates=2, val_every=0, save_every=4, log_every=1, seed=5)
-    return TrainConfig(**{**values, **overrides})
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {row["update"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
-
-
 def _stop_and_resume_equals_straight(store: Path, dataset: Path, root: Path, model: ModelConfig,
                                      **overrides) -> tuple[Path, Path]:
     straight, stopped = root / "straight", root / "stopped"
-    train.run(_config(store, dataset, straight, **overrides), model)
-    train.run(_config(store, dataset, stopped, stop_after=3, **overrides), model)
-    train.run(_config(store, dataset, stopped, **overrides), model, resume=True)
-    assert _losses(stopped) == _losses(straight) and len(_losses(straight)) == 8
+    train.run(train_config(store, dataset, straight, **overrides), model)
+    train.run(train_config(store, dataset, stopped, stop_after=3, **overrides), model)
+    train.run(train_config(store, dataset, stopped, **overrides), model, resume=True)
+    assert logged_losses(stopped) == logged_losses(straight) and len(logged_losses(straight)) == 8
     first, second = (torch.load(find_checkpoint(run) / "model.pt") for run in (straight, stopped))
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
     return straight, stopped
@@ -96,7 +86,7 @@ def test_lora_trains_adapters_and_projector_only_resumes_exactly_and_reloads(mel
 def test_mixed_precision_trains_and_resumes_exactly(mel_store, tiny_dataset, tmp_path, precision):
     straight, _ = _stop_and_resume_equals_straight(mel_store, tiny_dataset, tmp_path, ModelConfig(**TINY_MODEL),
                                                    precision=precision)
-    assert all(math.isfinite(loss) for loss in _losses(straight).values())
+    assert all(math.isfinite(loss) for loss in logged_losses(straight).values())
     scaler = torch.load(find_checkpoint(straight) / "optimizer.pt", weights_only=False)["scaler"]
     assert (scaler.get("scale", 0) > 0) == (precision == "fp16")  # the fp16 scaler state is saved
     weights = torch.load(find_checkpoint(straight) / "model.pt")
@@ -114,7 +104,7 @@ def test_an_update_with_non_finite_gradients_is_skipped(mel_store, tiny_dataset,
 
     monkeypatch.setattr(MellowModel, "forward", poisoned)
     run_dir = tmp_path / "run"
-    train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, save_every=1, keep_last=10),
+    train.run(train_config(mel_store, tiny_dataset, run_dir, max_updates=4, save_every=1, keep_last=10),
               ModelConfig(**TINY_MODEL))
     before, after = (torch.load(run_dir / f"step-{update:06d}" / "model.pt") for update in (2, 3))
     assert all(torch.equal(before[key], after[key]) for key in before)  # update 3 changed nothing
@@ -139,6 +129,25 @@ def test_schedule_warms_up_decays_by_cosine_and_cools_down_to_zero():
         TrainConfig(max_updates=20, warmup_updates=10, cooldown_updates=15)
 
 
+def test_gradient_accumulation_equals_the_whole_batch_at_once(mel_store, tiny_dataset, tmp_path):
+    """Two micro-batches of 4 accumulated give the update one batch of the same 8 examples gives (unbucketed
+    order: the same examples in each update), and the loss and gradient norm logged for it."""
+    model = ModelConfig(**TINY_MODEL, projector_dropout=0.0)
+    rows = {}
+    for accumulate in (1, 2):
+        run_dir = tmp_path / f"accumulate-{accumulate}"
+        train.run(train_config(mel_store, tiny_dataset, run_dir, max_updates=3, batch_size=8, grad_accum=accumulate,
+                               length_buckets=1, save_every=3), model)
+        rows[accumulate] = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
+    assert [row["update"] for row in rows[1]] == [row["update"] for row in rows[2]] == [1, 2, 3]
+    for whole, accumulated in zip(rows[1], rows[2]):
+        assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+        assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    first, second = (load_trained_model(find_checkpoint(tmp_path / f"accumulate-{a}"), torch.device("cpu"))[0].state_dict()
+                     for a in (1, 2))
+    assert all(torch.allclose(first[key], second[key], atol=1e-5) for key in first)
+
+
 def test_projector_and_decoder_get_their_own_learning_rates(mel_store):
     from mellow.model import build_model
 
@@ -155,15 +164,15 @@ def test_projector_and_decoder_get_their_own_learning_rates(mel_store):
 @pytest.mark.slow
 def test_torch_compile_trains(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, compile=True),
+    result = train.run(train_config(mel_store, tiny_dataset, run_dir, max_updates=4, compile=True),
                        ModelConfig(**TINY_MODEL))
-    assert result.updates == 4 and all(math.isfinite(loss) for loss in _losses(run_dir).values())
+    assert result.updates == 4 and all(math.isfinite(loss) for loss in logged_losses(run_dir).values())
 
 
 @pytest.mark.parametrize("metric", ["val_loss", "val_accuracy"])
 def test_best_checkpoint_follows_the_configured_metric(mel_store, tiny_dataset, tmp_path, metric):
     run_dir = tmp_path / "run"
-    result = train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=12, val_every=3, val_examples=16,
+    result = train.run(train_config(mel_store, tiny_dataset, run_dir, max_updates=12, val_every=3, val_examples=16,
                                best_metric=metric, keep_last=10), ModelConfig(**TINY_MODEL))
     values = {row["update"]: row[metric] for row in read_jsonl(run_dir / "metrics.jsonl") if metric in row}
     assert sorted(values) == [3, 6, 9, 12]
@@ -184,7 +193,7 @@ def test_init_from_starts_a_new_run_from_trained_weights(mel_store, tiny_dataset
 
     first, second = tmp_path / "first", tmp_path / "second"
     full = ModelConfig(decoder=f"hf:{decoder_dir}", decoder_mode="full")
-    train.run(_config(mel_store, tiny_dataset, first, max_updates=8), full)
+    train.run(train_config(mel_store, tiny_dataset, first, max_updates=8), full)
     trained = torch.load(find_checkpoint(first) / "model.pt")
     result = CliRunner().invoke(app, [
         "train", f"--train.store={mel_store}", f"--train.dataset={tiny_dataset}", f"--train.run_dir={second}",
@@ -203,6 +212,6 @@ def test_init_from_starts_a_new_run_from_trained_weights(mel_store, tiny_dataset
     base = model.language_model.get_parameter("model.layers.0.self_attn.q_proj.base_layer.weight")
     assert torch.equal(base, trained["language_model.model.layers.0.self_attn.q_proj.weight"])
     # losses start where the first run ended, far below a fresh start
-    assert _losses(second)[1] < _losses(first)[1]
+    assert logged_losses(second)[1] < logged_losses(first)[1]
     with pytest.raises(ValueError, match="trained with decoder"):
-        train.run(_config(mel_store, tiny_dataset, tmp_path / "third", init_from=first), ModelConfig(**TINY_MODEL))
+        train.run(train_config(mel_store, tiny_dataset, tmp_path / "third", init_from=first), ModelConfig(**TINY_MODEL))
