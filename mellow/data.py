@@ -21,7 +21,7 @@ import zarr
 
 from mellow.files import read_jsonl
 from mellow.progress import console
-from mellow.store import EmbeddingStore
+from mellow.store import EmbeddingStore, with_view_axis
 
 
 class RowsInMemory:
@@ -46,8 +46,7 @@ class RowsFromZarr:
     def read(self, rows: np.ndarray) -> np.ndarray:
         if self._opened is None or self._opened[0] != os.getpid():  # a forked worker opens its own
             self._opened = (os.getpid(), zarr.open_group(self.path, mode="r")["emb"])
-        emb = self._opened[1].get_orthogonal_selection(np.asarray(rows))
-        return emb if emb.ndim == 4 else emb[:, None]
+        return with_view_axis(self._opened[1].get_orthogonal_selection(np.asarray(rows)), 4)
 
 
 def embedding_rows(store: EmbeddingStore, cache: str, ram_limit_gb: float) -> RowsInMemory | RowsFromZarr:

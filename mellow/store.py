@@ -285,6 +285,11 @@ class StoreWriter:
         return meta
 
 
+def with_view_axis(array: np.ndarray, ndim: int) -> np.ndarray:
+    """A one-view store's rows ((N, T, D) embeddings, (N,) valid counts) with the view axis V = 1 added."""
+    return array if array.ndim == ndim else array[:, None]
+
+
 class EmbeddingStore:
     """Read side of a finished store (training, eval). Only complete stores open."""
 
@@ -320,15 +325,13 @@ class EmbeddingStore:
 
     def load_all_valid(self) -> np.ndarray:
         """Valid token counts (N, V) int16 (V = 1 for a one-view store)."""
-        valid = self.valid[:]
-        return valid if valid.ndim == 2 else valid[:, None]
+        return with_view_axis(self.valid[:], 2)
 
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All embeddings (N, V, T, D) float16 and valid token counts (N, V), read shard by shard (sequential
         I/O). A one-view store (stored as (N, T, D)) gets V = 1; a view with 0 valid tokens does not exist
         (the clip was too short for it)."""
-        emb = self.emb[:]
-        return (emb if emb.ndim == 4 else emb[:, None]), self.load_all_valid()
+        return with_view_axis(self.emb[:], 4), self.load_all_valid()
 
     def check_fingerprint(self, expected: dict, what: str) -> None:
         differences = describe_differences(expected, self.fingerprint)
