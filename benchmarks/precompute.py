@@ -34,7 +34,8 @@ def decode_all(records: list[dict], config: PrecomputeConfig, sample_rate: int,
                workers: int) -> tuple[list[np.ndarray], np.ndarray]:
     """The pipeline's own decode step (ffmpeg, checks, crop) for every clip, in the same kind of pool."""
     def one(record: dict) -> tuple[np.ndarray, float]:
-        return precompute.decode_views(record, str(config.dataset / record["path"]), config, sample_rate)[0]
+        return precompute.decode_views(record, str(config.dataset / record["path"]), config.encoder,
+                                        config.min_seconds, sample_rate)[0]
 
     with ThreadPoolExecutor(workers) as pool:
         decoded = list(pool.map(one, records))

@@ -69,8 +69,9 @@ def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig, a
             batch = examples.batch(indices, epoch=epoch)  # text; its audio is replaced below
             rows = sorted({row for i in indices for row in (examples.items[i].row1, examples.items[i].row2)
                            if row >= 0})
-            decoded = pool.map(lambda row: decode_views(records[clip_of_row[row]], str(
-                dataset / records[clip_of_row[row]]["path"]), config, encoder.sample_rate)[0], rows)
+            decoded = pool.map(lambda row: decode_views(
+                records[clip_of_row[row]], str(dataset / records[clip_of_row[row]]["path"]), config.encoder,
+                config.min_seconds, encoder.sample_rate)[0], rows)
             waves, fractions = zip(*decoded)
             embeddings, valid = encoder.encode(np.stack(waves), np.array(fractions))
             position = {row: n for n, row in enumerate(rows)}

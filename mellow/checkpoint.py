@@ -146,10 +146,10 @@ def initialise_from(source: Path, model: MellowModel) -> int:
 
 def check_base_decoder(checkpoint: Path, trainer: dict) -> None:
     """A checkpoint that does not hold the decoder's own weights must be loaded onto the same base decoder."""
-    saved = trainer["base_decoder"]
     model = trainer["config"]["model"]
     if model["decoder_mode"] == "full":
         return  # model.pt holds the whole decoder
+    saved = trainer.get("base_decoder", "not recorded (a checkpoint older than mellow's base-decoder check)")
     current = decoder_reference(model["decoder"], trainer["config"]["train"]["seed"])
     if current != saved:
         raise ValueError(f"{checkpoint} holds only the trained parts of a model whose base decoder was {saved}; "

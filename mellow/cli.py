@@ -11,7 +11,8 @@ import typer
 import yaml
 from rich.markup import escape
 
-from mellow.audio import FfmpegNotFoundError
+from mellow.ask import AskConfig
+from mellow.audio import AudioDecodeError, FfmpegNotFoundError
 from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted
 from mellow.distributed import PeerLostError
 from mellow.encoders import EncoderConfig
@@ -42,7 +43,8 @@ def friendly_errors(command):
         except (TooManyFailuresError, PeerLostError) as error:
             console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(code=1) from None
-        except (ValueError, FileNotFoundError, TimeoutError, FfmpegNotFoundError, StoreMismatchError) as error:
+        except (ValueError, FileNotFoundError, TimeoutError, FfmpegNotFoundError, StoreMismatchError,
+                AudioDecodeError) as error:
             console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(code=2) from None
     return wrapper
@@ -198,6 +200,7 @@ def eval_command(
     dataset: Optional[Path] = cli_option(EvalConfig, "dataset"),
     batch_size: int = cli_option(EvalConfig, "batch_size"),
     max_new_tokens: int = cli_option(EvalConfig, "max_new_tokens"),
+    beams: int = cli_option(EvalConfig, "beams"),
     max_examples: int = cli_option(EvalConfig, "max_examples"),
     device: str = cli_option(EvalConfig, "device"),
 ) -> None:
@@ -205,6 +208,33 @@ def eval_command(
     from mellow import evaluate
 
     evaluate.run(EvalConfig(**{k: v for k, v in locals().items() if k != "evaluate"}))
+
+
+@app.command("ask")
+@friendly_errors
+def ask_command(
+    inputs: list[str] = typer.Argument(..., metavar="AUDIO1 [AUDIO2] PROMPT",
+                                       help="One or two audio files (any format ffmpeg reads), then the prompt."),
+    checkpoint: Path = typer.Option(..., help="A training run folder (its latest or best checkpoint) or one "
+                                              "checkpoint folder."),
+    which: str = cli_option(AskConfig, "which"),
+    beams: int = cli_option(AskConfig, "beams"),
+    max_new_tokens: int = cli_option(AskConfig, "max_new_tokens"),
+    device: str = cli_option(AskConfig, "device"),
+) -> None:
+    """Answer a prompt about one or two audio files with a trained checkpoint.
+
+    The audio is decoded and encoded on the fly with the encoder and preprocessing of the checkpoint's store
+    (checked by fingerprint). Example: mellow ask a.wav b.wav "Which one is louder?" --checkpoint checkpoints/run
+    """
+    from mellow import ask
+
+    if len(inputs) < 2:
+        raise ValueError("give one or two audio files and then the prompt, e.g. mellow ask clip.wav "
+                         "\"Describe the audio.\" --checkpoint checkpoints/<run>")
+    config = AskConfig(checkpoint=checkpoint, which=which, beams=beams, max_new_tokens=max_new_tokens, device=device)
+    answer = ask.ask(config, [Path(path) for path in inputs[:-1]], inputs[-1])
+    print(answer)
 
 
 store_app = typer.Typer(help="Inspect and check embedding stores.", no_args_is_help=True)

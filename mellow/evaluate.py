@@ -33,14 +33,15 @@ class EvalConfig:
     dataset: Path | None = setting(None, "Dataset folder with <split>.jsonl (default: the training one).")
     batch_size: int = setting(64, "Examples generated together.")
     max_new_tokens: int = setting(48, "Longest answer generated, in tokens.")
+    beams: int = setting(1, "Beam width: 1 is greedy decoding (what the scores in the README use).")
     max_examples: int = setting(0, "Score only the first N examples of the split (0: all).")
     device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
 
     def __post_init__(self) -> None:
         if self.which not in ("latest", "best"):
             raise ValueError(f"--which {self.which!r} must be latest or best")
-        if self.batch_size < 1 or self.max_new_tokens < 1 or self.max_examples < 0:
-            raise ValueError("--batch-size and --max-new-tokens must be >= 1, --max-examples >= 0")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.beams < 1 or self.max_examples < 0:
+            raise ValueError("--batch-size, --max-new-tokens and --beams must be >= 1, --max-examples >= 0")
         if not self.run.exists():
             raise ValueError(f"--run {self.run}: no such folder; pass a run folder made by 03_train")
 
@@ -83,7 +84,8 @@ def validate_args(config: EvalConfig) -> tuple[Path, EmbeddingStore, list[dict]]
 
 
 def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, device: torch.device) -> list[str]:
-    """Greedy answers for every example, batched; examples are sorted by prompt length to limit padding."""
+    """Answers for every example (greedy or beam search), batched; examples are sorted by prompt length to
+    limit padding."""
     order = sorted(range(len(example_set)), key=lambda i: len(example_set.items[i].prompt_ids))
     predictions = [""] * len(order)
     with progress_bar() as progress:
@@ -91,7 +93,7 @@ def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, 
         for start in range(0, len(order), config.batch_size):
             indices = order[start : start + config.batch_size]
             batch = move_to(example_set.batch(indices, for_generation=True), device)
-            outputs = model.generate(batch, config.max_new_tokens, tokenizer.eos_token_id)
+            outputs = model.generate(batch, config.max_new_tokens, tokenizer.eos_token_id, num_beams=config.beams)
             for index, tokens in zip(indices, outputs):
                 predictions[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             progress.advance(task, len(indices))

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationConfig
 
 from mellow.config import setting
 from mellow.decoders import load_decoder, load_tokenizer, validate_decoder_name
@@ -129,27 +130,16 @@ class MellowModel(nn.Module):
         return (per_example / scored.sum(dim=1).clamp(min=1)).mean()
 
     @torch.inference_mode()
-    def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
-        """Batched greedy decoding with a KV cache. The prompt text must be left-padded."""
-        embeds, mask, position_ids = self.build_inputs(batch)
-        output = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                     use_cache=True, logits_to_keep=1)
-        finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
-        next_position = position_ids[:, -1:] + 1  # (B, 1)
-        generated: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            next_token = output.logits[:, -1].argmax(dim=-1)  # (B,)
-            next_token = torch.where(finished, eos_token_id, next_token)
-            generated.append(next_token)
-            finished |= next_token == eos_token_id
-            if finished.all():
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            output = self.language_model(input_ids=next_token[:, None], attention_mask=mask,
-                                         position_ids=next_position, past_key_values=output.past_key_values,
-                                         use_cache=True)
-            next_position = next_position + 1
-        tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(embeds.shape[0])]
+    def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,
+                 num_beams: int = 1) -> list[list[int]]:
+        """Batched greedy (num_beams 1) or beam-search decoding with a KV cache, by transformers' `generate` on
+        the audio + prompt embeddings; each answer stops at EOS or max_new_tokens. The prompt text must be
+        left-padded. Returns the answer token ids of every example, without the EOS."""
+        embeds, mask, _ = self.build_inputs(batch)  # generate derives the same positions from the mask
+        settings = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                    eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        tokens = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                              generation_config=settings).tolist()  # (B, new tokens)
         return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:

@@ -171,7 +171,7 @@ def view_offsets(duration: float, clip_seconds: float, views: int, crop: CropPol
     return [index * (duration - clip_seconds) / (count - 1) for index in range(count)]
 
 
-def decode_views(record: dict, source: Source, config: PrecomputeConfig,
+def decode_views(record: dict, source: Source, encoder: EncoderConfig, min_seconds: float,
                  sample_rate: int) -> list[tuple[np.ndarray, float]]:
     """Decode the crops of a clip that the store keeps, fitted to clip_seconds: [(waveform, valid fraction)].
 
@@ -182,7 +182,7 @@ def decode_views(record: dict, source: Source, config: PrecomputeConfig,
     """
     if isinstance(source, Exception):
         raise source
-    clip_seconds, crop, views = config.encoder.clip_seconds, config.encoder.crop, config.encoder.views
+    clip_seconds, crop, views = encoder.clip_seconds, encoder.crop, encoder.views
     duration, name = record.get("duration"), record["path"]
     if duration is None and (crop == "center" or views > 1):
         whole = decode_audio(source, sample_rate, name=name)
@@ -196,8 +196,8 @@ def decode_views(record: dict, source: Source, config: PrecomputeConfig,
     if all(float(np.abs(wave).max()) == 0.0 for wave in waves):
         raise AudioDecodeError(f"{name}: all samples are zero (digital silence)")
     seconds = waves[0].shape[0] / sample_rate
-    if seconds < config.min_seconds:
-        raise AudioDecodeError(f"{name}: {seconds:.3f} s of audio, shorter than --min-seconds {config.min_seconds}")
+    if seconds < min_seconds:
+        raise AudioDecodeError(f"{name}: {seconds:.3f} s of audio, shorter than --min-seconds {min_seconds}")
     for offset, wave in zip(offsets, waves):
         expected = min(duration - offset, clip_seconds) if duration else 0.0
         if wave.shape[0] / sample_rate < 0.9 * expected - 0.05:
@@ -212,7 +212,8 @@ def _decoded_ahead(pool: ThreadPoolExecutor, sources: Iterator[tuple[int, dict, 
     ahead: deque[tuple[int, Future]] = deque()
     limit = 4 * config.encoder.batch_size
     for position, record, source in sources:
-        ahead.append((position, pool.submit(decode_views, record, source, config, encoder.sample_rate)))
+        ahead.append((position, pool.submit(decode_views, record, source, config.encoder, config.min_seconds,
+                                               encoder.sample_rate)))
         if len(ahead) >= limit:
             yield ahead.popleft()
     yield from ahead

@@ -78,13 +78,29 @@ def test_loss_is_on_answer_tokens_only_and_ignores_batch_padding(tiny):
         model.loss_weighting = "example"
 
 
-def test_greedy_generation_is_batch_invariant(tiny):
-    model, examples = tiny
+@pytest.fixture(scope="module")
+def trained(mel_store, tiny_dataset, tmp_path_factory):
+    """A tiny model trained for 60 updates: its answers depend on the prompt (an untrained one says the same
+    thing to everything, which would make generation tests pass vacuously)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=60, batch_size=8,
+                          lr=1e-2, warmup_updates=2, val_every=0, save_every=60), ModelConfig(**TINY_MODEL))
+    model, tokenizer, _ = load_trained_model(find_checkpoint(run_dir), torch.device("cpu"))
+    store = EmbeddingStore(mel_store)
+    return model, ExampleSet(load_examples(tiny_dataset, "train"), store, tokenizer, max_text_tokens=96)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generation_is_batch_invariant(trained, beams):
+    """Left padding of the prompt and masked audio padding change nothing: each answer is the one the example
+    gets alone, greedy and in beam search."""
+    model, examples = trained
     eos = examples.tokenizer.eos_token_id
     indices = list(range(6))
-    together = model.generate(examples.batch(indices, for_generation=True), 6, eos)
-    alone = [model.generate(examples.batch([i], for_generation=True), 6, eos)[0] for i in indices]
+    together = model.generate(examples.batch(indices, for_generation=True), 6, eos, num_beams=beams)
+    alone = [model.generate(examples.batch([i], for_generation=True), 6, eos, num_beams=beams)[0] for i in indices]
     assert together == alone
+    assert len({tuple(answer) for answer in together}) > 1  # the answers depend on the input
 
 
 def test_local_decoder_folder_frozen_mode_saves_only_trainable_parts(mel_store, tiny_dataset, tmp_path):

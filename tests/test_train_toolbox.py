@@ -143,8 +143,8 @@ def test_gradient_accumulation_equals_the_whole_batch_at_once(mel_store, tiny_da
     for whole, accumulated in zip(rows[1], rows[2]):
         assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-5)
         assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
-    first, second = (load_trained_model(find_checkpoint(tmp_path / f"accumulate-{a}"), torch.device("cpu"))[0].state_dict()
-                     for a in (1, 2))
+    first, second = (load_trained_model(find_checkpoint(tmp_path / f"accumulate-{a}"),
+                                        torch.device("cpu"))[0].state_dict() for a in (1, 2))
     assert all(torch.allclose(first[key], second[key], atol=1e-5) for key in first)
 
 

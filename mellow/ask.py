@@ -1,0 +1,94 @@
+"""`mellow ask`: a trained checkpoint answers a prompt about one or two audio files.
+
+The files are decoded by ffmpeg and encoded on the fly by the encoder the checkpoint's store was made with,
+with the same preprocessing (clip length, crop, the first of its views, token pooling); the encoder found now
+must have the fingerprint the store recorded, so the model sees audio exactly as it did in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mellow.checkpoint import find_checkpoint, load_trained_model
+from mellow.config import describe_differences, setting
+from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
+from mellow.precompute import decode_views
+from mellow.progress import console
+from mellow.store import StoreMismatchError
+
+
+@dataclass
+class AskConfig:
+    checkpoint: Path = setting(Path("checkpoints/run"), "A training run folder (its latest or best checkpoint) "
+                                                        "or one checkpoint folder.")
+    which: str = setting("latest", "Checkpoint of a run folder to use: latest or best.")
+    beams: int = setting(1, "Beam width: 1 is greedy decoding.")
+    max_new_tokens: int = setting(48, "Longest answer, in tokens.")
+    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+
+    def __post_init__(self) -> None:
+        if self.which not in ("latest", "best"):
+            raise ValueError(f"--which {self.which!r} must be latest or best")
+        if self.beams < 1 or self.max_new_tokens < 1:
+            raise ValueError("--beams and --max-new-tokens must be >= 1")
+        if not self.checkpoint.exists():
+            raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
+
+
+def encoder_of_store(fingerprint: dict, device: str) -> AudioEncoder:
+    """The encoder that made a store of `fingerprint`, rebuilt here; refused if its weights or settings differ."""
+    config = EncoderConfig(name=fingerprint["encoder"], clip_seconds=fingerprint["clip_seconds"],
+                           crop=fingerprint["crop"], tokens=fingerprint["tokens"], views=fingerprint.get("views", 1),
+                           device=device, batch_size=2)
+    encoder = build_encoder(config)
+    differences = describe_differences({"views": 1, **fingerprint}, encoder.fingerprint())
+    if differences:
+        raise StoreMismatchError("the encoder found now is not the one the checkpoint's store was made with:\n  "
+                                 + "\n  ".join(differences))
+    return encoder
+
+
+def encode_files(encoder: AudioEncoder, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (N, T, D) float32 and valid token counts (N,) of the first view the store would keep of each
+    file. Unreadable, empty or silent files raise AudioDecodeError naming the file."""
+    decoded = [decode_views({"path": str(path)}, str(path), encoder.config, 0.0, encoder.sample_rate)[0]
+               for path in paths]
+    waves, fractions = zip(*decoded)
+    embeddings, valid = encoder.encode(np.stack(waves), np.array(fractions))
+    return torch.from_numpy(embeddings).float(), torch.from_numpy(valid.astype(np.int64))
+
+
+def prompt_batch(tokenizer, audio: torch.Tensor, valid: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
+    """A one-example generation batch, built as ExampleSet.batch builds one (the prompt ends with a newline)."""
+    input_ids = torch.tensor([tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]])
+    two = audio.shape[0] == 2
+    return {"audio1": audio[:1], "audio1_valid": valid[:1],
+            "audio2": audio[1:2] if two else torch.zeros_like(audio[:1]),
+            "audio2_valid": valid[1:2] if two else torch.zeros_like(valid[:1]),
+            "has_audio2": torch.tensor([two]), "input_ids": input_ids, "text_mask": torch.ones_like(input_ids)}
+
+
+def ask(config: AskConfig, audio_files: list[Path], prompt: str) -> str:
+    """The checkpoint's answer to `prompt` about one or two audio files."""
+    if not 1 <= len(audio_files) <= 2:
+        raise ValueError(f"give one or two audio files before the prompt, not {len(audio_files)}")
+    for path in audio_files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such audio file")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty; ask something, e.g. \"Describe the audio.\"")
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if config.device == "auto" else config.device)
+    checkpoint = find_checkpoint(config.checkpoint, config.which)
+    model, tokenizer, trainer = load_trained_model(checkpoint, device)
+    encoder = encoder_of_store(trainer["store_fingerprint"], str(device))
+    audio, valid = encode_files(encoder, audio_files)
+    batch = {key: value.to(device) for key, value in prompt_batch(tokenizer, audio, valid, prompt).items()}
+    tokens = model.generate(batch, config.max_new_tokens, tokenizer.eos_token_id, num_beams=config.beams)[0]
+    console.print(f"[dim]{checkpoint} (update {trainer['update']}), {encoder.config.name}, "
+                  f"{'greedy' if config.beams == 1 else f'beam {config.beams}'}[/]", highlight=False)
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
