@@ -37,6 +37,10 @@ class ModelConfig:
     tiny_layers: int = setting(4, "Layers of the tiny decoder.")
     tiny_heads: int = setting(4, "Attention heads of the tiny decoder.")
     projector_dropout: float = setting(0.1, "Dropout inside the audio projector.")
+    audio_scale: Literal["unit", "embeddings"] = setting(
+        "unit", "Initial size of the projected audio tokens: unit (the LayerNorm's gain starts at 1, as in Mellow) "
+        "or embeddings (the gain starts at the RMS of the decoder's token embeddings, so audio tokens enter a "
+        "pretrained decoder at the size its text tokens do; SmolLM2's are ~7x smaller than unit).")
     loss_weighting: Literal["example", "token"] = setting(
         "example", "example: every example weighs the same (a yes/no answer as much as a long caption); "
         "token: every answer token weighs the same.")
@@ -56,6 +60,8 @@ class ModelConfig:
             raise ValueError(f"--model.tiny_hidden {self.tiny_hidden} must be divisible by --model.tiny_heads")
         if self.loss_weighting not in ("example", "token"):
             raise ValueError(f"--model.loss_weighting {self.loss_weighting!r} must be example or token")
+        if self.audio_scale not in ("unit", "embeddings"):
+            raise ValueError(f"--model.audio_scale {self.audio_scale!r} must be unit or embeddings")
         if not 0.0 <= self.projector_dropout < 1.0:
             raise ValueError(f"--model.projector_dropout {self.projector_dropout} must be in [0, 1)")
 
@@ -172,6 +178,10 @@ def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[M
     elif model_config.decoder_mode == "frozen":
         language_model.requires_grad_(False)
     model = MellowModel(language_model, audio_dim, model_config.projector_dropout, model_config.loss_weighting)
+    if model_config.audio_scale == "embeddings":
+        with torch.no_grad():
+            embeddings = language_model.get_input_embeddings().weight  # (V, H)
+            model.audio_projector.layer_norm.weight.fill_(embeddings.float().pow(2).mean().sqrt().item())
     return model, tokenizer
 
 

@@ -153,3 +153,20 @@ def test_bundled_smollm2_converts_from_gguf_speaks_and_trains_frozen(mel_store, 
     assert torch.isfinite(loss)
     assert model.audio_projector.linear1.weight.grad is not None
     assert all(p.grad is None for p in model.language_model.parameters())
+
+
+def test_audio_scale_embeddings_makes_audio_tokens_as_large_as_text_tokens(tiny):
+    _, examples = tiny
+    batch = examples.batch([0, 1, 2])
+    sizes = {}
+    for scale in ("unit", "embeddings"):
+        model, _ = build_model(ModelConfig(**TINY_MODEL, audio_scale=scale), batch["audio1"].shape[-1], seed=0)
+        text_rms = model.language_model.get_input_embeddings().weight.pow(2).mean().sqrt().item()
+        with torch.no_grad():
+            audio_rms = model.eval().get_audio_features(batch["audio1"]).pow(2).mean().sqrt().item()
+        sizes[scale] = (audio_rms, text_rms)
+    assert sizes["unit"][0] == pytest.approx(1.0, rel=0.02)  # LayerNorm output, gain 1
+    audio_rms, text_rms = sizes["embeddings"]
+    assert text_rms < 0.1 and audio_rms == pytest.approx(text_rms, rel=0.02)
+    with pytest.raises(ValueError, match="audio_scale 'big' must be unit or embeddings"):
+        ModelConfig(audio_scale="big")
