@@ -365,7 +365,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             "train_split_sha256": sha256_file(split_path(train)),
             "initialised_from": str(initial) if initial else None}
     window_loss, window_start, last_loss, stop_reason, validation_seconds = 0.0, time.time(), float("nan"), None, 0.0
-    window_wait = 0.0  # seconds of the log window spent waiting for batches
+    window_wait, window_updates = 0.0, 0  # seconds of the log window spent waiting for batches; its updates
 
     def save(is_best: bool) -> None:
         started = time.time()
@@ -400,17 +400,18 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.update += 1
+            window_updates += 1
             if state.update % train.log_every == 0 or state.update == stop_at:
-                count = train.log_every if state.update % train.log_every == 0 else state.update % train.log_every
-                last_loss = distributed.mean_across_ranks(window_loss / count, device)
+                # a window may be shorter than log_every: the first one after resuming at update 689 has one
+                last_loss = distributed.mean_across_ranks(window_loss / window_updates, device)
                 window = time.time() - window_start
-                rate = count * train.batch_size / window
+                rate = window_updates * train.batch_size / window
                 tracker.log({"update": state.update, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                              "grad_norm": float(grad_norm), "samples_per_s": rate, "data_wait": window_wait / window,
                              "skipped_updates": state.skipped_updates, "peak_memory_mb": peak_memory_mb(device)})
                 skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
                 progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s{skipped}")
-                window_loss, window_start, window_wait = 0.0, time.time(), 0.0
+                window_loss, window_start, window_wait, window_updates = 0.0, time.time(), 0.0, 0
             stopper.update_took(time.time() - update_started)
             validate_now = train.val_every and (state.update % train.val_every == 0
                                                 or state.update == train.max_updates)

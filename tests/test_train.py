@@ -173,3 +173,20 @@ def test_resume_refuses_options_that_change_the_training_and_a_changed_split(mel
     result = train.run(_config(mel_store, dataset, run_dir, save_every=3, log_every=2, time_limit=600), model,
                        resume=True)  # cadence and limits may change
     assert result.updates == 8 and result.stop_reason is None
+
+
+def test_a_log_window_cut_by_a_resume_averages_only_its_own_updates(mel_store, tiny_dataset, tmp_path):
+    """Stopped at update 5 with --train.log_every 4, a resumed run's first window holds updates 6-8 only: its
+    logged loss and samples/s are over 3 updates, not 4 (which once logged a loss 10x too small)."""
+    import pytest
+
+    model = ModelConfig(**TINY_MODEL)
+    per_update = logged_losses(train.run(train_config(mel_store, tiny_dataset, tmp_path / "each"), model).run_dir)
+    cut = tmp_path / "cut"
+    train.run(train_config(mel_store, tiny_dataset, cut, log_every=4, stop_after=5), model)
+    train.run(train_config(mel_store, tiny_dataset, cut, log_every=4), model, resume=True)
+    logged = logged_losses(cut)
+    assert sorted(logged) == [4, 5, 8]
+    assert logged[4] == pytest.approx(sum(per_update[u] for u in (1, 2, 3, 4)) / 4, rel=1e-6)
+    assert logged[5] == pytest.approx(per_update[5], rel=1e-6)
+    assert logged[8] == pytest.approx(sum(per_update[u] for u in (6, 7, 8)) / 3, rel=1e-6)
