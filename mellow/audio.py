@@ -24,6 +24,10 @@ class AudioDecodeError(RuntimeError):
     """ffmpeg could not decode a file (missing, corrupt, not audio, or empty)."""
 
 
+class NoSamplesError(AudioDecodeError):
+    """ffmpeg decoded nothing: an empty file, or a seek past the end of the audio."""
+
+
 @lru_cache(maxsize=1)
 def find_ffmpeg() -> str:
     """The ffmpeg binary: $MELLOW_FFMPEG, else `ffmpeg` on PATH, else the one shipped in imageio-ffmpeg."""
@@ -95,7 +99,7 @@ def decode_audio(
             raise AudioDecodeError(f"{name}: {message[-1] if message else 'ffmpeg failed'}")
     waveform = np.frombuffer(samples, dtype=np.float32)
     if waveform.size == 0:
-        raise AudioDecodeError(f"{name}: decoded to zero samples (empty or not audio)")
+        raise NoSamplesError(f"{name}: decoded to zero samples (empty or not audio)")
     if not np.isfinite(waveform).all():
         raise AudioDecodeError(f"{name}: decoded samples contain NaN or infinity")
     return waveform

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from mellow.audio import AudioDecodeError, CropPolicy, decode_audio, find_ffmpeg, fit_length
+from mellow.audio import AudioDecodeError, CropPolicy, NoSamplesError, decode_audio, find_ffmpeg, fit_length
 from mellow.config import setting
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
 from mellow.files import read_jsonl, write_json_atomic
@@ -191,8 +191,7 @@ def decode_views(record: dict, source: Source, encoder: EncoderConfig, min_secon
         waves = [whole[int(round(offset * sample_rate)):][:clip] for offset in offsets]
     else:
         offsets = view_offsets(duration or clip_seconds, clip_seconds, views, crop)
-        waves = [decode_audio(source, sample_rate, offset_seconds=offset, duration_seconds=clip_seconds, name=name)
-                 for offset in offsets]
+        waves = [_decode_view(source, sample_rate, offset, clip_seconds, name, duration) for offset in offsets]
     if all(float(np.abs(wave).max()) == 0.0 for wave in waves):
         raise AudioDecodeError(f"{name}: all samples are zero (digital silence)")
     seconds = waves[0].shape[0] / sample_rate
@@ -204,6 +203,19 @@ def decode_views(record: dict, source: Source, encoder: EncoderConfig, min_secon
             raise AudioDecodeError(f"{name}: truncated: decoded {wave.shape[0] / sample_rate:.2f} s at "
                                    f"{offset:.2f} s where the manifest says {expected:.2f} s")
     return [fit_length(wave, int(round(clip_seconds * sample_rate)), crop) for wave in waves]
+
+
+def _decode_view(source: Source, sample_rate: int, offset: float, clip_seconds: float, name: str,
+                 duration: float | None) -> np.ndarray:
+    """One crop, decoded by seeking; nothing at all past the start of a file the manifest says is longer is a
+    truncated file, not an empty one."""
+    try:
+        return decode_audio(source, sample_rate, offset_seconds=offset, duration_seconds=clip_seconds, name=name)
+    except NoSamplesError:
+        if duration and offset > 0:
+            raise AudioDecodeError(f"{name}: truncated: no audio at {offset:.2f} s where the manifest says it "
+                                   f"lasts {duration:.2f} s") from None
+        raise
 
 
 def _decoded_ahead(pool: ThreadPoolExecutor, sources: Iterator[tuple[int, dict, Source]], config: PrecomputeConfig,

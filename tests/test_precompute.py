@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from mellow.files import read_json, read_jsonl
@@ -201,3 +202,22 @@ def test_center_crop_seeks_to_the_middle_of_a_long_file(tmp_path):
     middle, _ = encoder.encode(high.astype(np.float32)[None], np.array([1.0]))
     edge, _ = encoder.encode(low.astype(np.float32)[None], np.array([1.0]))
     assert np.abs(stored - middle[0]).mean() < 0.1 * np.abs(stored - edge[0]).mean()
+
+
+def test_a_truncated_file_whose_later_views_are_gone_is_called_truncated(tmp_path):
+    """A 12 s file cut to its first third, whose manifest still says 12 s: the views at 5 and 10 s seek past
+    its end and decode nothing; that is reported as truncation, not as an empty file."""
+    from mellow.audio import AudioDecodeError, encode_audio_file
+    from mellow.encoders import EncoderConfig
+    from mellow.precompute import decode_views
+
+    tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(12 * 16000) / 16000)).astype(np.float32)
+    encode_audio_file(tone, 16000, tmp_path / "whole.wav")
+    whole = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 3])
+    encoder = EncoderConfig(name="mel", clip_seconds=2.0, tokens=4, views=3)
+    assert len(decode_views({"path": "whole.wav", "duration": 12.0}, str(tmp_path / "whole.wav"), encoder, 0.1,
+                            16000)) == 3
+    with pytest.raises(AudioDecodeError, match=r"cut.wav: truncated: no audio at 5.00 s where the manifest says "
+                                               r"it lasts 12.00 s"):
+        decode_views({"path": "cut.wav", "duration": 12.0}, str(tmp_path / "cut.wav"), encoder, 0.1, 16000)
