@@ -16,6 +16,7 @@ import torch
 from mellow.checkpoint import find_checkpoint, load_trained_model
 from mellow.config import describe_differences, setting
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
+from mellow.files import read_json
 from mellow.precompute import decode_views
 from mellow.progress import console
 from mellow.store import StoreMismatchError
@@ -84,9 +85,10 @@ def ask(config: AskConfig, audio_files: list[Path], prompt: str) -> str:
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                           else "cpu" if config.device == "auto" else config.device)
     checkpoint = find_checkpoint(config.checkpoint, config.which)
-    model, tokenizer, trainer = load_trained_model(checkpoint, device)
-    encoder = encoder_of_store(trainer["store_fingerprint"], str(device))
+    # the encoder and the audio first: a mismatch or a bad file is refused before the decoder is loaded
+    encoder = encoder_of_store(read_json(checkpoint / "trainer.json")["store_fingerprint"], str(device))
     audio, valid = encode_files(encoder, audio_files)
+    model, tokenizer, trainer = load_trained_model(checkpoint, device)
     batch = {key: value.to(device) for key, value in prompt_batch(tokenizer, audio, valid, prompt).items()}
     tokens = model.generate(batch, config.max_new_tokens, tokenizer.eos_token_id, num_beams=config.beams)[0]
     console.print(f"[dim]{checkpoint} (update {trainer['update']}), {encoder.config.name}, "
