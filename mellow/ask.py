@@ -15,6 +15,7 @@ import torch
 
 from mellow.checkpoint import find_checkpoint, load_trained_model
 from mellow.config import describe_differences, setting
+from mellow.distributed import resolve_device
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
 from mellow.files import read_json
 from mellow.precompute import decode_views
@@ -82,8 +83,7 @@ def ask(config: AskConfig, audio_files: list[Path], prompt: str) -> str:
             raise FileNotFoundError(f"{path}: no such audio file")
     if not prompt.strip():
         raise ValueError("the prompt is empty; ask something, e.g. \"Describe the audio.\"")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
+    device = torch.device(resolve_device(config.device))
     checkpoint = find_checkpoint(config.checkpoint, config.which)
     # the encoder and the audio first: a mismatch or a bad file is refused before the decoder is loaded
     encoder = encoder_of_store(read_json(checkpoint / "trainer.json")["store_fingerprint"], str(device))

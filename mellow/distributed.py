@@ -10,6 +10,13 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(name: str) -> str:
+    """A --device setting made concrete: auto is cuda when a GPU is visible, else cpu; others are kept."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 @dataclass(frozen=True)
 class DistributedContext:
     rank: int

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mellow.audio import CropPolicy
 from mellow.config import setting
+from mellow.distributed import resolve_device
 from mellow.files import hash_model_weights, sha256_file, short_hash
 
 
@@ -59,9 +60,7 @@ class EncoderConfig:
 
     @property
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
 
 class AudioEncoder(ABC):

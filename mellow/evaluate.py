@@ -17,6 +17,7 @@ from rich.table import Table
 
 from mellow import metrics
 from mellow.config import setting
+from mellow.distributed import resolve_device
 from mellow.data import ExampleSet, load_examples, move_to
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mellow.progress import console, progress_bar
@@ -57,8 +58,7 @@ class EvalResult:
 def run(config: EvalConfig) -> EvalResult:
     started = time.time()
     checkpoint, store, examples = validate_args(config)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
+    device = torch.device(resolve_device(config.device))
     model, tokenizer, _ = load_trained_model(checkpoint, device)
     example_set = ExampleSet(examples, store, tokenizer, max_text_tokens=256)
     predictions = generate_all(model, tokenizer, example_set, config, device)

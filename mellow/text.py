@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from mellow.config import setting
+from mellow.distributed import resolve_device
 from mellow.files import hash_model_weights, read_jsonl, short_hash
 from mellow.precompute import PrecomputeResult, ShardedJobConfig, report
 from mellow.progress import progress_bar
@@ -59,8 +59,8 @@ class TextEncoder:
 
         self.config = config
         self.model_dir = bundled_text_encoder_dir() if config.name == BUNDLED_TEXT_ENCODER else Path(config.name[3:])
-        device = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = SentenceTransformer(str(self.model_dir), device=device, local_files_only=True)
+        self.model = SentenceTransformer(str(self.model_dir), device=resolve_device(config.device),
+                                         local_files_only=True)
         self.dim = self.model.get_embedding_dimension()
         self.normalized = any(type(module).__name__ == "Normalize" for module in self.model)  # its module path
         # moved between sentence-transformers releases; the name did not
