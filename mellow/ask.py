@@ -25,8 +25,9 @@ from mellow.store import StoreMismatchError
 
 @dataclass
 class AskConfig:
-    checkpoint: Path = setting(Path("checkpoints/run"), "A training run folder (its latest or best checkpoint) "
-                                                        "or one checkpoint folder.")
+    checkpoint: Path | None = setting(None, "A training run folder (its latest or best checkpoint) or one "
+                                            "checkpoint folder.")
+    model: Path | None = setting(None, "A model folder written by `mellow export` (instead of --checkpoint).")
     which: str = setting("latest", "Checkpoint of a run folder to use: latest or best.")
     beams: int = setting(1, "Beam width: 1 is greedy decoding.")
     max_new_tokens: int = setting(48, "Longest answer, in tokens.")
@@ -37,8 +38,13 @@ class AskConfig:
             raise ValueError(f"--which {self.which!r} must be latest or best")
         if self.beams < 1 or self.max_new_tokens < 1:
             raise ValueError("--beams and --max-new-tokens must be >= 1")
-        if not self.checkpoint.exists():
+        if (self.checkpoint is None) == (self.model is None):
+            raise ValueError("give --checkpoint (a training run or checkpoint folder) or --model (an exported "
+                             "model folder), one of the two")
+        if self.checkpoint is not None and not self.checkpoint.exists():
             raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
+        if self.model is not None and not self.model.is_dir():
+            raise ValueError(f"--model {self.model}: no such folder; pass a folder written by `mellow export`")
 
 
 def encoder_of_store(fingerprint: dict, device: str) -> AudioEncoder:
@@ -64,9 +70,11 @@ def encode_files(encoder: AudioEncoder, paths: list[Path]) -> tuple[torch.Tensor
     return torch.from_numpy(embeddings).float(), torch.from_numpy(valid.astype(np.int64))
 
 
-def prompt_batch(tokenizer, audio: torch.Tensor, valid: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
-    """A one-example generation batch, built as ExampleSet.batch builds one (the prompt ends with a newline)."""
-    input_ids = torch.tensor([tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]])
+def prompt_batch(tokenizer, audio: torch.Tensor, valid: torch.Tensor, prompt: str,
+                 prompt_suffix: str) -> dict[str, torch.Tensor]:
+    """A one-example generation batch, built as ExampleSet.batch builds one (the prompt ends with the model's
+    prompt suffix: a newline, or the chat template's end of the user turn)."""
+    input_ids = torch.tensor([tokenizer(prompt + prompt_suffix, add_special_tokens=False)["input_ids"]])
     two = audio.shape[0] == 2
     return {"audio1": audio[:1], "audio1_valid": valid[:1],
             "audio2": audio[1:2] if two else torch.zeros_like(audio[:1]),
@@ -84,13 +92,28 @@ def ask(config: AskConfig, audio_files: list[Path], prompt: str) -> str:
     if not prompt.strip():
         raise ValueError("the prompt is empty; ask something, e.g. \"Describe the audio.\"")
     device = torch.device(resolve_device(config.device))
-    checkpoint = find_checkpoint(config.checkpoint, config.which)
+    if config.model is not None:
+        from mellow.export import load_exported_model
+
+        source, fingerprint_path = config.model, config.model / "encoder.json"
+        if not fingerprint_path.is_file():
+            raise ValueError(f"--model {config.model}: no encoder.json; pass a folder written by `mellow export`")
+    else:
+        source = find_checkpoint(config.checkpoint, config.which)
+        fingerprint_path = source / "trainer.json"
+    fingerprint = read_json(fingerprint_path)
     # the encoder and the audio first: a mismatch or a bad file is refused before the decoder is loaded
-    encoder = encoder_of_store(read_json(checkpoint / "trainer.json")["store_fingerprint"], str(device))
+    encoder = encoder_of_store(fingerprint.get("store_fingerprint", fingerprint), str(device))
     audio, valid = encode_files(encoder, audio_files)
-    model, tokenizer, trainer = load_trained_model(checkpoint, device)
-    batch = {key: value.to(device) for key, value in prompt_batch(tokenizer, audio, valid, prompt).items()}
+    if config.model is not None:
+        model, tokenizer, _ = load_exported_model(config.model, device)
+        described = f"{config.model} (exported)"
+    else:
+        model, tokenizer, trainer = load_trained_model(source, device)
+        described = f"{source} (update {trainer['update']})"
+    batch = {key: value.to(device) for key, value in prompt_batch(tokenizer, audio, valid, prompt,
+                                                                          model.prompt_suffix).items()}
     tokens = model.generate(batch, config.max_new_tokens, tokenizer.eos_token_id, num_beams=config.beams)[0]
-    console.print(f"[dim]{checkpoint} (update {trainer['update']}), {encoder.config.name}, "
+    console.print(f"[dim]{described}, {encoder.config.name}, "
                   f"{'greedy' if config.beams == 1 else f'beam {config.beams}'}[/]", highlight=False)
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -17,6 +17,7 @@ from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted
 from mellow.distributed import PeerLostError
 from mellow.encoders import EncoderConfig
 from mellow.evaluate import EvalConfig
+from mellow.export import ExportConfig
 from mellow.files import read_json
 from mellow.model import ModelConfig
 from mellow.precompute import PrecomputeConfig, TooManyFailuresError
@@ -202,9 +203,12 @@ def eval_command(
     max_new_tokens: int = cli_option(EvalConfig, "max_new_tokens"),
     beams: int = cli_option(EvalConfig, "beams"),
     max_examples: int = cli_option(EvalConfig, "max_examples"),
+    rescore: bool = cli_option(EvalConfig, "rescore"),
+    similarity: bool = cli_option(EvalConfig, "similarity"),
     device: str = cli_option(EvalConfig, "device"),
 ) -> None:
-    """Stage 04: generate answers for a split from the store and score them per task."""
+    """Stage 04: generate answers for a split from the store and score them per task, for every checkpoint of
+    a run not scored yet; then the run's leaderboard and report (Markdown + PNG plots) in <run>/eval-<split>/."""
     from mellow import evaluate
 
     evaluate.run(EvalConfig(**{k: v for k, v in locals().items() if k != "evaluate"}))
@@ -215,14 +219,14 @@ def eval_command(
 def ask_command(
     inputs: list[str] = typer.Argument(..., metavar="AUDIO1 [AUDIO2] PROMPT",
                                        help="One or two audio files (any format ffmpeg reads), then the prompt."),
-    checkpoint: Path = typer.Option(..., help="A training run folder (its latest or best checkpoint) or one "
-                                              "checkpoint folder."),
+    checkpoint: Optional[Path] = cli_option(AskConfig, "checkpoint"),
+    model: Optional[Path] = cli_option(AskConfig, "model"),
     which: str = cli_option(AskConfig, "which"),
     beams: int = cli_option(AskConfig, "beams"),
     max_new_tokens: int = cli_option(AskConfig, "max_new_tokens"),
     device: str = cli_option(AskConfig, "device"),
 ) -> None:
-    """Answer a prompt about one or two audio files with a trained checkpoint.
+    """Answer a prompt about one or two audio files with a trained checkpoint or an exported model.
 
     The audio is decoded and encoded on the fly with the encoder and preprocessing of the checkpoint's store
     (checked by fingerprint). Example: mellow ask a.wav b.wav "Which one is louder?" --checkpoint checkpoints/run
@@ -232,9 +236,27 @@ def ask_command(
     if len(inputs) < 2:
         raise ValueError("give one or two audio files and then the prompt, e.g. mellow ask clip.wav "
                          "\"Describe the audio.\" --checkpoint checkpoints/<run>")
-    config = AskConfig(checkpoint=checkpoint, which=which, beams=beams, max_new_tokens=max_new_tokens, device=device)
+    config = AskConfig(checkpoint=checkpoint, model=model, which=which, beams=beams, max_new_tokens=max_new_tokens,
+                       device=device)
     answer = ask.ask(config, [Path(path) for path in inputs[:-1]], inputs[-1])
     print(answer)
+
+
+@app.command("export")
+@friendly_errors
+def export_command(
+    checkpoint: Path = typer.Option(..., help="A training run folder (its latest or best checkpoint) or one "
+                                              "checkpoint folder."),
+    out: Path = typer.Option(..., help="Folder to write the model to."),
+    which: str = cli_option(ExportConfig, "which"),
+    overwrite: bool = cli_option(ExportConfig, "overwrite"),
+) -> None:
+    """Write a checkpoint as a self-contained model folder: the decoder and tokenizer (save_pretrained, LoRA
+    merged), the projector (safetensors), the encoder's spec and fingerprint, settings, and a model card with
+    its eval scores. `mellow ask --model OUT` runs it; transformers loads OUT/decoder alone."""
+    from mellow import export
+
+    export.export(ExportConfig(checkpoint=checkpoint, which=which, out=out, overwrite=overwrite))
 
 
 store_app = typer.Typer(help="Inspect and check embedding stores.", no_args_is_help=True)

@@ -56,11 +56,15 @@ def embedding_rows(store: EmbeddingStore, cache: str, ram_limit_gb: float) -> Ro
     return RowsInMemory(store) if cache == "ram" else RowsFromZarr(store)
 
 
+class SplitNotFoundError(ValueError):
+    """A dataset has no <split>.jsonl."""
+
+
 def load_examples(dataset: Path, split: str) -> list[dict]:
     path = dataset / f"{split}.jsonl"
     if not path.is_file():
         available = sorted(p.stem for p in dataset.glob("*.jsonl") if p.stem != "audio")
-        raise ValueError(f"split {split!r} not found in {dataset} (no {path.name}); available: {available}")
+        raise SplitNotFoundError(f"split {split!r} not found in {dataset} (no {path.name}); available: {available}")
     return read_jsonl(path)
 
 
@@ -76,7 +80,7 @@ class ExampleSet:
     """The examples of one split whose audio is in the store, tokenised, with a source of embedding rows."""
 
     def __init__(self, examples: list[dict], store: EmbeddingStore, tokenizer, max_text_tokens: int,
-                 rows: RowsInMemory | RowsFromZarr | None = None, seed: int = 0) -> None:
+                 rows: RowsInMemory | RowsFromZarr | None = None, seed: int = 0, prompt_suffix: str = "\n") -> None:
         self.tokenizer = tokenizer
         self.seed = seed
         kept = [e for e in examples if e["audio1"] in store.rows and (e.get("audio2") is None
@@ -89,7 +93,7 @@ class ExampleSet:
         self.valid = torch.from_numpy(self.rows.valid.astype("int64"))  # (N, V) valid tokens
         self.view_counts = (self.valid > 0).sum(dim=1).clamp(min=1)  # (N,) views each clip has
         self._views: tuple[int | None, torch.Tensor] = (None, torch.zeros(len(self.valid), dtype=torch.long))
-        prompts = tokenizer([e["prompt"] + "\n" for e in kept], add_special_tokens=False)["input_ids"]
+        prompts = tokenizer([e["prompt"] + prompt_suffix for e in kept], add_special_tokens=False)["input_ids"]
         answers = tokenizer([e["answer"] for e in kept], add_special_tokens=False)["input_ids"]
         self.items = []
         for example, prompt, answer in zip(kept, prompts, answers):

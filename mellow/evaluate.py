@@ -1,34 +1,45 @@
-"""Stage 04: generate answers for a split from the store (never the raw audio) and score them.
+"""Stage 04: generate answers for a split from the store (never the raw audio) and score them, for every
+checkpoint of a run that is not scored yet.
 
-Writes, next to the checkpoint (`<checkpoint>/eval-<split>/`):
+Per checkpoint (`<run>/step-NNNNNN/eval-<split>/`):
     predictions.jsonl   one line per example: the example, the prediction, correct (closed tasks)
-    scores.json         per task and task/subtask: accuracy with chance level, or caption metrics
+    scores.json         the settings, and per task and task/subtask: accuracy with chance level and a confusion
+                        table (binary tasks), or caption metrics
     summary.md          the same as a Markdown table
+Per run (`<run>/eval-<split>/`), over every scored checkpoint:
+    leaderboard.json, leaderboard.md   each task's main score per checkpoint
+    report.md, scores.png, loss.png    the report: leaderboard, scores and losses vs update, the latest
+                                       checkpoint per subtask with chance levels, confusion tables
+
+A checkpoint that cannot be loaded is reported and skipped; the others are scored, and the command ends with
+exit code 2 naming it.
 """
 
 from __future__ import annotations
 
+import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
 from mellow import metrics
+from mellow.checkpoint import find_checkpoint, load_trained_model
 from mellow.config import setting
+from mellow.data import ExampleSet, SplitNotFoundError, load_examples, move_to
 from mellow.distributed import resolve_device
-from mellow.data import ExampleSet, load_examples, move_to
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mellow.progress import console, progress_bar
-from mellow.store import EmbeddingStore
-from mellow.checkpoint import find_checkpoint, load_trained_model
+from mellow.store import EmbeddingStore, StoreMismatchError
 
 
 @dataclass
 class EvalConfig:
     run: Path = setting(Path("checkpoints/run"), "A training run folder, or one checkpoint folder inside it.")
-    which: str = setting("latest", "Checkpoint of the run to score: latest or best.")
+    which: str = setting("all", "Checkpoints of a run folder to score: all (each one not scored yet with these "
+                                "settings), latest or best. The run's leaderboard and report cover every scored one.")
     split: str = setting("test", "Split to generate answers for.")
     store: Path | None = setting(None, "Store to read (default: the one the checkpoint was trained on).")
     dataset: Path | None = setting(None, "Dataset folder with <split>.jsonl (default: the training one).")
@@ -36,42 +47,122 @@ class EvalConfig:
     max_new_tokens: int = setting(48, "Longest answer generated, in tokens.")
     beams: int = setting(1, "Beam width: 1 is greedy decoding (what the scores in the README use).")
     max_examples: int = setting(0, "Score only the first N examples of the split (0: all).")
+    rescore: bool = setting(False, "Score checkpoints again even where scores with these settings exist.")
+    similarity: bool = setting(True, "Also score free text by all-MiniLM-L6-v2 sentence similarity.")
     device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
 
     def __post_init__(self) -> None:
-        if self.which not in ("latest", "best"):
-            raise ValueError(f"--which {self.which!r} must be latest or best")
+        if self.which not in ("all", "latest", "best"):
+            raise ValueError(f"--which {self.which!r} must be all, latest or best")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.beams < 1 or self.max_examples < 0:
             raise ValueError("--batch-size, --max-new-tokens and --beams must be >= 1, --max-examples >= 0")
         if not self.run.exists():
             raise ValueError(f"--run {self.run}: no such folder; pass a run folder made by 03_train")
 
+    def settings(self) -> dict:
+        """What makes two scorings of a checkpoint comparable (stored in scores.json)."""
+        return {"split": self.split, "store": str(self.store) if self.store else None,
+                "dataset": str(self.dataset) if self.dataset else None, "max_new_tokens": self.max_new_tokens,
+                "beams": self.beams, "max_examples": self.max_examples}
+
+
+class EvalFailures(ValueError):
+    """Some checkpoints of a run could not be scored (the others were)."""
+
 
 @dataclass
 class EvalResult:
-    output_dir: Path
+    output_dir: Path  # the eval folder of the newest checkpoint scored (or found scored)
     scores: dict[str, dict]
     examples: int
     seconds: float
+    scored: list[Path] = field(default_factory=list)
+    already_scored: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # checkpoint -> why
+    report: Path | None = None
 
 
 def run(config: EvalConfig) -> EvalResult:
+    """Score the checkpoints `config` names, then (for a run folder) write its leaderboard and report."""
+    from mellow import report as run_report
+
     started = time.time()
-    checkpoint, store, examples = validate_args(config)
-    device = torch.device(resolve_device(config.device))
-    model, tokenizer, _ = load_trained_model(checkpoint, device)
-    example_set = ExampleSet(examples, store, tokenizer, max_text_tokens=256)
-    predictions = generate_all(model, tokenizer, example_set, config, device)
-    output_dir = checkpoint / f"eval-{config.split}"
-    scores = write_outputs(output_dir, example_set.examples, predictions, checkpoint)
-    result = EvalResult(output_dir, scores, len(predictions), time.time() - started)
+    is_run = not (config.run / "trainer.json").exists()
+    checkpoints = checkpoints_to_score(config)
+    scorer = metrics.CaptionScorer(similarity=config.similarity)
+    for line in scorer.skipped.values():
+        console.print(f"[yellow]{line}", highlight=False)
+    result = EvalResult(config.run, {}, 0, 0.0)
+    for checkpoint in checkpoints:
+        output_dir = checkpoint / f"eval-{config.split}"
+        existing = read_json(output_dir / "scores.json") if (output_dir / "scores.json").exists() else {}
+        if existing.get("settings") == config.settings() and not config.rescore:
+            result.already_scored.append(checkpoint)
+            result.output_dir, result.scores = output_dir, existing["scores"]
+            continue
+        try:
+            scores, count = score_checkpoint(checkpoint, config, scorer)
+        except (StoreMismatchError, SplitNotFoundError):
+            raise  # about the store or the dataset, so the same for every checkpoint of the run
+        except Exception as error:  # noqa: BLE001 - one broken checkpoint must not stop the others
+            if not is_run or config.which != "all":
+                raise
+            result.failed[checkpoint.name] = f"{type(error).__name__}: {error}"
+            console.print(f"[bold red]cannot score {checkpoint}:[/] {error}", highlight=False)
+            continue
+        result.scored.append(checkpoint)
+        result.output_dir, result.scores, result.examples = output_dir, scores, count
+    if is_run:
+        result.report = run_report.write_run_report(config.run, config.split, scorer.skipped, result.failed)
+    result.seconds = time.time() - started
     report(result)
+    if result.failed:
+        raise EvalFailures(f"{len(result.failed)} of {len(checkpoints)} checkpoint(s) could not be scored: "
+                           + "; ".join(f"{name}: {why}" for name, why in result.failed.items()))
     return result
 
 
-def validate_args(config: EvalConfig) -> tuple[Path, EmbeddingStore, list[dict]]:
-    checkpoint = find_checkpoint(config.run, config.which)
-    trainer = read_json(checkpoint / "trainer.json")
+def checkpoints_to_score(config: EvalConfig) -> list[Path]:
+    """The checkpoint folders `config` names, oldest first."""
+    if (config.run / "trainer.json").exists() or config.which != "all":
+        return [find_checkpoint(config.run, config.which)]
+    found = sorted(path for path in config.run.glob("step-*") if path.is_dir() and ".tmp" not in path.name)
+    if not found:
+        raise FileNotFoundError(f"{config.run} holds no checkpoints (step-* folders); train first")
+    return found
+
+
+def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.CaptionScorer) -> tuple[dict, int]:
+    """Generate and score one checkpoint; writes its eval folder. Returns (scores, examples scored)."""
+    started = time.time()
+    store, examples = inputs_of(checkpoint, config)
+    device = torch.device(resolve_device(config.device))
+    try:
+        model, tokenizer, trainer = load_trained_model(checkpoint, device)
+    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{checkpoint} cannot be loaded ({type(error).__name__}: {error}); the file is damaged "
+                         "or incomplete: delete this checkpoint folder, or train again from an earlier one") from None
+    example_set = ExampleSet(examples, store, tokenizer, max_text_tokens=256, prompt_suffix=model.prompt_suffix)
+    predictions = generate_all(model, tokenizer, example_set, config, device)
+    empty = sum(not prediction.strip() for prediction in predictions)
+    if empty:
+        console.print(f"[yellow]{checkpoint.name}: {empty} of {len(predictions)} predictions are empty (the model "
+                      "ended its answer at once); they count as wrong, and as the word 'empty' for captions")
+    seconds = time.time() - started
+    scores = write_outputs(checkpoint / f"eval-{config.split}", example_set.examples, predictions, checkpoint,
+                           scorer, {"settings": config.settings(), "update": trainer["update"],
+                                    "empty_predictions": empty, "seconds": round(seconds, 1)})
+    console.print(f"{checkpoint.name} (update {trainer['update']}): {len(predictions)} examples in {seconds:.1f} s",
+                  highlight=False)
+    return scores, len(predictions)
+
+
+def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, list[dict]]:
+    """The store (checked against the checkpoint's fingerprint) and the examples to score."""
+    trainer_path = checkpoint / "trainer.json"
+    if not trainer_path.is_file():
+        raise ValueError(f"{checkpoint} is not a complete checkpoint (no trainer.json)")
+    trainer = read_json(trainer_path)
     store = EmbeddingStore(config.store or Path(trainer["store"]))
     store.check_fingerprint(trainer["store_fingerprint"], f"checkpoint {checkpoint}")
     dataset = config.dataset or Path(trainer["config"]["train"]["dataset"])
@@ -80,7 +171,7 @@ def validate_args(config: EvalConfig) -> tuple[Path, EmbeddingStore, list[dict]]
         examples = examples[: config.max_examples]
     if not examples:
         raise ValueError(f"split {config.split!r} of {dataset} has no examples")
-    return checkpoint, store, examples
+    return store, examples
 
 
 def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, device: torch.device) -> list[str]:
@@ -100,13 +191,14 @@ def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, 
     return predictions
 
 
-def write_outputs(output_dir: Path, examples: list[dict], predictions: list[str], checkpoint: Path) -> dict:
-    scores = metrics.score(examples, predictions)
+def write_outputs(output_dir: Path, examples: list[dict], predictions: list[str], checkpoint: Path,
+                  scorer: metrics.CaptionScorer, details: dict) -> dict:
+    scores = metrics.score(examples, predictions, scorer)
     rows = [{**example, "prediction": prediction,
              **({"correct": metrics.is_correct(example, prediction)} if example["task"] in metrics.CLOSED_TASKS
                 else {})} for example, prediction in zip(examples, predictions)]
     write_jsonl_atomic(output_dir / "predictions.jsonl", rows)
-    write_json_atomic(output_dir / "scores.json", {"checkpoint": str(checkpoint), "scores": scores})
+    write_json_atomic(output_dir / "scores.json", {"checkpoint": str(checkpoint), **details, "scores": scores})
     write_text_atomic(output_dir / "summary.md", markdown_summary(scores, checkpoint))
     return scores
 
@@ -142,6 +234,12 @@ def scores_table(scores: dict[str, dict], title: str) -> Table:
 
 
 def report(result: EvalResult) -> None:
-    console.print(scores_table(result.scores, f"scores ({result.examples} examples)"))
-    console.print(f"[bold green]evaluated[/] {result.examples} examples in {result.seconds:.1f} s "
-                  f"({result.examples / result.seconds:.1f} examples/s); outputs in {result.output_dir}")
+    if result.scores:
+        console.print(scores_table(result.scores, f"scores of {result.output_dir.parent.name}"))
+    done = f"scored {len(result.scored)} checkpoint(s)"
+    if result.already_scored:
+        done += f", {len(result.already_scored)} already scored with these settings"
+    if result.failed:
+        done += f", [red]{len(result.failed)} could not be scored[/]"
+    console.print(f"[bold green]evaluated[/]: {done} in {result.seconds:.1f} s; newest in {result.output_dir}"
+                  + (f"; report {result.report}" if result.report else ""), highlight=False)

@@ -1,16 +1,32 @@
-"""Scores as the field reports them: accuracy for closed questions, BLEU/ROUGE-L/CIDEr-D for free text.
+"""Scores as the field reports them: accuracy for closed questions; BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE,
+SPIDEr and a sentence-embedding similarity for free text.
 
-Caption metrics use the coco-caption reference code (`pycocoevalcap`); its Java PTB tokenizer is replaced by
-the same normalisation done in Python (lower-case, punctuation removed), so no Java is needed.
+Caption metrics are the coco-caption reference code (`pycocoevalcap`), run as its own evaluation script runs
+them: captions tokenised by the Stanford PTB tokenizer (Java), then each scorer. What needs what:
+
+    BLEU, ROUGE-L, CIDEr-D    Python. Without Java the PTB tokenizer is replaced by a Python one that splits
+                              and drops punctuation the same way on plain English captions (a line says so).
+    METEOR                    Java (its jar ships in pycocoevalcap)
+    SPICE, SPIDEr             Java and Stanford CoreNLP 3.6.0 in pycocoevalcap/spice/lib (its script downloads it)
+    similarity                all-MiniLM-L6-v2 (bundled): cosine of prediction and each reference, averaged
+
+A metric whose prerequisite is missing is left out of the scores, with one line saying what to install.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import shutil
 import string
+import subprocess
 from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
 
 CLOSED_TASKS = ("yes_no", "comparison", "multiple_choice")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -58,24 +74,140 @@ def chance_level(example: dict) -> float:
     return 0.5
 
 
-def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D of predictions against their reference lists."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    hypotheses = {i: [normalize(p) or "empty"] for i, p in enumerate(predictions)}
-    ground_truth = {i: [normalize(r) for r in refs] for i, refs in enumerate(references)}
-    with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its internals
-        bleu, _ = Bleu(4).compute_score(ground_truth, hypotheses)
-    rouge, _ = Rouge().compute_score(ground_truth, hypotheses)
-    cider, _ = Cider().compute_score(ground_truth, hypotheses)
-    return {"bleu_1": bleu[0], "bleu_2": bleu[1], "bleu_3": bleu[2], "bleu_4": bleu[3], "rouge_l": float(rouge),
-            "cider_d": float(cider)}
+PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+                   "...", ";"}  # the tokens pycocoevalcap's PTBTokenizer drops
+_PYTHON_TOKENS = re.compile(r"[a-z0-9]+(?:[-'./][a-z0-9]+)*|[^\sa-z0-9]")
 
 
-def score(examples: list[dict], predictions: list[str]) -> dict[str, dict]:
-    """Scores per task and per task/subtask: accuracy + chance for closed tasks, caption metrics otherwise."""
+def python_tokenize(text: str) -> str:
+    """Lower-case, split off punctuation and drop it, as the PTB tokenizer + pycocoevalcap do for plain
+    English captions (hyphenated words stay whole): 'A mid-pitched tone, then a click.' -> 'a mid-pitched tone
+    then a click'."""
+    tokens = _PYTHON_TOKENS.findall(text.lower().replace("\n", " "))
+    return " ".join(token for token in tokens if token not in PTB_PUNCTUATION and token not in string.punctuation)
+
+
+def _package_dir() -> Path:
+    import pycocoevalcap
+
+    return Path(list(pycocoevalcap.__path__)[0])
+
+
+def java_missing() -> str | None:
+    """Why Java cannot run here, or None."""
+    if shutil.which("java") is None:
+        return "needs Java (e.g. apt-get install default-jre-headless)"
+    try:
+        subprocess.run(["java", "-version"], capture_output=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"needs a working Java (`java -version` failed: {error})"
+    return None
+
+
+def spice_missing() -> str | None:
+    """Why SPICE cannot run here, or None."""
+    lib = _package_dir() / "spice" / "lib"
+    jars = [lib / "stanford-corenlp-3.6.0.jar", lib / "stanford-corenlp-3.6.0-models.jar"]
+    if not all(jar.is_file() for jar in jars):
+        return (f"needs Stanford CoreNLP 3.6.0 ({jars[0].name} and {jars[1].name}) in {lib}: run "
+                "`uv run python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'`"
+                " where the Stanford NLP site can be reached, or copy the two jars there")
+    return java_missing()
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence what child processes write to stderr (file descriptor 2) inside the block."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class CaptionScorer:
+    """Every caption metric that can run here; `skipped` says which cannot, and why (one line each)."""
+
+    def __init__(self, similarity: bool = True) -> None:
+        self.java = java_missing()
+        self.spice = spice_missing()
+        self.skipped: dict[str, str] = {}
+        if self.java:
+            self.skipped["tokenizer"] = (f"captions tokenised in Python, not by the PTB tokenizer, which "
+                                         f"{self.java}; BLEU/ROUGE-L/CIDEr-D may differ slightly from coco-caption's")
+            self.skipped["meteor"] = f"METEOR skipped: it {self.java}"
+        if self.spice:
+            self.skipped["spice"] = f"SPICE and SPIDEr skipped: SPICE {self.spice}"
+        self.similarity = similarity
+        self._sentence_model = None
+
+    def tokenize(self, captions: dict[int, list[str]]) -> dict[int, list[str]]:
+        if self.java:
+            return {key: [python_tokenize(text) for text in texts] for key, texts in captions.items()}
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        with _quiet_stderr():  # the Java tokenizer reports its speed on stderr
+            return PTBTokenizer().tokenize({key: [{"caption": text} for text in texts]
+                                            for key, texts in captions.items()})
+
+    def scores(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        """Corpus scores of `predictions` against their reference lists, as coco-caption computes them."""
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        hypotheses = self.tokenize({i: [p] for i, p in enumerate(predictions)})
+        hypotheses = {i: [text or "empty"] for i, (text,) in hypotheses.items()}  # scorers need a word
+        ground_truth = self.tokenize(dict(enumerate(references)))
+        with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its internals
+            bleu, _ = Bleu(4).compute_score(ground_truth, hypotheses)
+        results = {f"bleu_{n + 1}": float(bleu[n]) for n in range(4)}
+        if not self.java:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            meteor = Meteor()
+            try:
+                results["meteor"] = float(meteor.compute_score(ground_truth, hypotheses)[0])
+            finally:
+                del meteor  # its __del__ ends the Java process
+        results["rouge_l"] = float(Rouge().compute_score(ground_truth, hypotheses)[0])
+        results["cider_d"] = float(Cider().compute_score(ground_truth, hypotheses)[0])
+        if not self.spice:
+            from pycocoevalcap.spice.spice import Spice
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                results["spice"] = float(Spice().compute_score(ground_truth, hypotheses)[0])
+            results["spider"] = (results["cider_d"] + results["spice"]) / 2
+        if self.similarity:
+            results["similarity"] = self.sentence_similarity(predictions, references)
+        return results
+
+    def sentence_similarity(self, predictions: list[str], references: list[list[str]]) -> float:
+        """Mean over examples of the mean cosine similarity between the prediction and each reference, with
+        all-MiniLM-L6-v2 embeddings (as aac-metrics' sbert_sim)."""
+        if self._sentence_model is None:
+            from mellow.text import TextEncoder, TextEncoderConfig
+
+            self._sentence_model = TextEncoder(TextEncoderConfig(device="cpu")).model
+        flat = [text for texts in references for text in texts]
+        encode = partial(self._sentence_model.encode, convert_to_numpy=True, normalize_embeddings=True,
+                         show_progress_bar=False, batch_size=128)
+        hypotheses, refs = encode(predictions), encode(flat)  # (N, D), (R, D) unit vectors
+        similarities, start = [], 0
+        for hypothesis, texts in zip(hypotheses, references):
+            similarities.append(float((refs[start : start + len(texts)] @ hypothesis).mean()))
+            start += len(texts)
+        return float(np.mean(similarities))
+
+
+def score(examples: list[dict], predictions: list[str], scorer: CaptionScorer | None = None) -> dict[str, dict]:
+    """Scores per task and per task/subtask: accuracy + chance for closed tasks (and a confusion table for
+    binary ones), caption metrics otherwise."""
+    scorer = scorer or CaptionScorer()
+    computed: dict[tuple[int, ...], dict] = {}  # a task with one subtask is scored once
     groups: dict[str, list[int]] = defaultdict(list)
     for index, example in enumerate(examples):
         groups[example["task"]].append(index)
@@ -87,7 +219,26 @@ def score(examples: list[dict], predictions: list[str]) -> dict[str, dict]:
             correct = sum(is_correct(examples[i], predictions[i]) for i in indices)
             chance = sum(chance_level(examples[i]) for i in indices) / len(indices)
             results[name] = {"count": len(indices), "accuracy": correct / len(indices), "chance": chance}
+            confusion = binary_confusion([examples[i] for i in indices], [predictions[i] for i in indices])
+            if confusion:
+                results[name]["confusion"] = confusion
         else:
-            references = [examples[i].get("references") or [examples[i]["answer"]] for i in indices]
-            results[name] = {"count": len(indices), **caption_scores([predictions[i] for i in indices], references)}
+            if tuple(indices) not in computed:
+                references = [examples[i].get("references") or [examples[i]["answer"]] for i in indices]
+                computed[tuple(indices)] = scorer.scores([predictions[i] for i in indices], references)
+            results[name] = {"count": len(indices), **computed[tuple(indices)]}
     return results
+
+
+def binary_confusion(examples: list[dict], predictions: list[str]) -> dict[str, dict[str, int]] | None:
+    """For a task whose expected answers take two values (yes/no, first/second): counts of
+    {expected: {predicted: n}}, predictions that are neither value counted as "other". None otherwise."""
+    expected = [normalize(example["answer"]) for example in examples]
+    values = sorted(set(expected))
+    if len(values) != 2 or any(example["task"] == "multiple_choice" for example in examples):
+        return None
+    table = {value: {column: 0 for column in (*values, "other")} for value in values}
+    for answer, prediction in zip(expected, predictions):
+        predicted = normalize(prediction)
+        table[answer][predicted if predicted in values else "other"] += 1
+    return table

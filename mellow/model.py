@@ -2,7 +2,12 @@
 
 Input sequence per example (left to right):
 
-    [audio1: T tokens][sep][audio2: T tokens][sep][prompt tokens][answer tokens][eos]
+    [audio1: T tokens][sep][audio2: T tokens][sep][prompt tokens "\n"][answer tokens][eos]
+
+or, with `--model.prompt_format chat`, inside the decoder tokenizer's chat template (SmolLM2's shown):
+
+    [<|im_start|>system\n<|im_end|>\n<|im_start|>user\n][audio1][sep][audio2][sep]
+    [prompt tokens <|im_end|>\n<|im_start|>assistant\n][answer tokens][eos = <|im_end|>]
 
 Audio tokens past a clip's valid count are masked out; a missing second audio is a learned "no audio"
 embedding (not a random other clip, as in the original Mellow code). Loss is on answer tokens and EOS only.
@@ -41,6 +46,11 @@ class ModelConfig:
         "unit", "Initial size of the projected audio tokens: unit (the LayerNorm's gain starts at 1, as in Mellow) "
         "or embeddings (the gain starts at the RMS of the decoder's token embeddings, so audio tokens enter a "
         "pretrained decoder at the size its text tokens do; SmolLM2's are ~7x smaller than unit).")
+    prompt_format: Literal["plain", "chat"] = setting(
+        "plain", "plain: audio, then the prompt and a newline, then the answer (as Mellow). chat: the same inside "
+        "the decoder tokenizer's chat template, as one user turn with an empty system prompt, the answer as the "
+        "assistant's turn (an instruction-tuned decoder sees the layout it was tuned on, and its start token "
+        "comes first instead of an audio token).")
     loss_weighting: Literal["example", "token"] = setting(
         "example", "example: every example weighs the same (a yes/no answer as much as a long caption); "
         "token: every answer token weighs the same.")
@@ -60,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"--model.tiny_hidden {self.tiny_hidden} must be divisible by --model.tiny_heads")
         if self.loss_weighting not in ("example", "token"):
             raise ValueError(f"--model.loss_weighting {self.loss_weighting!r} must be example or token")
+        if self.prompt_format not in ("plain", "chat"):
+            raise ValueError(f"--model.prompt_format {self.prompt_format!r} must be plain or chat")
         if self.audio_scale not in ("unit", "embeddings"):
             raise ValueError(f"--model.audio_scale {self.audio_scale!r} must be unit or embeddings")
         if not 0.0 <= self.projector_dropout < 1.0:
@@ -83,9 +95,12 @@ class AudioProjector(nn.Module):
 
 class MellowModel(nn.Module):
     def __init__(self, language_model: nn.Module, audio_dim: int, dropout: float,
-                 loss_weighting: Literal["example", "token"] = "example") -> None:
+                 loss_weighting: Literal["example", "token"] = "example",
+                 template: tuple[list[int], str] = ([], "\n")) -> None:
         super().__init__()
         self.loss_weighting = loss_weighting
+        prefix_ids, self.prompt_suffix = template  # see prompt_template
+        self.register_buffer("prefix_ids", torch.tensor(prefix_ids, dtype=torch.long), persistent=False)
         hidden = language_model.get_input_embeddings().embedding_dim
         self.language_model = language_model
         self.audio_projector = AudioProjector(audio_dim, hidden, dropout)
@@ -106,13 +121,15 @@ class MellowModel(nn.Module):
         batch_size, tokens, _ = audio1.shape
         separator = self.audio_separator.to(audio1.dtype).expand(batch_size, 1, -1)  # (B, 1, H)
         text = self.language_model.get_input_embeddings()(batch["input_ids"])  # (B, L_text, H)
-        embeds = torch.cat([audio1, separator, audio2, separator, text], dim=1)  # (B, L, H)
+        prefix = self.language_model.get_input_embeddings()(self.prefix_ids).expand(batch_size, -1, -1)  # (B, P, H)
+        embeds = torch.cat([prefix.to(text.dtype), audio1, separator, audio2, separator, text], dim=1)  # (B, L, H)
 
         positions = torch.arange(tokens, device=audio1.device)
         mask1 = positions[None] < batch["audio1_valid"][:, None]  # (B, T)
         mask2 = (positions[None] < batch["audio2_valid"][:, None]) | ~batch["has_audio2"][:, None]
         ones = torch.ones(batch_size, 1, dtype=torch.bool, device=audio1.device)
-        mask = torch.cat([mask1, ones, mask2, ones, batch["text_mask"].bool()], dim=1)  # (B, L)
+        mask = torch.cat([ones.expand(-1, len(self.prefix_ids)), mask1, ones, mask2, ones, batch["text_mask"].bool()],
+                         dim=1)  # (B, L)
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # masked tokens do not advance positions
         return embeds, mask.long(), position_ids
 
@@ -177,12 +194,30 @@ def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[M
         language_model = add_lora(language_model, model_config)
     elif model_config.decoder_mode == "frozen":
         language_model.requires_grad_(False)
-    model = MellowModel(language_model, audio_dim, model_config.projector_dropout, model_config.loss_weighting)
+    model = MellowModel(language_model, audio_dim, model_config.projector_dropout, model_config.loss_weighting,
+                        prompt_template(tokenizer, model_config.prompt_format))
     if model_config.audio_scale == "embeddings":
         with torch.no_grad():
             embeddings = language_model.get_input_embeddings().weight  # (V, H)
             model.audio_projector.layer_norm.weight.fill_(embeddings.float().pow(2).mean().sqrt().item())
     return model, tokenizer
+
+
+def prompt_template(tokenizer, prompt_format: str) -> tuple[list[int], str]:
+    """The token ids that come before the audio, and the text that follows every prompt, for `prompt_format`."""
+    if prompt_format == "plain":
+        return [], "\n"
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--model.prompt_format chat: the decoder's tokenizer has no chat template; use plain")
+    marker = "\ue000audio\ue000"  # a private-use character no prompt contains
+    user = {"role": "user", "content": marker}
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": ""}, user], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # templates that refuse a system turn raise their own error types
+        text = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    before, after = text.split(marker)
+    return tokenizer(before, add_special_tokens=False)["input_ids"], after
 
 
 def add_lora(language_model: nn.Module, model_config: ModelConfig) -> nn.Module:

@@ -50,7 +50,7 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     timings["train"] = time.time() - stage
     console.rule("[bold]04 eval")
     stage = time.time()
-    result = evaluate.run(EvalConfig(run=run_dir, split="test"))
+    result = evaluate.run(EvalConfig(run=run_dir, which="latest", split="test"))
     timings["eval"] = time.time() - stage
     console.rule("[bold]quickstart done")
     console.print(scores_table(result.scores, "test scores"))

@@ -330,9 +330,9 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                       "and data order")
     rows = embedding_rows(store, train.data_cache, train.ram_cache_gb)
     train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens,
-                           rows=rows, seed=train.seed)
+                           rows=rows, seed=train.seed, prompt_suffix=model.prompt_suffix)
     val_set = ExampleSet(load_examples(train.dataset, train.val_split), store, tokenizer, train.max_text_tokens,
-                         rows=rows)
+                         rows=rows, prompt_suffix=model.prompt_suffix)
     model.to(device)
     optimizer = _optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train))

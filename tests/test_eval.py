@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 from conftest import TINY_MODEL
 
@@ -41,7 +44,9 @@ def test_scores_are_exact_on_perfect_and_wrong_answers():
                                                                                        "a strong beep"]},
     ]
     perfect = metrics.score(examples, ["Yes.", "no", "c) three", "a loud tone"])
-    assert perfect["yes_no"] == {"count": 2, "accuracy": 1.0, "chance": 0.5}
+    assert perfect["yes_no"] == {"count": 2, "accuracy": 1.0, "chance": 0.5,
+                                 "confusion": {"no": {"no": 1, "yes": 0, "other": 0},
+                                               "yes": {"no": 0, "yes": 1, "other": 0}}}
     assert perfect["multiple_choice"]["accuracy"] == 1.0
     assert perfect["multiple_choice"]["chance"] == pytest.approx(1 / 3)
     assert perfect["caption"]["rouge_l"] == pytest.approx(1.0)
@@ -80,3 +85,74 @@ def test_eval_refuses_a_store_with_another_fingerprint(mel_store, tiny_dataset, 
     (other / "meta.json").write_text(__import__("json").dumps(meta))
     with pytest.raises(StoreMismatchError, match="tokens: expected 4, found 99"):
         evaluate.run(EvalConfig(run=run_dir, store=other))
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(mel_store, tiny_dataset, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval-run") / "run"
+    train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=6, batch_size=4,
+                          val_every=0, save_every=2, keep_last=3), ModelConfig(**TINY_MODEL))
+    return run_dir
+
+
+def test_eval_scores_every_checkpoint_once_then_writes_leaderboard_and_report(three_checkpoints, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run_dir)
+    settings = dict(run=run_dir, max_new_tokens=4, max_examples=12, similarity=False)
+    result = evaluate.run(EvalConfig(**settings))
+    assert [p.name for p in result.scored] == ["step-000002", "step-000004", "step-000006"]
+    for checkpoint in result.scored:
+        saved = read_json(checkpoint / "eval-test" / "scores.json")
+        assert saved["settings"]["max_examples"] == 12 and saved["update"] == int(checkpoint.name[-6:])
+        assert len(read_jsonl(checkpoint / "eval-test" / "predictions.jsonl")) == 12
+    out = run_dir / "eval-test"
+    leaderboard = read_json(out / "leaderboard.json")
+    assert [row["update"] for row in leaderboard] == [2, 4, 6]
+    newest = read_json(run_dir / "step-000006" / "eval-test" / "scores.json")["scores"]
+    assert leaderboard[-1]["yes_no"] == newest["yes_no"]["accuracy"]
+    report = (out / "report.md").read_text()
+    assert "![scores.png](scores.png)" in report and "![loss.png](loss.png)" in report
+    assert "| step-000006 (latest) | 6 |" in report and "expected \\ predicted" in report
+    for png in ("scores.png", "loss.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 5000
+
+    # resumable: a second run scores nothing; one checkpoint whose scores are gone is the only one redone
+    stamp = (run_dir / "step-000002" / "eval-test" / "predictions.jsonl").stat().st_mtime_ns
+    (run_dir / "step-000004" / "eval-test" / "scores.json").unlink()
+    again = evaluate.run(EvalConfig(**settings))
+    assert [p.name for p in again.scored] == ["step-000004"] and len(again.already_scored) == 2
+    assert (run_dir / "step-000002" / "eval-test" / "predictions.jsonl").stat().st_mtime_ns == stamp
+    other = evaluate.run(EvalConfig(**{**settings, "max_examples": 6}))  # other settings: scored again
+    assert len(other.scored) == 3
+
+
+def test_a_broken_checkpoint_is_reported_and_the_others_are_scored(three_checkpoints, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run_dir)
+    weights = run_dir / "step-000004" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
+    with pytest.raises(evaluate.EvalFailures, match=r"1 of 3 checkpoint\(s\) could not be scored: step-000004: "
+                                                    r"ValueError: .*step-000004 cannot be loaded .*damaged"):
+        evaluate.run(EvalConfig(run=run_dir, max_new_tokens=4, max_examples=6, similarity=False))
+    assert (run_dir / "step-000002" / "eval-test" / "scores.json").exists()
+    assert (run_dir / "step-000006" / "eval-test" / "scores.json").exists()
+    assert not (run_dir / "step-000004" / "eval-test").exists()
+    assert "step-000004 could not be scored" in (run_dir / "eval-test" / "report.md").read_text()
+    with pytest.raises(ValueError, match="step-000004 cannot be loaded"):  # named alone, it is an error
+        evaluate.run(EvalConfig(run=run_dir / "step-000004", max_new_tokens=4, similarity=False))
+
+
+def test_eval_bad_inputs_get_clear_messages(three_checkpoints, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match=r"split 'nope' not found .* available: \['test', 'train', 'val'\]"):
+        evaluate.run(EvalConfig(run=three_checkpoints, which="latest", split="nope", similarity=False))
+    with pytest.raises(ValueError, match="--which 'every' must be all, latest or best"):
+        EvalConfig(run=three_checkpoints, which="every")
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        evaluate.run(EvalConfig(run=tmp_path, similarity=False))
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run_dir)
+    monkeypatch.setattr(evaluate, "generate_all", lambda model, tokenizer, examples, config, device:
+                        ["" if i % 2 else "yes" for i in range(len(examples))])
+    result = evaluate.run(EvalConfig(run=run_dir, which="latest", max_examples=6, similarity=False))
+    assert "3 of 6 predictions are empty" in capsys.readouterr().out.replace("\n", " ")
+    assert read_json(result.output_dir / "scores.json")["empty_predictions"] == 3

@@ -170,3 +170,43 @@ def test_audio_scale_embeddings_makes_audio_tokens_as_large_as_text_tokens(tiny)
     assert text_rms < 0.1 and audio_rms == pytest.approx(text_rms, rel=0.02)
     with pytest.raises(ValueError, match="audio_scale 'big' must be unit or embeddings"):
         ModelConfig(audio_scale="big")
+
+
+def test_chat_prompt_format_lays_the_example_out_as_the_decoders_chat_template(mel_store, tiny_dataset):
+    store = EmbeddingStore(mel_store)
+    model, tokenizer = build_model(ModelConfig(**TINY_MODEL, prompt_format="chat", projector_dropout=0.0), store.dim,
+                                   seed=0)
+    examples = ExampleSet(load_examples(tiny_dataset, "train"), store, tokenizer, max_text_tokens=96,
+                          prompt_suffix=model.prompt_suffix)
+    item, example = examples.items[0], examples.examples[0]
+    marker = "[audio]"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": ""}, {"role": "user", "content": marker + example["prompt"]},
+         {"role": "assistant", "content": example["answer"]}], tokenize=False)
+    ours = tokenizer.decode(model.prefix_ids) + marker + tokenizer.decode(item.prompt_ids + item.answer_ids)
+    assert ours.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n[audio]")
+    assert rendered.startswith(ours) and ours.endswith(example["answer"] + "<|im_end|>")
+    assert item.answer_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    batch = examples.batch([0, 1])
+    embeds, mask, positions = model.build_inputs(batch)
+    prefix = len(model.prefix_ids)
+    assert torch.equal(embeds[0, :prefix], model.language_model.get_input_embeddings()(model.prefix_ids))
+    assert mask[:, :prefix].all() and torch.equal(positions[:, :prefix], torch.arange(prefix).expand(2, -1))
+    assert embeds.shape[1] == prefix + batch["audio1"].shape[1] * 2 + 2 + batch["input_ids"].shape[1]
+    loss = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.audio_projector.linear1.weight.grad is not None
+
+
+def test_chat_prompt_format_needs_a_tokenizer_with_a_chat_template():
+    from mellow.model import prompt_template
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(ValueError, match="has no chat template; use plain"):
+        prompt_template(NoTemplate(), "chat")
+    assert prompt_template(NoTemplate(), "plain") == ([], "\n")
+    with pytest.raises(ValueError, match="prompt_format 'json' must be plain or chat"):
+        ModelConfig(prompt_format="json")

@@ -1,0 +1,146 @@
+"""`mellow export`: a trained checkpoint as a self-contained model folder.
+
+    <out>/decoder/               the decoder (LoRA adapters merged in) and its tokenizer, by save_pretrained:
+                                 AutoModelForCausalLM.from_pretrained("<out>/decoder") loads it with plain transformers
+    <out>/projector.safetensors  the audio projector, the separator and the no-audio embedding
+    <out>/encoder.json           the audio encoder's spec and fingerprint (what the training store was made with)
+    <out>/mellow.json            model settings (prompt format, audio width), where it came from, its eval scores
+    <out>/README.md              a model card: what it is, how to run it, how it was trained, its scores
+
+`mellow ask --model <out>` loads it; the encoder is rebuilt from encoder.json and checked against its fingerprint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mellow.checkpoint import find_checkpoint, load_trained_model
+from mellow.config import build, setting
+from mellow.files import read_json, replace_directory, write_json_atomic, write_text_atomic
+from mellow.model import MellowModel, ModelConfig, build_model
+from mellow.progress import console
+
+FORMAT_VERSION = 1
+PROJECTOR_PREFIXES = ("audio_projector.", "no_audio_embedding", "audio_separator")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Path = setting(Path("checkpoints/run"), "A training run folder (its latest or best checkpoint) or "
+                                                        "one checkpoint folder.")
+    which: str = setting("latest", "Checkpoint of a run folder to export: latest or best.")
+    out: Path = setting(Path("exported"), "Folder to write (replaced whole if it exists and --overwrite is given).")
+    overwrite: bool = setting(False, "Replace --out if it already exists.")
+
+    def __post_init__(self) -> None:
+        if self.which not in ("latest", "best"):
+            raise ValueError(f"--which {self.which!r} must be latest or best")
+        if not self.checkpoint.exists():
+            raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
+        if self.out.exists() and not self.overwrite:
+            raise ValueError(f"--out {self.out} exists; pass --overwrite to replace it, or choose another folder")
+
+
+def export(config: ExportConfig) -> Path:
+    """Write the checkpoint's model to `config.out`; returns it."""
+    started = time.time()
+    checkpoint = find_checkpoint(config.checkpoint, config.which)
+    model, tokenizer, trainer = load_trained_model(checkpoint, torch.device("cpu"))
+    temporary = config.out.with_name(f"{config.out.name}.tmp-export")
+    if temporary.exists():
+        import shutil
+
+        shutil.rmtree(temporary)
+    decoder = merge_adapters(model.language_model)
+    decoder.save_pretrained(temporary / "decoder")
+    tokenizer.save_pretrained(temporary / "decoder")
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()
+               if name.startswith(PROJECTOR_PREFIXES)}, temporary / "projector.safetensors")
+    scores_path = checkpoint / "eval-test" / "scores.json"
+    scores = read_json(scores_path) if scores_path.exists() else None
+    model_settings = trainer["config"]["model"]
+    info = {"format": FORMAT_VERSION, "audio_dim": trainer["store_fingerprint"]["dim"],
+            "model": model_settings, "source": {"checkpoint": str(checkpoint), "update": trainer["update"],
+                                                "store": trainer["store"], "train": trainer["config"]["train"]},
+            "eval": scores}
+    write_json_atomic(temporary / "encoder.json", trainer["store_fingerprint"])
+    write_json_atomic(temporary / "mellow.json", info)
+    write_text_atomic(temporary / "README.md", model_card(info, trainer["store_fingerprint"]))
+    replace_directory(temporary, config.out)
+    size = sum(f.stat().st_size for f in config.out.rglob("*") if f.is_file()) / 2**20
+    console.print(f"[bold green]exported[/] {checkpoint} (update {trainer['update']}) to {config.out} "
+                  f"({size:.1f} MiB, {time.time() - started:.1f} s). Try: mellow ask --model {config.out} "
+                  "clip.wav \"Describe the audio.\"", highlight=False)
+    return config.out
+
+
+def merge_adapters(language_model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder with every LoRA adapter merged into the layer it wraps (a plain transformers model again)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(language_model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(language_model.get_submodule(parent), child, module.get_base_layer())
+    return language_model
+
+
+def load_exported_model(folder: Path, device: torch.device) -> tuple[MellowModel, object, dict]:
+    """Rebuild an exported model; returns (model, tokenizer, encoder fingerprint)."""
+    for name in ("mellow.json", "encoder.json", "projector.safetensors", "decoder/config.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"--model {folder}: no {name}; pass a folder written by `mellow export`")
+    info = read_json(folder / "mellow.json")
+    if info.get("format") != FORMAT_VERSION:
+        raise ValueError(f"--model {folder}: export format {info.get('format')}, this mellow reads {FORMAT_VERSION}")
+    settings = {**info["model"], "decoder": f"hf:{folder / 'decoder'}", "decoder_mode": "full"}
+    model, tokenizer = build_model(build(ModelConfig, settings, "model"), info["audio_dim"], seed=0)
+    weights = load_file(folder / "projector.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    absent = [name for name in missing if name.startswith(PROJECTOR_PREFIXES)]
+    if absent or unexpected:
+        raise ValueError(f"--model {folder}: projector.safetensors does not fit the model (missing {absent[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.to(device).eval(), tokenizer, read_json(folder / "encoder.json")
+
+
+def model_card(info: dict, encoder: dict) -> str:
+    model, train = info["model"], info["source"]["train"]
+    lines = [
+        "# A Mellow-style audio-language model, exported by mellow", "",
+        "Two audio clips and a text prompt in, free text out: a frozen audio encoder, a trained audio projector "
+        "and a causal language model.", "",
+        "## Use", "", "```bash", "mellow ask --model . clip.wav \"Describe the audio.\"",
+        "mellow ask --model . first.wav second.wav \"Which one is louder?\"", "```", "",
+        "The decoder alone loads with plain transformers: "
+        "`AutoModelForCausalLM.from_pretrained(\"decoder\")`.", "",
+        "## Parts", "",
+        f"- audio encoder: `{encoder['encoder']}`, {encoder.get('clip_seconds')} s clips, {encoder['tokens']} "
+        f"tokens of width {encoder['dim']} per clip (spec and fingerprint in `encoder.json`; weights hash "
+        f"`{encoder.get('weights_hash', 'n/a')}`)",
+        f"- decoder: `{model['decoder']}`, trained in `{model['decoder_mode']}` mode"
+        + (" (LoRA adapters merged)" if model["decoder_mode"] == "lora" else ""),
+        f"- prompt format: `{model.get('prompt_format', 'plain')}`", "",
+        "## Training", "",
+        f"- checkpoint: `{info['source']['checkpoint']}` at update {info['source']['update']} of "
+        f"{train['max_updates']}",
+        f"- dataset: `{train['dataset']}`, store `{info['source']['store']}`",
+        f"- batch {train['batch_size']}, learning rate {train['lr']}, precision {train['precision']}, "
+        f"seed {train['seed']}", "",
+        "## Scores", "",
+    ]
+    if info["eval"] is None:
+        lines.append("Not evaluated: run `04_eval` on the checkpoint before exporting to include its test scores.")
+    else:
+        lines += [f"On the test split ({info['eval'].get('settings', {}).get('beams', 1)} beam(s)):", "",
+                  "| task | n | score |", "|---|---|---|"]
+        for task, values in info["eval"]["scores"].items():
+            metric = "accuracy" if "accuracy" in values else "cider_d"
+            lines.append(f"| {task} | {values['count']} | {metric} {values[metric]:.3f} |")
+    return "\n".join(lines) + "\n"

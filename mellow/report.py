@@ -1,0 +1,169 @@
+"""The evaluation report of a training run: a leaderboard over its scored checkpoints, PNG plots of each task's
+score and of the losses against the update, and the newest checkpoint's scores per subtask with chance levels
+and confusion tables. Written by 04_eval into `<run>/eval-<split>/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mellow.files import read_json, read_jsonl, write_json_atomic, write_text_atomic
+
+
+def main_metric(values: dict) -> tuple[str, float]:
+    """The score a task is ranked by: accuracy for closed tasks, CIDEr-D for free text."""
+    return ("accuracy", values["accuracy"]) if "accuracy" in values else ("cider_d", values["cider_d"])
+
+
+def scored_checkpoints(run_dir: Path, split: str) -> list[dict]:
+    """[{checkpoint, update, scores, settings}] of every checkpoint of the run scored on `split`, by update."""
+    rows = []
+    for path in sorted(run_dir.glob(f"step-*/eval-{split}/scores.json")):
+        saved = read_json(path)
+        update = saved.get("update", int(path.parent.parent.name.removeprefix("step-")))
+        rows.append({"checkpoint": path.parent.parent.name, "update": update, "scores": saved["scores"],
+                     "settings": saved.get("settings"), "empty_predictions": saved.get("empty_predictions", 0)})
+    return sorted(rows, key=lambda row: row["update"])
+
+
+def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed: dict[str, str]) -> Path:
+    """Write leaderboard.json/.md, report.md, scores.png and loss.png; returns the report's path."""
+    out = run_dir / f"eval-{split}"
+    rows = scored_checkpoints(run_dir, split)
+    tasks = sorted({task for row in rows for task in row["scores"] if "/" not in task})
+    write_json_atomic(out / "leaderboard.json", [
+        {"checkpoint": row["checkpoint"], "update": row["update"],
+         **{task: main_metric(row["scores"][task])[1] for task in tasks if task in row["scores"]}} for row in rows])
+    leaderboard = leaderboard_markdown(rows, tasks, pointers(run_dir))
+    write_text_atomic(out / "leaderboard.md", f"# Leaderboard of `{run_dir}` on {split}\n\n{leaderboard}")
+    plots = plot_scores(rows, tasks, out / "scores.png") + plot_losses(run_dir / "metrics.jsonl", out / "loss.png")
+    lines = [f"# Evaluation of `{run_dir}` on the {split} split", ""]
+    if rows:
+        lines += [f"{len(rows)} checkpoint(s) scored; each task's main score (accuracy, or CIDEr-D for free text), "
+                  "the best in bold:", "", leaderboard, ""]
+    else:
+        lines += ["No checkpoint of this run has been scored on this split yet.", ""]
+    lines += [f"![{name}]({name})" for name in plots] + [""]
+    if rows:
+        newest = rows[-1]
+        lines += [f"## {newest['checkpoint']} (update {newest['update']}) per task and subtask", "",
+                  detail_markdown(newest["scores"]), ""]
+        confusions = {task: values["confusion"] for task, values in newest["scores"].items() if "confusion" in values}
+        if confusions:
+            lines += ["## Confusion tables (rows: expected answer, columns: predicted)", ""]
+            for task, table in confusions.items():
+                lines += [f"**{task}**", "", confusion_markdown(table), ""]
+    notes = [*skipped.values(), *(f"{name} could not be scored: {why}" for name, why in failed.items()),
+             *(f"{row['checkpoint']}: {row['empty_predictions']} empty prediction(s)" for row in rows
+               if row["empty_predictions"])]
+    if notes:
+        lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
+    write_text_atomic(out / "report.md", "\n".join(lines))
+    return out / "report.md"
+
+
+def pointers(run_dir: Path) -> dict[str, str]:
+    """{checkpoint folder name: 'latest' / 'best' / 'latest, best'} from the run's pointer files."""
+    marks: dict[str, list[str]] = {}
+    for which in ("latest", "best"):
+        if (run_dir / f"{which}.json").exists():
+            marks.setdefault(read_json(run_dir / f"{which}.json")["path"], []).append(which)
+    return {name: ", ".join(found) for name, found in marks.items()}
+
+
+def leaderboard_markdown(rows: list[dict], tasks: list[str], marks: dict[str, str]) -> str:
+    best = {task: max((main_metric(row["scores"][task])[1] for row in rows if task in row["scores"]), default=None)
+            for task in tasks}
+    header = ["checkpoint", "update", *(f"{task} ({main_metric(rows[0]['scores'][task])[0]})" if task in
+                                        rows[0]["scores"] else task for task in tasks)] if rows else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["checkpoint"] + (f" ({marks[row['checkpoint']]})" if row["checkpoint"] in marks else ""),
+                 str(row["update"])]
+        for task in tasks:
+            if task not in row["scores"]:
+                cells.append("")
+                continue
+            value = main_metric(row["scores"][task])[1]
+            cells.append(f"**{value:.3f}**" if value == best[task] else f"{value:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_markdown(scores: dict[str, dict]) -> str:
+    caption_columns = sorted({key for values in scores.values() if "accuracy" not in values for key in values
+                              if key != "count"})
+    lines = ["| task | n | accuracy | chance | " + " | ".join(caption_columns) + " |",
+             "|" + "---|" * (4 + len(caption_columns))]
+    for name, values in scores.items():
+        if "accuracy" in values:
+            cells = [f"{values['accuracy']:.3f}", f"{values['chance']:.3f}", *[""] * len(caption_columns)]
+        else:
+            cells = ["", "", *(f"{values[key]:.3f}" if key in values else "" for key in caption_columns)]
+        lines.append(f"| {name} | {values['count']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def confusion_markdown(table: dict[str, dict[str, int]]) -> str:
+    columns = list(next(iter(table.values())))
+    lines = ["| expected \\ predicted | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines += [f"| {expected} | " + " | ".join(str(counts[c]) for c in columns) + " |"
+              for expected, counts in table.items()]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(rows: list[dict], tasks: list[str], path: Path) -> list[str]:
+    """One panel per task: its main score against the update, with the chance level where there is one."""
+    if not rows or not tasks:
+        return []
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        points = [(row["update"], row["scores"][task]) for row in rows if task in row["scores"]]
+        metric = main_metric(points[0][1])[0]
+        axis.plot([u for u, _ in points], [main_metric(v)[1] for _, v in points], marker="o")
+        if "chance" in points[0][1]:
+            axis.axhline(points[-1][1]["chance"], linestyle="--", color="grey", label="chance")
+            axis.legend(loc="lower right", fontsize=8)
+        axis.set_title(task, fontsize=10)
+        axis.set_xlabel("update")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path.name]
+
+
+def plot_losses(metrics_path: Path, path: Path) -> list[str]:
+    """Training loss (logged windows) and validation loss against the update, from the run's metrics.jsonl."""
+    if not metrics_path.exists():
+        return []
+    logged = read_jsonl(metrics_path)
+    training = [(row["update"], row["loss"]) for row in logged if "loss" in row]
+    validation = [(row["update"], row["val_loss"]) for row in logged if "val_loss" in row]
+    if not training and not validation:
+        return []
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for points, label in ((training, "training loss"), (validation, "validation loss")):
+        if points:
+            axis.plot([u for u, _ in points], [v for _, v in points], label=label,
+                      marker="o" if label.startswith("validation") else None)
+    axis.set_yscale("log")
+    axis.set_xlabel("update")
+    axis.set_ylabel("loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path.name]

@@ -1,0 +1,99 @@
+"""`mellow export`: a self-contained model folder that `mellow ask --model` runs and plain transformers loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from mellow import ask, evaluate, export, train
+from mellow.ask import AskConfig
+from mellow.checkpoint import find_checkpoint, load_trained_model
+from mellow.cli import app
+from mellow.decoders import load_tokenizer
+from mellow.evaluate import EvalConfig
+from mellow.export import ExportConfig
+from mellow.files import read_json, read_jsonl
+from mellow.model import ModelConfig
+from mellow.train import TrainConfig
+
+
+def _logits(language_model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return language_model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def chat_run(mel_store, tiny_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=30, batch_size=8,
+                          lr=1e-2, warmup_updates=2, val_every=0, save_every=30),
+              ModelConfig(**TINY_MODEL, prompt_format="chat"))
+    evaluate.run(EvalConfig(run=run_dir, max_new_tokens=8, similarity=False))
+    return run_dir
+
+
+def test_exported_model_answers_as_the_checkpoint_and_its_decoder_loads_with_transformers(chat_run, tiny_dataset,
+                                                                                           tmp_path):
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(chat_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"decoder", "projector.safetensors", "encoder.json", "mellow.json",
+                                               "README.md"}
+    checkpoint = find_checkpoint(chat_run)
+    model, _, trainer = load_trained_model(checkpoint, torch.device("cpu"))
+    plain = AutoModelForCausalLM.from_pretrained(out / "decoder")
+    ids = torch.randint(0, 1000, (2, 7))
+    torch.testing.assert_close(_logits(plain, ids), _logits(model.language_model, ids), rtol=0, atol=0)
+    assert set(load_file(out / "projector.safetensors")) == {
+        name for name in model.state_dict() if not name.startswith("language_model.")}
+    assert read_json(out / "encoder.json") == trainer["store_fingerprint"]
+    card = (out / "README.md").read_text()
+    scores = read_json(checkpoint / "eval-test" / "scores.json")["scores"]
+    assert f"| yes_no | {scores['yes_no']['count']} | accuracy {scores['yes_no']['accuracy']:.3f} |" in card
+    assert "prompt format: `chat`" in card
+
+    paths = {record["id"]: tiny_dataset / record["path"] for record in read_jsonl(tiny_dataset / "audio.jsonl")}
+    predictions = read_jsonl(checkpoint / "eval-test" / "predictions.jsonl")
+    for example in (next(p for p in predictions if p["audio2"] is None),
+                    next(p for p in predictions if p["audio2"] is not None)):
+        files = [paths[example["audio1"]]] + ([paths[example["audio2"]]] if example["audio2"] else [])
+        from_export = ask.ask(AskConfig(model=out, max_new_tokens=8), files, example["prompt"])
+        assert from_export == ask.ask(AskConfig(checkpoint=chat_run, max_new_tokens=8), files, example["prompt"])
+        assert from_export == example["prediction"]
+
+
+def test_lora_adapters_are_merged_into_the_exported_decoder(mel_store, tiny_dataset, tmp_path):
+    tokenizer = load_tokenizer("tiny")
+    decoder_dir = tmp_path / "decoder"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(decoder_dir)
+    tokenizer.save_pretrained(decoder_dir)
+    run_dir = tmp_path / "run"
+    train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=4, batch_size=4,
+                          lr=5e-2, warmup_updates=1, val_every=0),
+              ModelConfig(decoder=f"hf:{decoder_dir}", decoder_mode="lora", lora_dropout=0.0))
+    export.export(ExportConfig(checkpoint=run_dir, out=tmp_path / "model"))
+    model, _, _ = load_trained_model(find_checkpoint(run_dir), torch.device("cpu"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model" / "decoder")
+    base = AutoModelForCausalLM.from_pretrained(decoder_dir)
+    ids = torch.randint(0, 1000, (2, 7))
+    torch.testing.assert_close(_logits(merged, ids), _logits(model.language_model, ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(merged, ids), _logits(base, ids), atol=1e-4)  # the adapters did change it
+    assert not any("lora" in name for name in merged.state_dict())
+
+
+def test_export_and_ask_bad_inputs_are_clear_errors(chat_run, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="--out .*taken exists; pass --overwrite"):
+        ExportConfig(checkpoint=chat_run, out=tmp_path / "taken")
+    with pytest.raises(ValueError, match="give --checkpoint .* or --model .*, one of the two"):
+        AskConfig(checkpoint=chat_run, model=tmp_path)
+    with pytest.raises(ValueError, match="give --checkpoint .* or --model .*, one of the two"):
+        AskConfig()
+    with pytest.raises(ValueError, match="no mellow.json; pass a folder written by `mellow export`"):
+        export.load_exported_model(tmp_path / "taken", torch.device("cpu"))

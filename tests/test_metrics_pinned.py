@@ -1,0 +1,101 @@
+"""Every metric pinned, on a fixed set of predictions and references, to the value the reference implementation
+gives (1e-6): a change of tokenisation, of a scorer's settings or of how the metrics are wired shows up here.
+
+The caption values were computed once with pycocoevalcap's own pipeline as its eval.py runs it (the Stanford
+PTB tokenizer in Java, then Bleu(4), Meteor, Rouge, Cider), and the similarity with sentence-transformers'
+`util.cos_sim` on all-MiniLM-L6-v2 embeddings, averaged over references, then examples (aac-metrics' sbert_sim).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mellow import metrics
+
+PREDICTIONS = [
+    "A mid-pitched tone, then a falling chirp.",
+    "a loud noise burst followed by clicks",
+    "Two high beeps and a low hum.",
+    "a quiet series of clicks and pops",
+]
+REFERENCES = [
+    ["a moderate mid-pitched tone followed by a falling chirp", "a steady tone and then a chirp that falls.",
+     "A mid-pitched beep, then a falling chirp!"],
+    ["a loud burst of noise followed by a series of clicks", "loud static, then ticking"],
+    ["two high-pitched beeps followed by a low hum", "a pair of high beeps and a deep humming sound",
+     "high beeps twice, then a low drone"],
+    ["a soft series of clicks", "quiet ticking sounds", "a faint clicking"],
+]
+REFERENCE_VALUES = {  # pycocoevalcap 1.2 (PTBTokenizer, Java 17) and sentence-transformers, see the docstring
+    "bleu_1": 0.9285714285382654, "bleu_2": 0.7359800721655119, "bleu_3": 0.5456964415073825,
+    "bleu_4": 0.37752076515585364, "meteor": 0.38177583528736325, "rouge_l": 0.7110487091431188,
+    "cider_d": 2.084616164026202, "similarity": 0.7993969023227692,
+}
+PYTHON_TOKENIZER_VALUES = {  # the same scorers on the Python tokenizer's output (where no Java is found)
+    "bleu_1": 0.9285714285382654, "bleu_2": 0.7359800721655119, "bleu_3": 0.5456964415073825,
+    "bleu_4": 0.37752076515585364, "rouge_l": 0.7110487091431188, "cider_d": 2.084616164026202,
+}
+needs_java = pytest.mark.skipif(metrics.java_missing() is not None, reason=f"the reference pipeline "
+                                f"{metrics.java_missing()}")
+
+
+@needs_java
+def test_caption_metrics_equal_the_reference_pipeline():
+    scores = metrics.CaptionScorer().scores(PREDICTIONS, REFERENCES)
+    for name, expected in REFERENCE_VALUES.items():
+        assert scores[name] == pytest.approx(expected, abs=1e-6), name
+    assert ("spice" in scores) == (metrics.spice_missing() is None)
+
+
+def test_python_tokenizer_matches_the_ptb_tokenizer_on_plain_captions(monkeypatch):
+    tokens = metrics.python_tokenize("A mid-pitched tone, then a falling chirp.")
+    assert tokens == "a mid-pitched tone then a falling chirp"
+    assert metrics.python_tokenize("High beeps twice; then a LOW drone!") == "high beeps twice then a low drone"
+    monkeypatch.setattr(metrics, "java_missing", lambda: "needs Java (e.g. apt-get install default-jre-headless)")
+    scorer = metrics.CaptionScorer()
+    scores = scorer.scores(PREDICTIONS, REFERENCES)
+    assert "meteor" not in scores and "spice" not in scores and "spider" not in scores
+    assert scorer.skipped["meteor"] == ("METEOR skipped: it needs Java (e.g. apt-get install "
+                                        "default-jre-headless)")
+    for name, expected in PYTHON_TOKENIZER_VALUES.items():
+        assert scores[name] == pytest.approx(expected, abs=1e-6), name
+    if metrics.java_missing() is None:  # the Python tokenizer gives the reference's tokens on these captions
+        for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d"):
+            assert PYTHON_TOKENIZER_VALUES[name] == pytest.approx(REFERENCE_VALUES[name], abs=1e-9), name
+
+
+def test_spice_without_corenlp_is_skipped_with_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "_package_dir", lambda: tmp_path)
+    reason = metrics.spice_missing()
+    assert "stanford-corenlp-3.6.0.jar" in reason and str(tmp_path / "spice" / "lib") in reason
+    scorer = metrics.CaptionScorer(similarity=False)
+    assert scorer.skipped["spice"].startswith("SPICE and SPIDEr skipped: SPICE needs Stanford CoreNLP 3.6.0")
+    scores = scorer.scores(PREDICTIONS[:1], REFERENCES[:1])
+    assert "spice" not in scores and "spider" not in scores and "cider_d" in scores
+
+
+QA_EXAMPLES = [
+    {"task": "yes_no", "answer": "yes"}, {"task": "yes_no", "answer": "no"}, {"task": "yes_no", "answer": "no"},
+    {"task": "yes_no", "answer": "yes"}, {"task": "yes_no", "answer": "yes"},
+    {"task": "comparison", "answer": "the first"}, {"task": "comparison", "answer": "the second"},
+    {"task": "multiple_choice", "answer": "b) noise burst", "options": ["tone", "noise burst", "chirp", "clicks"]},
+    {"task": "multiple_choice", "answer": "chirp", "options": ["tone", "noise burst", "chirp"]},
+    {"task": "multiple_choice", "answer": "a", "options": ["hum", "beep"]},
+]
+QA_PREDICTIONS = ["Yes.", "no", "yes", "maybe", "YES", "First", "the first one", "B", "c) Chirp.", "beep"]
+
+
+def test_closed_task_scores_are_pinned():
+    scores = metrics.score(QA_EXAMPLES, QA_PREDICTIONS, metrics.CaptionScorer(similarity=False))
+    # yes/no: 'Yes.', 'no', 'YES' match after normalisation; 'yes' for no and 'maybe' do not -> 3/5
+    assert scores["yes_no"]["accuracy"] == pytest.approx(3 / 5, abs=1e-6) and scores["yes_no"]["chance"] == 0.5
+    assert scores["yes_no"]["confusion"] == {"no": {"no": 1, "yes": 1, "other": 0},
+                                             "yes": {"no": 0, "yes": 2, "other": 1}}
+    # comparison: 'First' = 'the first'; 'the first one' is not 'the second' -> 1/2
+    assert scores["comparison"]["accuracy"] == pytest.approx(1 / 2, abs=1e-6)
+    assert scores["comparison"]["confusion"]["second"] == {"first": 0, "second": 0, "other": 1}
+    # multiple choice: by letter 'B' -> noise burst (right); by letter + text 'c) Chirp.' (right); by text
+    # 'beep' for the expected letter 'a' = hum (wrong) -> 2/3; chance (1/4 + 1/3 + 1/2) / 3
+    assert scores["multiple_choice"]["accuracy"] == pytest.approx(2 / 3, abs=1e-6)
+    assert scores["multiple_choice"]["chance"] == pytest.approx((1 / 4 + 1 / 3 + 1 / 2) / 3, abs=1e-6)
+    assert "confusion" not in scores["multiple_choice"]
