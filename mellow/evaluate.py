@@ -102,8 +102,8 @@ def run(config: EvalConfig) -> EvalResult:
             continue
         try:
             scores, count = score_checkpoint(checkpoint, config, scorer)
-        except (StoreMismatchError, SplitNotFoundError):
-            raise  # about the store or the dataset, so the same for every checkpoint of the run
+        except (StoreMismatchError, SplitNotFoundError, FileNotFoundError):
+            raise  # the store or the dataset (a checkpoint's own missing files are a ValueError), the same for all
         except Exception as error:  # noqa: BLE001 - one broken checkpoint must not stop the others
             if not is_run or config.which != "all":
                 raise
@@ -163,9 +163,14 @@ def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, lis
     if not trainer_path.is_file():
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no trainer.json)")
     trainer = read_json(trainer_path)
-    store = EmbeddingStore(config.store or Path(trainer["store"]))
+    trained_on = {"--store": Path(trainer["store"]), "--dataset": Path(trainer["config"]["train"]["dataset"])}
+    for option, path in trained_on.items():
+        if getattr(config, option[2:]) is None and not path.exists():
+            raise FileNotFoundError(f"{checkpoint} was trained with {option} {path}, which is not found from "
+                                    f"{Path.cwd()}; pass {option} <where it is now>")
+    store = EmbeddingStore(config.store or trained_on["--store"])
     store.check_fingerprint(trainer["store_fingerprint"], f"checkpoint {checkpoint}")
-    dataset = config.dataset or Path(trainer["config"]["train"]["dataset"])
+    dataset = config.dataset or trained_on["--dataset"]
     examples = load_examples(dataset, config.split)
     if config.max_examples:
         examples = examples[: config.max_examples]

@@ -104,7 +104,7 @@ def detail_markdown(scores: dict[str, dict]) -> str:
 
 
 def confusion_markdown(table: dict[str, dict[str, int]]) -> str:
-    columns = list(next(iter(table.values())))
+    columns = sorted(column for column in next(iter(table.values())) if column != "other") + ["other"]
     lines = ["| expected \\ predicted | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     lines += [f"| {expected} | " + " | ".join(str(counts[c]) for c in columns) + " |"
               for expected, counts in table.items()]

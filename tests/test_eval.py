@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -149,6 +150,13 @@ def test_eval_bad_inputs_get_clear_messages(three_checkpoints, tmp_path, monkeyp
         EvalConfig(run=three_checkpoints, which="every")
     with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
         evaluate.run(EvalConfig(run=tmp_path, similarity=False))
+    moved = tmp_path / "moved"  # a run whose store was recorded as a path that is not found from here
+    shutil.copytree(three_checkpoints / "step-000006", moved)
+    trainer = read_json(moved / "trainer.json")
+    (moved / "trainer.json").write_text(json.dumps({**trainer, "store": "shards/elsewhere/store"}))
+    with pytest.raises(FileNotFoundError, match=r"trained with --store shards/elsewhere/store, which is not found "
+                                                r"from .*; pass --store <where it is now>"):
+        evaluate.run(EvalConfig(run=moved, similarity=False))
     run_dir = tmp_path / "run"
     shutil.copytree(three_checkpoints, run_dir)
     monkeypatch.setattr(evaluate, "generate_all", lambda model, tokenizer, examples, config, device:
