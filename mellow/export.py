@@ -129,10 +129,11 @@ def model_card(info: dict, encoder: dict) -> str:
         f"- prompt format: `{model.get('prompt_format', 'plain')}`", "",
         "## Training", "",
         f"- checkpoint: `{info['source']['checkpoint']}` at update {info['source']['update']} of "
-        f"{train['max_updates']}",
-        f"- dataset: `{train['dataset']}`, store `{info['source']['store']}`",
-        f"- batch {train['batch_size']}, learning rate {train['lr']}, precision {train['precision']}, "
-        f"seed {train['seed']}", "",
+        f"{train.get('max_updates', '?')}",
+        f"- dataset: `{train.get('dataset', '?')}`, store `{info['source']['store']}`",
+        # checkpoints of older mellow versions lack settings added since (their defaults applied)
+        f"- batch {train.get('batch_size', '?')}, learning rate {train.get('lr', '?')}, precision "
+        f"{train.get('precision', 'fp32')}, seed {train.get('seed', 0)}", "",
         "## Scores", "",
     ]
     if info["eval"] is None:

@@ -97,3 +97,11 @@ def test_export_and_ask_bad_inputs_are_clear_errors(chat_run, tmp_path):
         AskConfig()
     with pytest.raises(ValueError, match="no mellow.json; pass a folder written by `mellow export`"):
         export.load_exported_model(tmp_path / "taken", torch.device("cpu"))
+
+
+def test_model_card_of_a_checkpoint_saved_before_newer_settings_existed():
+    info = {"model": {"decoder": "tiny", "decoder_mode": "full"}, "eval": None,
+            "source": {"checkpoint": "checkpoints/old/step-001200", "update": 1200, "store": "shards/s",
+                       "train": {"max_updates": 1200, "dataset": "datasets/synth", "batch_size": 32, "lr": 1e-3}}}
+    card = export.model_card(info, {"encoder": "whisper-tiny", "clip_seconds": 6.0, "tokens": 16, "dim": 384})
+    assert "precision fp32, seed 0" in card and "prompt format: `plain`" in card and "Not evaluated" in card
