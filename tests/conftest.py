@@ -22,6 +22,21 @@ os.environ["WANDB_MODE"] = "disabled"
 TINY_MODEL = {"decoder": "tiny", "tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2}
 
 
+def save_tiny_llama(folder: Path) -> Path:
+    """A tiny randomly initialised Llama and SmolLM2's tokenizer saved with save_pretrained, as a user's local
+    decoder folder would be (for `--model.decoder hf:<folder>`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mellow.decoders import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def train_config(store: Path, dataset: Path, run_dir: Path, **overrides) -> TrainConfig:
     """A short, seeded training config for tests; `overrides` replace any field."""
     values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=8, batch_size=4, lr=3e-3,

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, save_tiny_llama
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from mellow import ask, evaluate, export, train
 from mellow.ask import AskConfig
 from mellow.checkpoint import find_checkpoint, load_trained_model
 from mellow.cli import app
-from mellow.decoders import load_tokenizer
 from mellow.evaluate import EvalConfig
 from mellow.export import ExportConfig
 from mellow.files import read_json, read_jsonl
@@ -67,12 +66,7 @@ def test_exported_model_answers_as_the_checkpoint_and_its_decoder_loads_with_tra
 
 
 def test_lora_adapters_are_merged_into_the_exported_decoder(mel_store, tiny_dataset, tmp_path):
-    tokenizer = load_tokenizer("tiny")
-    decoder_dir = tmp_path / "decoder"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(decoder_dir)
-    tokenizer.save_pretrained(decoder_dir)
+    decoder_dir = save_tiny_llama(tmp_path / "decoder")
     run_dir = tmp_path / "run"
     train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=4, batch_size=4,
                           lr=5e-2, warmup_updates=1, val_every=0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, save_tiny_llama
 
 from mellow import train
 from mellow.data import ExampleSet, load_examples
@@ -104,16 +104,7 @@ def test_generation_is_batch_invariant(trained, beams):
 
 
 def test_local_decoder_folder_frozen_mode_saves_only_trainable_parts(mel_store, tiny_dataset, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mellow.decoders import load_tokenizer
-
-    tokenizer = load_tokenizer("tiny")
-    decoder_dir = tmp_path / "decoder"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(decoder_dir)
-    tokenizer.save_pretrained(decoder_dir)
+    decoder_dir = save_tiny_llama(tmp_path / "decoder")
     model_config = ModelConfig(decoder=f"hf:{decoder_dir}", decoder_mode="frozen")
     run_dir = tmp_path / "run"
     train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=2, batch_size=4,
