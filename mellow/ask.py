@@ -93,24 +93,21 @@ def ask(config: AskConfig, audio_files: list[Path], prompt: str) -> str:
         raise ValueError("the prompt is empty; ask something, e.g. \"Describe the audio.\"")
     device = torch.device(resolve_device(config.device))
     if config.model is not None:
-        from mellow.export import load_exported_model
+        from mellow.export import exported_encoder, load_exported_model
 
-        source, fingerprint_path = config.model, config.model / "encoder.json"
-        if not fingerprint_path.is_file():
-            raise ValueError(f"--model {config.model}: no encoder.json; pass a folder written by `mellow export`")
+        fingerprint = exported_encoder(config.model)
     else:
-        source = find_checkpoint(config.checkpoint, config.which)
-        fingerprint_path = source / "trainer.json"
-    fingerprint = read_json(fingerprint_path)
+        checkpoint = find_checkpoint(config.checkpoint, config.which)
+        fingerprint = read_json(checkpoint / "trainer.json")["store_fingerprint"]
     # the encoder and the audio first: a mismatch or a bad file is refused before the decoder is loaded
-    encoder = encoder_of_store(fingerprint.get("store_fingerprint", fingerprint), str(device))
+    encoder = encoder_of_store(fingerprint, str(device))
     audio, valid = encode_files(encoder, audio_files)
     if config.model is not None:
-        model, tokenizer, _ = load_exported_model(config.model, device)
+        model, tokenizer = load_exported_model(config.model, device)
         described = f"{config.model} (exported)"
     else:
-        model, tokenizer, trainer = load_trained_model(source, device)
-        described = f"{source} (update {trainer['update']})"
+        model, tokenizer, trainer = load_trained_model(checkpoint, device)
+        described = f"{checkpoint} (update {trainer['update']})"
     batch = {key: value.to(device) for key, value in prompt_batch(tokenizer, audio, valid, prompt,
                                                                           model.prompt_suffix).items()}
     tokens = model.generate(batch, config.max_new_tokens, tokenizer.eos_token_id, num_beams=config.beams)[0]

@@ -209,9 +209,9 @@ def write_outputs(output_dir: Path, examples: list[dict], predictions: list[str]
 
 
 def _main_metric(values: dict) -> tuple[str, float, float | None]:
-    if "accuracy" in values:
-        return "accuracy", values["accuracy"], values["chance"]
-    return "CIDEr-D", values["cider_d"], None
+    """(display name, value, chance level or None) of a task's main score."""
+    metric, value = metrics.main_metric(values)
+    return "CIDEr-D" if metric == "cider_d" else metric, value, values.get("chance")
 
 
 def markdown_summary(scores: dict[str, dict], checkpoint: Path) -> str:

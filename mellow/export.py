@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from mellow.checkpoint import find_checkpoint, load_trained_model
 from mellow.config import build, setting
 from mellow.files import read_json, replace_directory, write_json_atomic, write_text_atomic
+from mellow.metrics import main_metric
 from mellow.model import MellowModel, ModelConfig, build_model
 from mellow.progress import console
 
@@ -53,8 +55,6 @@ def export(config: ExportConfig) -> Path:
     model, tokenizer, trainer = load_trained_model(checkpoint, torch.device("cpu"))
     temporary = config.out.with_name(f"{config.out.name}.tmp-export")
     if temporary.exists():
-        import shutil
-
         shutil.rmtree(temporary)
     decoder = merge_adapters(model.language_model)
     decoder.save_pretrained(temporary / "decoder")
@@ -91,14 +91,22 @@ def merge_adapters(language_model: torch.nn.Module) -> torch.nn.Module:
     return language_model
 
 
-def load_exported_model(folder: Path, device: torch.device) -> tuple[MellowModel, object, dict]:
-    """Rebuild an exported model; returns (model, tokenizer, encoder fingerprint)."""
+def exported_encoder(folder: Path) -> dict:
+    """The encoder fingerprint of an export folder, once the folder is checked to be a complete export this
+    mellow reads."""
     for name in ("mellow.json", "encoder.json", "projector.safetensors", "decoder/config.json"):
         if not (folder / name).is_file():
             raise ValueError(f"--model {folder}: no {name}; pass a folder written by `mellow export`")
+    found = read_json(folder / "mellow.json").get("format")
+    if found != FORMAT_VERSION:
+        raise ValueError(f"--model {folder}: export format {found}, this mellow reads {FORMAT_VERSION}")
+    return read_json(folder / "encoder.json")
+
+
+def load_exported_model(folder: Path, device: torch.device) -> tuple[MellowModel, object]:
+    """Rebuild the model of an export folder (checked by exported_encoder first); returns (model, tokenizer)."""
+    exported_encoder(folder)
     info = read_json(folder / "mellow.json")
-    if info.get("format") != FORMAT_VERSION:
-        raise ValueError(f"--model {folder}: export format {info.get('format')}, this mellow reads {FORMAT_VERSION}")
     settings = {**info["model"], "decoder": f"hf:{folder / 'decoder'}", "decoder_mode": "full"}
     model, tokenizer = build_model(build(ModelConfig, settings, "model"), info["audio_dim"], seed=0)
     weights = load_file(folder / "projector.safetensors")
@@ -107,7 +115,7 @@ def load_exported_model(folder: Path, device: torch.device) -> tuple[MellowModel
     if absent or unexpected:
         raise ValueError(f"--model {folder}: projector.safetensors does not fit the model (missing {absent[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    return model.to(device).eval(), tokenizer, read_json(folder / "encoder.json")
+    return model.to(device).eval(), tokenizer
 
 
 def model_card(info: dict, encoder: dict) -> str:
@@ -142,6 +150,6 @@ def model_card(info: dict, encoder: dict) -> str:
         lines += [f"On the test split ({info['eval'].get('settings', {}).get('beams', 1)} beam(s)):", "",
                   "| task | n | score |", "|---|---|---|"]
         for task, values in info["eval"]["scores"].items():
-            metric = "accuracy" if "accuracy" in values else "cider_d"
-            lines.append(f"| {task} | {values['count']} | {metric} {values[metric]:.3f} |")
+            metric, value = main_metric(values)
+            lines.append(f"| {task} | {values['count']} | {metric} {value:.3f} |")
     return "\n".join(lines) + "\n"

@@ -68,6 +68,11 @@ def is_correct(example: dict, prediction: str) -> bool:
     return normalize(prediction) == normalize(example["answer"])
 
 
+def main_metric(values: dict) -> tuple[str, float]:
+    """The score a task of `score`'s result is ranked by: accuracy for closed tasks, CIDEr-D for free text."""
+    return ("accuracy", values["accuracy"]) if "accuracy" in values else ("cider_d", values["cider_d"])
+
+
 def chance_level(example: dict) -> float:
     if example["task"] == "multiple_choice":
         return 1.0 / len(example["options"])
@@ -104,15 +109,20 @@ def java_missing() -> str | None:
     return None
 
 
-def spice_missing() -> str | None:
-    """Why SPICE cannot run here, or None."""
+def corenlp_missing() -> str | None:
+    """Why SPICE lacks the Stanford CoreNLP jars it needs besides Java, or None."""
     lib = _package_dir() / "spice" / "lib"
     jars = [lib / "stanford-corenlp-3.6.0.jar", lib / "stanford-corenlp-3.6.0-models.jar"]
     if not all(jar.is_file() for jar in jars):
         return (f"needs Stanford CoreNLP 3.6.0 ({jars[0].name} and {jars[1].name}) in {lib}: run "
                 "`uv run python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'`"
                 " where the Stanford NLP site can be reached, or copy the two jars there")
-    return java_missing()
+    return None
+
+
+def spice_missing() -> str | None:
+    """Why SPICE cannot run here, or None."""
+    return corenlp_missing() or java_missing()
 
 
 @contextlib.contextmanager
@@ -133,7 +143,7 @@ class CaptionScorer:
 
     def __init__(self, similarity: bool = True) -> None:
         self.java = java_missing()
-        self.spice = spice_missing()
+        self.spice = corenlp_missing() or self.java  # spice_missing() without starting Java a second time
         self.skipped: dict[str, str] = {}
         if self.java:
             self.skipped["tokenizer"] = (f"captions tokenised in Python, not by the PTB tokenizer, which "

@@ -7,11 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mellow.files import read_json, read_jsonl, write_json_atomic, write_text_atomic
-
-
-def main_metric(values: dict) -> tuple[str, float]:
-    """The score a task is ranked by: accuracy for closed tasks, CIDEr-D for free text."""
-    return ("accuracy", values["accuracy"]) if "accuracy" in values else ("cider_d", values["cider_d"])
+from mellow.metrics import main_metric
 
 
 def scored_checkpoints(run_dir: Path, split: str) -> list[dict]:
