@@ -57,6 +57,7 @@ def prepare_command(
     source: str = cli_option(PrepareConfig, "source"),
     name: str = cli_option(PrepareConfig, "name"),
     root: Path = cli_option(PrepareConfig, "root"),
+    audio_root: Path | None = cli_option(PrepareConfig, "audio_root"),
     num_clips: int = cli_option(PrepareConfig, "num_clips"),
     max_seconds: float = cli_option(PrepareConfig, "max_seconds"),
     seed: int = cli_option(PrepareConfig, "seed"),

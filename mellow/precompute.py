@@ -178,27 +178,33 @@ def decode_views(record: dict, source: Source, encoder: EncoderConfig, min_secon
     With the duration known, ffmpeg seeks to each crop and decodes only it; without it, a center crop or
     several views need the whole file, decoded once and cut here. Raises AudioDecodeError for anything
     unusable: unreadable, empty, digital silence, shorter than --min-seconds, or truncated (much shorter than
-    the duration its manifest records).
+    the duration its manifest records). A record with `start` is a piece of a longer file: its crops are taken
+    from `start` to `start + duration`.
     """
     if isinstance(source, Exception):
         raise source
     clip_seconds, crop, views = encoder.clip_seconds, encoder.crop, encoder.views
     duration, name = record.get("duration"), record["path"]
+    piece, start = "start" in record, record.get("start") or 0.0  # a piece of a longer file, from `start` seconds
     if duration is None and (crop == "center" or views > 1):
-        whole = decode_audio(source, sample_rate, name=name)
+        whole = decode_audio(source, sample_rate, offset_seconds=start, name=name)
         offsets = view_offsets(whole.shape[0] / sample_rate, clip_seconds, views, crop)
         clip = int(round(clip_seconds * sample_rate))
         waves = [whole[int(round(offset * sample_rate)):][:clip] for offset in offsets]
     else:
         offsets = view_offsets(duration or clip_seconds, clip_seconds, views, crop)
-        waves = [_decode_view(source, sample_rate, offset, clip_seconds, name, duration) for offset in offsets]
+        # a piece ends where its duration says, not where the file does
+        lengths = [min(clip_seconds, duration - offset) if piece and duration else clip_seconds for offset in offsets]
+        waves = [_decode_view(source, sample_rate, start + offset, length, name, duration and start + duration)
+                 for offset, length in zip(offsets, lengths)]
     if all(float(np.abs(wave).max()) == 0.0 for wave in waves):
         raise AudioDecodeError(f"{name}: all samples are zero (digital silence)")
     seconds = waves[0].shape[0] / sample_rate
     if seconds < min_seconds:
         raise AudioDecodeError(f"{name}: {seconds:.3f} s of audio, shorter than --min-seconds {min_seconds}")
     for offset, wave in zip(offsets, waves):
-        expected = min(duration - offset, clip_seconds) if duration else 0.0
+        # a piece's duration is nominal (an AudioCaps clip near the end of its video is shorter than 10 s)
+        expected = min(duration - offset, clip_seconds) if duration and not piece else 0.0
         if wave.shape[0] / sample_rate < 0.9 * expected - 0.05:
             raise AudioDecodeError(f"{name}: truncated: decoded {wave.shape[0] / sample_rate:.2f} s at "
                                    f"{offset:.2f} s where the manifest says {expected:.2f} s")

@@ -1,7 +1,9 @@
 """Stage 00: make a dataset folder (audio files + manifests) from a source.
 
-Sources: `synth`, the built-in synthetic sound scenes (audio written here), and `wds:<tars>`, WebDataset tars
-of audio + json (the audio stays in the tars; records name tar and member).
+Sources: `synth`, the built-in synthetic sound scenes (audio written here); `wds:<tars>`, WebDataset tars
+of audio + json (the audio stays in the tars; records name tar and member); and the published layouts of
+Mellow/ReasonAQA, Clotho, AudioCaps and a folder + CSV/JSONL (`mellow:`, `clotho:`, `audiocaps:`, `folder:`;
+see mellow/importers.py), whose audio stays where it is (records hold absolute paths).
 
 Layout written under `datasets/<name>/`:
     audio/<id>.<ext>          the audio files (mixed formats, rates and channel counts for `synth`)
@@ -22,7 +24,7 @@ from random import Random
 from braceexpand import braceexpand
 from rich.markup import escape
 
-from mellow import synth
+from mellow import importers, synth
 from mellow.audio import encode_audio_file, find_ffmpeg
 from mellow.config import describe_differences, setting, to_dict
 from mellow.files import read_json, sha256_file, write_json_atomic, write_jsonl_atomic
@@ -31,16 +33,22 @@ from mellow.wds import import_webdataset
 
 FORMATS = (".wav", ".flac", ".mp3", ".ogg")
 SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
+SOURCE_KINDS = ("wds", "mellow", "clotho", "audiocaps", "folder")
 
 
 @dataclass
 class PrepareConfig:
-    source: str = setting("synth", "Where the data comes from: `synth` (the built-in synthetic sound scenes), or "
+    source: str = setting("synth", "Where the data comes from: `synth` (the built-in synthetic sound scenes); "
                                    "`wds:<tars>`: WebDataset tars of audio + json (local paths, brace patterns such "
                                    "as part-{0000..0099}.tar, http(s):// URLs or pipe:<command>; several joined with "
-                                   "::, as webdataset does), whose audio stays in the tars.")
+                                   "::, as webdataset does), whose audio stays in the tars; `mellow:<json>[,...]` "
+                                   "(Mellow/ReasonAQA release files; split from the file name or split=file); "
+                                   "`clotho:<folder>`; `audiocaps:<folder>`; `folder:<manifest.csv|jsonl>`. "
+                                   "Imported audio stays where it is; see docs/datasets.md.")
     name: str = setting("synth", "Dataset name: the output folder is <root>/<name>.")
     root: Path = setting(Path("datasets"), "Folder that holds all datasets.")
+    audio_root: Path | None = setting(None, "Folder that relative audio paths of a mellow: or folder: manifest "
+                                            "start from (default: the manifest's folder).")
     num_clips: int = setting(800, "Number of synthetic clips to generate (synth only).")
     max_seconds: float = setting(6.0, "Longest synthetic clip in seconds; durations are drawn from [1, max].")
     seed: int = setting(0, "Random seed: the same seed gives the same clips, captions and tasks.")
@@ -51,8 +59,12 @@ class PrepareConfig:
     overwrite: bool = setting(False, "Replace an existing dataset made with a different config.")
 
     def __post_init__(self) -> None:
-        if self.source != "synth" and not (self.source.startswith("wds:") and self.source[4:].strip()):
-            raise ValueError(f"--source {self.source!r} is not supported; use synth, or wds:<tar paths or URLs>")
+        kind, colon, location = self.source.partition(":")
+        if self.source != "synth" and not (colon and kind in SOURCE_KINDS and location.strip()):
+            raise ValueError(f"--source {self.source!r} is not supported; use synth, or one of "
+                             f"{', '.join(kind + ':<path>' for kind in SOURCE_KINDS)}")
+        if self.audio_root is not None and not self.audio_root.is_dir():
+            raise FileNotFoundError(f"--audio-root {self.audio_root} is not a folder")
         if self.num_clips < 10:
             raise ValueError(f"--num-clips {self.num_clips} is too small; use at least 10 so every split has clips")
         if not 1.0 < self.max_seconds <= 60:
@@ -101,12 +113,16 @@ def _fingerprint(config: PrepareConfig) -> dict:
     values = to_dict(config)
     for key in ("workers", "overwrite", "root"):
         values.pop(key)
+    if values["audio_root"] is None:  # datasets prepared before the option existed stay valid
+        values.pop("audio_root")
     return values
 
 
 def process(config: PrepareConfig) -> dict[str, int]:
     if config.source.startswith("wds:"):
         return _process_webdataset(config)
+    if config.source != "synth":
+        return _process_import(config)
     splits = {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction,
               "test": config.test_fraction}
     scenes, examples, clip_split = synth.generate(config.num_clips, config.seed, config.max_seconds, splits,
@@ -136,13 +152,41 @@ def _process_webdataset(config: PrepareConfig) -> dict[str, int]:
         task = progress.add_task("reading tars", total=None)
         records, examples, failures = import_webdataset(urls, config.val_fraction, config.test_fraction,
                                                         on_sample=lambda: progress.advance(task))
-    for failure in failures[:10]:
-        console.print(f"  [yellow]skipped[/] {escape(failure['tar'])} {escape(failure['key'] or '')}: "
-                      f"{escape(failure['reason'])}")
+    _report_failures(failures)
     if not records:
         raise ValueError(f"--source {config.source}: no usable audio in {len(urls)} tar(s); "
                          + (failures[0]["reason"] if failures else "the tars are empty"))
     return _write_manifests(config, records, examples, failures)
+
+
+def _process_import(config: PrepareConfig) -> dict[str, int]:
+    """Read a published layout; hash every audio file it names (a store refuses a clip whose file changed)."""
+    imported = importers.import_source(config.source, config.audio_root, config.val_fraction, config.test_fraction,
+                                       config.seed)
+    _report_failures(imported.failures)
+    if not imported.records:
+        raise ValueError(f"--source {config.source}: no audio file found of those its manifests name"
+                         + (f" (e.g. {imported.failures[0].get('path', '')}); check --audio-root"
+                            if imported.failures else ""))
+    paths = sorted({record["path"] for record in imported.records})
+    with progress_bar() as progress, ThreadPoolExecutor(config.workers or os.cpu_count() or 1) as pool:
+        task = progress.add_task("hashing audio files", total=len(paths))
+        hashes = {}
+        for path, digest in zip(paths, pool.map(lambda path: sha256_file(Path(path)), paths)):
+            hashes[path] = digest
+            progress.advance(task)
+    for record in imported.records:
+        record["sha256"] = hashes[record["path"]]
+    return _write_manifests(config, imported.records, imported.examples, imported.failures)
+
+
+def _report_failures(failures: list[dict]) -> None:
+    for failure in failures[:10]:
+        what = failure.get("path") or failure.get("where") or f"{failure.get('tar')} {failure.get('key') or ''}"
+        needed = f" (needed by {failure['rows']} row(s), e.g. {failure['needed_by'][0]})" if "rows" in failure else ""
+        console.print(f"  [yellow]skipped[/] {escape(what)}: {escape(failure['reason'])}{escape(needed)}")
+    if len(failures) > 10:
+        console.print(f"  [yellow]… and {len(failures) - 10} more[/]; all are listed in prepare.json")
 
 
 def _write_manifests(config: PrepareConfig, records: list[dict], examples: dict[str, list[dict]],

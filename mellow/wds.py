@@ -26,6 +26,7 @@ from webdataset.gopen import Pipe
 from webdataset.tariterators import tar_file_expander, url_opener
 
 from mellow.files import write_json_atomic
+from mellow.importers import hash_split
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore
 
@@ -211,8 +212,7 @@ def _sample_record(sample: dict, tar: str, seen: set[str], val_fraction: float,
         return {}, [], f"id {clip_id!r} was already used by another sample"
     split = meta.get("split")
     if split not in ("train", "val", "test"):
-        draw = int(hashlib.sha256(clip_id.encode()).hexdigest()[:8], 16) / 16**8
-        split = "test" if draw < test_fraction else "val" if draw < test_fraction + val_fraction else "train"
+        split = hash_split(clip_id, val_fraction, test_fraction)
     captions = meta.get("captions") or meta.get("caption") or meta.get("text") or []
     captions = [captions] if isinstance(captions, str) else [str(caption) for caption in captions]
     member = f"{sample['__key__']}.{extension}"

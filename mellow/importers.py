@@ -1,0 +1,377 @@
+"""Importers for 00_prepare: published dataset layouts into mellow's audio records and examples.
+
+Sources (the `--source` of `mellow prepare`):
+    mellow:<json>[,<json>...]   Mellow / ReasonAQA release files: a JSON list (or JSON lines) of
+                                {taskname, filepath1, filepath2, caption1, caption2, input, answer, subtype}.
+                                A file's split comes from its name (train / val, valid, dev / test) or is given
+                                as split=path; audio paths start at --audio-root (default: the file's folder).
+    clotho:<folder>             Clotho: clotho_captions_{development,validation,evaluation}.csv
+                                (file_name, caption_1..caption_5) beside the development/, validation/ and
+                                evaluation/ audio folders (-> train / val / test).
+    audiocaps:<folder>          AudioCaps: {train,val,test}.csv (audiocap_id, youtube_id, start_time, caption)
+                                and audio files anywhere below the folder named by YouTube id (`<id>.wav` or
+                                `Y<id>.wav`, any format), each cut at start_time for 10 s when encoded; or
+                                already cut, named `<id>_<start_time>`.
+    folder:<manifest>           Your own folder: a CSV or JSON-lines manifest whose rows name an audio file
+                                (`path`, or file_name / file / filename / audio) relative to the manifest's folder
+                                (or --audio-root), with captions (`caption`, `captions`, caption_1..N) and/or a
+                                question (`prompt` or question, `answer`, optional `task`, second audio `path2`),
+                                an optional `split`, `start` and `duration`.
+
+The audio stays where it is: a record's `path` is absolute, with `start` (seconds) when the clip is a piece of
+a longer file. A file a manifest names that is not there is reported (with the rows that needed it) and
+skipped; the rest of the dataset is imported.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from random import Random
+
+SPLITS = ("train", "val", "test")
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test", "eval": "test", "evaluation": "test"}
+CAPTION_PROMPT = "Describe the audio."
+AUDIOCAPS_SECONDS = 10.0
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mka", ".mp4", ".mkv"}
+
+
+@dataclass
+class Imported:
+    """What an importer found: audio records, examples per split, and what it skipped (with why)."""
+
+    records: list[dict] = field(default_factory=list)
+    examples: dict[str, list[dict]] = field(default_factory=lambda: {split: [] for split in SPLITS})
+    failures: list[dict] = field(default_factory=list)
+
+    def add(self, split: str, example: dict) -> None:
+        self.examples[split].append({**example, "split": split})
+
+
+class ClipCatalog:
+    """Gives each (file, start) an id and an audio record, checking once per file that it exists."""
+
+    def __init__(self, imported: Imported) -> None:
+        self.imported = imported
+        self.ids: dict[tuple[str, float | None], str] = {}
+        self.taken: set[str] = set()
+        self.missing: dict[str, dict] = {}
+
+    def clip(self, path: Path, name: str, split: str, where: str, start: float | None = None,
+             duration: float | None = None) -> str | None:
+        """The id of the clip at `path` (from `start`, lasting `duration`), or None if the file is missing;
+        `name` is what the manifest called it, `where` the row that asked for it (for the report)."""
+        path = path.absolute()
+        key = (str(path), start)
+        if key in self.ids:
+            return self.ids[key]
+        if str(path) in self.missing or not path.is_file():
+            if str(path) not in self.missing:
+                self.missing[str(path)] = {"path": str(path), "reason": "audio file not found", "rows": 0,
+                                           "needed_by": []}
+                self.imported.failures.append(self.missing[str(path)])
+            failure = self.missing[str(path)]
+            failure["rows"] += 1
+            if len(failure["needed_by"]) < 10:
+                failure["needed_by"].append(where)
+            return None
+        base = re.sub(r"\.[^./]*$", "", name) + (f"_{start:g}" if start else "")
+        clip_id, number = base, 1
+        while clip_id in self.taken:  # `a.wav` and `a.flac`, or a file named twice by different spellings
+            number += 1
+            clip_id = f"{base}~{number}"
+        self.ids[key] = clip_id
+        self.taken.add(clip_id)
+        self.imported.records.append({"id": clip_id, "path": str(path), "split": split,
+                                      **({"start": start} if start is not None else {}), "duration": duration})
+        return clip_id
+
+
+def import_source(source: str, audio_root: Path | None, val_fraction: float, test_fraction: float,
+                  seed: int) -> Imported:
+    """Run the importer that `source` (`kind:spec`) names."""
+    kind, _, spec = source.partition(":")
+    if kind == "mellow":
+        return import_mellow(spec, audio_root, seed)
+    if kind == "clotho":
+        return import_clotho(_existing(Path(spec), source))
+    if kind == "audiocaps":
+        return import_audiocaps(_existing(Path(spec), source))
+    if kind == "folder":
+        return import_folder(_existing(Path(spec), source), audio_root, val_fraction, test_fraction)
+    raise ValueError(f"--source {source!r}: unknown kind {kind!r}")
+
+
+def _existing(path: Path, source: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"--source {source}: {path} does not exist")
+    return path
+
+
+def hash_split(clip_id: str, val_fraction: float, test_fraction: float) -> str:
+    """A split drawn from a hash of the id: stable across runs and machines, and for a clip added later."""
+    draw = int(hashlib.sha256(clip_id.encode()).hexdigest()[:8], 16) / 16**8
+    return "test" if draw < test_fraction else "val" if draw < test_fraction + val_fraction else "train"
+
+
+# Mellow / ReasonAQA ------------------------------------------------------------------------------------------
+
+# Mellow's release marks some examples with an instruction keyword instead of a prompt: the prompt is then drawn
+# from paraphrases and the answer built from the captions ("The audio 1 is ..."). Mellow draws a paraphrase
+# every time an example is read; here one is drawn per example, from the seed, so the manifests are exact.
+MELLOW_PROMPTS = {
+    "caption both audios": ("Caption both audios.", "Describe each of the two audios.",
+                            "Write a caption for the first and the second audio.",
+                            "What can be heard in each of the two recordings?"),
+    "caption first audio": ("Caption the first audio.", "Describe the first audio.",
+                            "What can be heard in the first recording?"),
+    "caption second audio": ("Caption the second audio.", "Describe the second audio.",
+                             "What can be heard in the second recording?"),
+    "explain the difference in few words": ("In a few words, how do the two audios differ?",
+                                            "Name the difference between the two audios briefly.",
+                                            "Briefly, what differs between the two recordings?"),
+    "explain the difference in a sentence": ("Explain the difference between the two audios in one sentence.",
+                                             "In a single sentence, how do the two recordings differ?",
+                                             "Describe in one sentence what sets the two audios apart."),
+    "explain the difference in detail": ("Explain the difference between the two audios in detail.",
+                                         "Describe in detail how the two recordings differ.",
+                                         "Give a detailed comparison of the two audios."),
+}
+MELLOW_EMOTION_QUESTIONS = ("What emotion does the speaker express?", "How does the speaker feel?",
+                            "Which emotion can be heard in the voice?")
+MELLOW_EMOTION_MARK = "emo_emo_emo"
+
+
+def mellow_prompt_answer(row: dict, rng: Random) -> tuple[str, str, str]:
+    """(task, prompt, answer) of a Mellow/ReasonAQA row, following the release's conventions."""
+    instruction = row.get("input", "")
+    captions = [str(row.get(key) or "").lower() for key in ("caption1", "caption2")]
+    prompts = MELLOW_PROMPTS.get(instruction)
+    if instruction.startswith("caption"):
+        parts = {"caption both audios": (1, 2), "caption first audio": (1,), "caption second audio": (2,)}
+        if prompts:
+            answer = " ".join(f"The audio {n} is {captions[n - 1]}." for n in parts[instruction])
+            return "caption", rng.choice(prompts), answer.replace("..", ".")
+    if prompts:
+        return "difference", rng.choice(prompts), str(row["answer"])
+    if MELLOW_EMOTION_MARK in instruction:
+        return "qa", instruction.replace(MELLOW_EMOTION_MARK, rng.choice(MELLOW_EMOTION_QUESTIONS)), str(row["answer"])
+    answer = str(row["answer"]).lower()
+    task = "yes_no" if answer.strip(" .") in ("yes", "no") else "qa"
+    return task, instruction.lower(), answer
+
+
+def import_mellow(spec: str, audio_root: Path | None, seed: int) -> Imported:
+    imported = Imported()
+    catalog = ClipCatalog(imported)
+    rng = Random(seed)
+    for split, path in _split_files(spec):
+        root = audio_root or path.parent
+        for number, row in enumerate(_read_rows(path)):
+            where = f"{path.name} row {number}"
+            missing = [key for key in ("filepath1", "input", "answer") if key not in row]
+            if missing:
+                imported.failures.append({"where": where, "reason": f"no {', '.join(missing)} field"})
+                continue
+            task, prompt, answer = mellow_prompt_answer(row, rng)
+            audio = [_mellow_clip(catalog, root, row.get(key), split, where) for key in ("filepath1", "filepath2")]
+            if not row["filepath1"]:
+                imported.failures.append({"where": where, "reason": "filepath1 is empty"})
+            if audio[0] is None or (row.get("filepath2") and audio[1] is None):
+                continue
+            imported.add(split, {"task": task, "subtask": row.get("subtype") or row.get("taskname") or task,
+                                 "audio1": audio[0], "audio2": audio[1], "prompt": prompt, "answer": answer,
+                                 "source": row})
+    return imported
+
+
+def _mellow_clip(catalog: ClipCatalog, root: Path, filepath: str | None, split: str, where: str) -> str | None:
+    if not filepath:
+        return None
+    relative = filepath.replace("\\", "/")  # the release was written on Windows and Linux alike
+    return catalog.clip(root / relative, relative, split, where)
+
+
+def _split_files(spec: str) -> list[tuple[str, Path]]:
+    """[(split, path)] from `a_train.json,b_test.json` or `train=a.json,test=b.json`."""
+    files = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        named, _, location = item.rpartition("=")
+        path = Path(location)
+        split = SPLIT_NAMES.get(named) if named else _split_in_name(path.stem)
+        if split is None:
+            raise ValueError(f"--source mellow:{spec}: cannot tell the split of {item}; name it as train=<file>, "
+                             "val=<file> or test=<file>")
+        if not path.is_file():
+            raise FileNotFoundError(f"--source mellow:{spec}: {path} does not exist")
+        files.append((split, path))
+    if not files:
+        raise ValueError("--source mellow: name at least one JSON file, e.g. mellow:train=reasonaqa_train.json")
+    return files
+
+
+def _split_in_name(stem: str) -> str | None:
+    found = {SPLIT_NAMES[word] for word in re.split(r"[^a-z]+", stem.lower()) if word in SPLIT_NAMES}
+    return found.pop() if len(found) == 1 else None
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """A JSON list of objects, or JSON lines."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is neither a JSON list nor JSON lines: it is not UTF-8 text") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is neither a JSON list nor JSON lines: {error}") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path} must hold a list of objects (one per example)")
+    return rows
+
+
+# Clotho ------------------------------------------------------------------------------------------------------
+
+CLOTHO_SPLITS = {"development": "train", "validation": "val", "evaluation": "test"}
+
+
+def import_clotho(root: Path) -> Imported:
+    imported = Imported()
+    catalog = ClipCatalog(imported)
+    found = [name for name in CLOTHO_SPLITS if (root / f"clotho_captions_{name}.csv").is_file()]
+    if not found:
+        raise FileNotFoundError(f"--source clotho:{root}: no clotho_captions_<development|validation|evaluation>.csv "
+                                "there; point it at the folder the Clotho archives were extracted into")
+    for name in found:
+        split = CLOTHO_SPLITS[name]
+        for number, row in enumerate(_read_csv(root / f"clotho_captions_{name}.csv", ("file_name",))):
+            captions = [row[key].strip() for key in sorted(row) if key.startswith("caption") and row[key].strip()]
+            clip = catalog.clip(root / name / row["file_name"], f"{name}/{row['file_name']}", split,
+                                f"clotho_captions_{name}.csv row {number}")
+            if clip is not None and captions:
+                imported.add(split, _caption_example(clip, captions))
+    return imported
+
+
+def _caption_example(clip: str, captions: list[str]) -> dict:
+    return {"task": "caption", "subtask": "caption", "audio1": clip, "audio2": None, "prompt": CAPTION_PROMPT,
+            "answer": captions[0], "references": captions}
+
+
+def _read_csv(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a CSV file with a header, checked to have the `required` columns."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in required if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)} column (its header: {', '.join(reader.fieldnames or [])}"
+                             "); is it the right file?")
+        return list(reader)
+
+
+# AudioCaps ---------------------------------------------------------------------------------------------------
+
+def import_audiocaps(root: Path) -> Imported:
+    imported = Imported()
+    catalog = ClipCatalog(imported)
+    found = [split for split in SPLITS if (root / f"{split}.csv").is_file()]
+    if not found:
+        raise FileNotFoundError(f"--source audiocaps:{root}: no train.csv, val.csv or test.csv there")
+    files = _audio_files_by_stem(root)
+    for split in found:
+        captions: dict[tuple[str, float], list[str]] = defaultdict(list)
+        rows: dict[tuple[str, float], int] = {}
+        for number, row in enumerate(_read_csv(root / f"{split}.csv", ("youtube_id", "start_time", "caption"))):
+            start = _number(row["start_time"])
+            if start is None:
+                imported.failures.append({"where": f"{split}.csv row {number}",
+                                          "reason": f"start_time {row['start_time']!r} is not a number"})
+                continue
+            key = (row["youtube_id"], start)
+            captions[key].append(row["caption"].strip())
+            rows.setdefault(key, number)
+        for (youtube_id, start), texts in captions.items():
+            where = f"{split}.csv row {rows[youtube_id, start]}"
+            clip = _audiocaps_clip(catalog, files, root, youtube_id, start, split, where)
+            if clip is not None:
+                imported.add(split, _caption_example(clip, texts))
+    return imported
+
+
+def _audiocaps_clip(catalog: ClipCatalog, files: dict[str, Path], root: Path, youtube_id: str, start: float,
+                    split: str, where: str) -> str | None:
+    """A clip already cut (`<id>_<start>`) is taken whole; a whole video's audio (`<id>`, `Y<id>`) from start."""
+    for stem in (f"{youtube_id}_{start:g}", f"{youtube_id}_{int(start)}", f"Y{youtube_id}_{start:g}"):
+        if stem in files:
+            return catalog.clip(files[stem], youtube_id + f"_{start:g}", split, where, duration=None)
+    path = files.get(youtube_id) or files.get(f"Y{youtube_id}") or root / f"{youtube_id}.wav"
+    return catalog.clip(path, youtube_id, split, where, start=start, duration=AUDIOCAPS_SECONDS)
+
+
+def _number(text: object) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _audio_files_by_stem(root: Path) -> dict[str, Path]:
+    return {path.stem: path for path in sorted(root.rglob("*")) if path.suffix.lower() in AUDIO_SUFFIXES}
+
+
+# A folder + CSV / JSON lines ---------------------------------------------------------------------------------
+
+PATH_COLUMNS = ("path", "file_name", "file", "filename", "audio")
+PROMPT_COLUMNS = ("prompt", "question")
+
+
+def import_folder(manifest: Path, audio_root: Path | None, val_fraction: float, test_fraction: float) -> Imported:
+    imported = Imported()
+    catalog = ClipCatalog(imported)
+    rows = _read_csv(manifest) if manifest.suffix.lower() == ".csv" else _read_rows(manifest)
+    root = audio_root or manifest.parent
+    column = next((name for name in PATH_COLUMNS if rows and name in rows[0]), None)
+    if column is None:
+        raise ValueError(f"--source folder:{manifest}: its rows need an audio path column, one of "
+                         f"{', '.join(PATH_COLUMNS)} (found: {', '.join(rows[0]) if rows else 'no rows'})")
+    for number, row in enumerate(rows):
+        _import_folder_row(imported, catalog, row, column, root, f"{manifest.name} row {number}",
+                           lambda clip_id: hash_split(clip_id, val_fraction, test_fraction))
+    return imported
+
+
+def _import_folder_row(imported: Imported, catalog: ClipCatalog, row: dict, column: str, root: Path, where: str,
+                       draw_split: Callable[[str], str]) -> None:
+    name = str(row[column])
+    split = SPLIT_NAMES.get(str(row.get("split") or "").lower()) or draw_split(name)
+    start, duration = (_number(row.get(key)) for key in ("start", "duration"))
+    bad = [f"{key} {row[key]!r}" for key, value in (("start", start), ("duration", duration))
+           if row.get(key) not in (None, "") and value is None]
+    if bad:
+        imported.failures.append({"where": where, "reason": f"{' and '.join(bad)}: not a number of seconds"})
+        return
+    clip = catalog.clip(root / name, name, split, where, start=start, duration=duration)
+    second = catalog.clip(root / str(row["path2"]), str(row["path2"]), split, where) if row.get("path2") else None
+    if clip is None or (row.get("path2") and second is None):
+        return
+    captions = row.get("captions") or [row[key] for key in sorted(row) if re.fullmatch(r"caption(_\d+)?", key)]
+    captions = [str(text).strip() for text in ([captions] if isinstance(captions, str) else captions)
+                if str(text or "").strip()]
+    if captions:
+        imported.add(split, _caption_example(clip, captions))
+    prompt = next((row[key] for key in PROMPT_COLUMNS if row.get(key)), None)
+    if prompt and row.get("answer") not in (None, ""):
+        answer = str(row["answer"])
+        task = row.get("task") or ("yes_no" if answer.strip(" .").lower() in ("yes", "no") else "qa")
+        imported.add(split, {"task": task, "subtask": row.get("subtask") or task, "audio1": clip, "audio2": second,
+                             "prompt": str(prompt), "answer": answer})
