@@ -51,6 +51,8 @@ def encoder_of_store(fingerprint: dict, device: str) -> AudioEncoder:
     """The encoder that made a store of `fingerprint`, rebuilt here; refused if its weights or settings differ."""
     config = EncoderConfig(name=fingerprint["encoder"], clip_seconds=fingerprint["clip_seconds"],
                            crop=fingerprint["crop"], tokens=fingerprint["tokens"], views=fingerprint.get("views", 1),
+                           output=fingerprint.get("output", "last"),
+                           pooling=fingerprint.get("pooling", "adaptive-average").removeprefix("adaptive-"),
                            device=device, batch_size=2)
     encoder = build_encoder(config)
     differences = describe_differences({"views": 1, **fingerprint}, encoder.fingerprint())

@@ -11,6 +11,7 @@ import typer
 import yaml
 from rich.markup import escape
 
+from mellow.align import AlignConfig
 from mellow.ask import AskConfig
 from mellow.audio import AudioDecodeError, FfmpegNotFoundError
 from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted
@@ -82,6 +83,8 @@ def precompute_command(
     crop: str = cli_option(EncoderConfig, "crop"),
     tokens: int = cli_option(EncoderConfig, "tokens"),
     views: int = cli_option(EncoderConfig, "views"),
+    output: str = cli_option(EncoderConfig, "output"),
+    pooling: str = cli_option(EncoderConfig, "pooling"),
     batch_size: int = cli_option(EncoderConfig, "batch_size"),
     device: str = cli_option(EncoderConfig, "device"),
     threads: int = cli_option(EncoderConfig, "threads"),
@@ -104,7 +107,7 @@ def precompute_command(
     config = PrecomputeConfig(
         dataset=dataset,
         encoder=EncoderConfig(name=encoder, clip_seconds=clip_seconds, crop=crop, tokens=tokens, views=views,
-                              batch_size=batch_size, device=device, threads=threads),
+                              output=output, pooling=pooling, batch_size=batch_size, device=device, threads=threads),
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips,
                           zstd_level=zstd_level),
         decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
@@ -161,6 +164,35 @@ def load_train_configs(config_file: Path | None, overrides: list[str],
             values[section].update(entries or {})
     return (build(TrainConfig, values["train"], "train"), build(ModelConfig, values["model"], "model"),
             build(EncoderExpectation, values["encoder"], "encoder"))
+
+
+@app.command("align")
+@friendly_errors
+def align_command(
+    store: Path = cli_option(AlignConfig, "store"),
+    captions: Path = cli_option(AlignConfig, "captions"),
+    dataset: Path = cli_option(AlignConfig, "dataset"),
+    run_dir: Path = cli_option(AlignConfig, "run_dir"),
+    decoder: str = cli_option(AlignConfig, "decoder"),
+    tiny_hidden: int = cli_option(AlignConfig, "tiny_hidden"),
+    updates: int = cli_option(AlignConfig, "updates"),
+    batch_size: int = cli_option(AlignConfig, "batch_size"),
+    lr: float = cli_option(AlignConfig, "lr"),
+    warmup_updates: int = cli_option(AlignConfig, "warmup_updates"),
+    weight_decay: float = cli_option(AlignConfig, "weight_decay"),
+    temperature: float = cli_option(AlignConfig, "temperature"),
+    projector_dropout: float = cli_option(AlignConfig, "projector_dropout"),
+    val_every: int = cli_option(AlignConfig, "val_every"),
+    eval_split: str = cli_option(AlignConfig, "eval_split"),
+    seed: int = cli_option(AlignConfig, "seed"),
+    device: str = cli_option(AlignConfig, "device"),
+    overwrite: bool = cli_option(AlignConfig, "overwrite"),
+) -> None:
+    """Stage 02 (optional): warm-start the audio projector by contrastive training against the caption store;
+    reports audio-text retrieval. Then: 03_train --train.align_from <run-dir>."""
+    from mellow import align
+
+    align.run(AlignConfig(**{k: v for k, v in locals().items() if k != "align"}))
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -332,7 +364,7 @@ def store_verify_command(path: Path = typer.Argument(..., help="A store folder (
 @friendly_errors
 def quickstart_command(
     root: Path = typer.Option(Path("."), help="Folder under which datasets/, shards/ and checkpoints/ go."),
-    encoder: str = typer.Option("whisper-tiny", help="Audio encoder: whisper-tiny, mel, or hf:<dir>."),
+    encoder: str = typer.Option("whisper-tiny", help="Audio encoder: whisper-tiny, mel, or hf:<dir or org/name>."),
     num_clips: int = typer.Option(800, help="Synthetic clips to generate."),
     updates: int = typer.Option(1200, help="Training updates."),
 ) -> None:

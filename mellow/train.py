@@ -40,7 +40,8 @@ from mellow.data import ExampleSet, batch_loader, embedding_rows, load_examples,
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
 from mellow.files import read_json, sha256_file, write_text_atomic
-from mellow.model import MellowModel, ModelConfig, build_model
+from mellow.align import load_aligned_projector
+from mellow.model import MellowModel, ModelConfig, build_model, embedding_rms
 from mellow.progress import console, progress_bar
 from mellow.stopping import StopControl, requeue_slurm_job
 from mellow.tracking import Tracker, peak_memory_mb
@@ -55,6 +56,8 @@ class TrainConfig:
     init_from: Path | None = setting(None, "Start a new run from the trained weights of this run or checkpoint "
                                            "folder (fine-tuning on a new task or dataset): only weights, with a new "
                                            "optimizer, schedule and data order. --resume continues a run instead.")
+    align_from: Path | None = setting(None, "Start the audio projector of a new run from a 02_align run folder (a "
+                                            "contrastive warm start); everything else starts as usual.")
     train_split: str = setting("train", "Split to train on.")
     val_split: str = setting("val", "Split for validation loss.")
     max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
@@ -115,6 +118,8 @@ class TrainConfig:
                                      "per update, but the task-homogeneous batches learned slower here.")
 
     def __post_init__(self) -> None:
+        if self.init_from is not None and self.align_from is not None:
+            raise ValueError("--train.init_from already holds a trained projector; drop --train.align_from")
         positive = ("max_updates", "batch_size", "grad_accum", "log_every", "max_text_tokens", "length_buckets",
                     "prefetch")
         for name in positive:
@@ -214,6 +219,9 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
     if not latest.exists():
         if resume:
             console.print(f"no checkpoint in {train.run_dir} yet; starting a new run")
+        if train.align_from is not None and not (train.align_from / "align.json").is_file():
+            raise ValueError(f"--train.align_from {train.align_from}: no align.json there; pass a finished 02_align "
+                             "run folder")
         return None, check_init_from(train, model_config) if train.init_from else None
     checkpoint = train.run_dir / read_json(latest)["path"]
     saved = read_json(checkpoint / "trainer.json")
@@ -328,6 +336,14 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         loaded = initialise_from(initial, model)
         console.print(f"initialised from {initial} ({loaded} tensors): a new run, with a new optimizer, schedule "
                       "and data order")
+    elif train.align_from is not None and checkpoint is None:
+        load_aligned_projector(train.align_from, model.audio_projector, store)
+        if model_config.audio_scale == "embeddings":  # the aligned projector's output, brought to text-token size
+            with torch.no_grad():
+                scale = embedding_rms(model.language_model)
+                model.audio_projector.layer_norm.weight.mul_(scale)
+                model.audio_projector.layer_norm.bias.mul_(scale)
+        console.print(f"audio projector warm-started from {train.align_from}")
     rows = embedding_rows(store, train.data_cache, train.ram_cache_gb)
     train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens,
                            rows=rows, seed=train.seed, prompt_suffix=model.prompt_suffix)

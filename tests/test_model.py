@@ -117,7 +117,7 @@ def test_local_decoder_folder_frozen_mode_saves_only_trainable_parts(mel_store, 
 
 
 def test_bad_decoder_settings_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown; use tiny, smollm2-135m or hf:<dir>"):
+    with pytest.raises(ValueError, match="unknown; use tiny, smollm2-135m, hf:<dir or org/name> or gguf:<file>"):
         ModelConfig(decoder="gpt-17")
     with pytest.raises(ValueError, match="no config.json"):
         ModelConfig(decoder=f"hf:{tmp_path}")

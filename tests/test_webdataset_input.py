@@ -136,7 +136,7 @@ def test_pipe_and_http_tars_a_dead_url_and_a_stalled_server(tars, tmp_path, monk
 
 def test_a_bad_source_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["prepare", "--source", "wds:", "--root", str(tmp_path)])
-    assert result.exit_code == 2 and "use synth, or wds:" in result.output
+    assert result.exit_code == 2 and "use synth, or one of wds:<path>" in result.output
     result = CliRunner().invoke(app, ["prepare", "--source", f"wds:{tmp_path}/none-{{0..1}}.tar", "--name", "x",
                                       "--root", str(tmp_path)])
     assert result.exit_code == 2 and "no usable audio in 2 tar(s)" in result.output
