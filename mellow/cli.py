@@ -209,6 +209,8 @@ def train_command(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from the trained weights "
                                              "of this run or checkpoint folder (= --train.init_from)."),
+    align_from: Optional[Path] = typer.Option(None, "--align-from", help="Start the audio projector of a new run "
+                                              "from a 02_align run folder (= --train.align_from)."),
 ) -> None:
     """Stage 03: train the projector (+ decoder) from the store. Runs under torchrun for several processes.
 
@@ -216,7 +218,8 @@ def train_command(
     a store made otherwise is refused, with what differs."""
     from mellow import train
 
-    overrides = [*context.args, *(["--train.init_from", str(init_from)] if init_from else [])]
+    overrides = [*context.args, *(["--train.init_from", str(init_from)] if init_from else []),
+                 *(["--train.align_from", str(align_from)] if align_from else [])]
     train_config, model_config, expected = load_train_configs(config, overrides, resume)
     if print_config:
         console.print(yaml.safe_dump(train.resolved_config(train_config, model_config, expected)))

@@ -54,6 +54,13 @@ class Imported:
     def add(self, split: str, example: dict) -> None:
         self.examples[split].append({**example, "split": split})
 
+    def add_captions(self, split: str, clip: str, captions: list[str]) -> None:
+        """Training learns every caption (one example each); validation and test score one answer per clip
+        against all of them."""
+        for answer in captions if split == "train" else captions[:1]:
+            self.add(split, {"task": "caption", "subtask": "caption", "audio1": clip, "audio2": None,
+                             "prompt": CAPTION_PROMPT, "answer": answer, "references": captions})
+
 
 class ClipCatalog:
     """Gives each (file, start) an id and an audio record, checking once per file that it exists."""
@@ -259,13 +266,8 @@ def import_clotho(root: Path) -> Imported:
             clip = catalog.clip(root / name / row["file_name"], f"{name}/{row['file_name']}", split,
                                 f"clotho_captions_{name}.csv row {number}")
             if clip is not None and captions:
-                imported.add(split, _caption_example(clip, captions))
+                imported.add_captions(split, clip, captions)
     return imported
-
-
-def _caption_example(clip: str, captions: list[str]) -> dict:
-    return {"task": "caption", "subtask": "caption", "audio1": clip, "audio2": None, "prompt": CAPTION_PROMPT,
-            "answer": captions[0], "references": captions}
 
 
 def _read_csv(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -304,7 +306,7 @@ def import_audiocaps(root: Path) -> Imported:
             where = f"{split}.csv row {rows[youtube_id, start]}"
             clip = _audiocaps_clip(catalog, files, root, youtube_id, start, split, where)
             if clip is not None:
-                imported.add(split, _caption_example(clip, texts))
+                imported.add_captions(split, clip, texts)
     return imported
 
 
@@ -368,7 +370,7 @@ def _import_folder_row(imported: Imported, catalog: ClipCatalog, row: dict, colu
     captions = [str(text).strip() for text in ([captions] if isinstance(captions, str) else captions)
                 if str(text or "").strip()]
     if captions:
-        imported.add(split, _caption_example(clip, captions))
+        imported.add_captions(split, clip, captions)
     prompt = next((row[key] for key in PROMPT_COLUMNS if row.get(key)), None)
     if prompt and row.get("answer") not in (None, ""):
         answer = str(row["answer"])

@@ -109,8 +109,12 @@ def test_train_starts_from_the_aligned_projector(aligned, mel_store, tiny_datase
     saved = torch.load(aligned / "align.pt", weights_only=True)["audio_projector"]
     assert all(torch.equal(model.audio_projector.state_dict()[k], saved[k]) for k in saved)
     run_dir = tmp_path / "run"
-    train.run(train_config(mel_store, tiny_dataset, run_dir, max_updates=2, align_from=aligned),
-              ModelConfig(**TINY_MODEL))
+    result = CliRunner().invoke(app, ["train", f"--train.store={mel_store}", f"--train.dataset={tiny_dataset}",
+                                      f"--train.run_dir={run_dir}", "--train.max_updates=2", "--train.batch_size=4",
+                                      "--train.val_every=0", "--model.tiny_hidden=32", "--model.tiny_layers=1",
+                                      "--model.tiny_heads=2", "--align-from", str(aligned)])
+    assert result.exit_code == 0, result.output
+    assert "audio projector warm-started from" in result.output
     assert yaml_config(run_dir)["train"]["align_from"] == str(aligned)
     wide = ModelConfig(**{**TINY_MODEL, "tiny_hidden": 64})
     with pytest.raises(StoreMismatchError, match="width 32; this run's decoder is 64 wide"):

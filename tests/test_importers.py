@@ -159,11 +159,12 @@ def test_clotho_layout(tmp_path):
                   [[name] + [f"{name[:-4].lower()} caption {n}" for n in range(1, 6)] for name in names])
     dataset, report = prepare(f"clotho:{root}", tmp_path / "datasets")
     found = examples(dataset)
-    assert [len(found[split]) for split in ("train", "val", "test")] == [2, 1, 1]
-    first = found["train"][0]
-    assert first["audio1"] == "development/Birds, morning" and first["task"] == "caption"
-    assert first["references"] == [f"birds, morning caption {n}" for n in range(1, 6)]
-    assert first["answer"] == first["references"][0]
+    # training learns all five captions of a clip; validation and test score one answer against the five
+    assert [len(found[split]) for split in ("train", "val", "test")] == [10, 1, 1]
+    birds = [e for e in found["train"] if e["audio1"] == "development/Birds, morning"]
+    assert [e["answer"] for e in birds] == [f"birds, morning caption {n}" for n in range(1, 6)]
+    assert all(e["references"] == [e["answer"] for e in birds] and e["task"] == "caption" for e in birds)
+    assert found["test"][0]["references"] == [f"door knock caption {n}" for n in range(1, 6)]
     assert report["failures"][0]["path"].endswith("development/Missing file.wav")
     assert report["failures"][0]["needed_by"] == ["clotho_captions_development.csv row 2"]
     store = precompute(dataset, tmp_path / "shards")
