@@ -154,6 +154,7 @@ MELLOW_PROMPTS = {
 MELLOW_EMOTION_QUESTIONS = ("What emotion does the speaker express?", "How does the speaker feel?",
                             "Which emotion can be heard in the voice?")
 MELLOW_EMOTION_MARK = "emo_emo_emo"
+MELLOW_CAPTIONED = {"caption both audios": (1, 2), "caption first audio": (1,), "caption second audio": (2,)}
 
 
 def mellow_prompt_answer(row: dict, rng: Random) -> tuple[str, str, str]:
@@ -161,11 +162,9 @@ def mellow_prompt_answer(row: dict, rng: Random) -> tuple[str, str, str]:
     instruction = row.get("input", "")
     captions = [str(row.get(key) or "").lower() for key in ("caption1", "caption2")]
     prompts = MELLOW_PROMPTS.get(instruction)
-    if instruction.startswith("caption"):
-        parts = {"caption both audios": (1, 2), "caption first audio": (1,), "caption second audio": (2,)}
-        if prompts:
-            answer = " ".join(f"The audio {n} is {captions[n - 1]}." for n in parts[instruction])
-            return "caption", rng.choice(prompts), answer.replace("..", ".")
+    if instruction in MELLOW_CAPTIONED:
+        answer = " ".join(f"The audio {n} is {captions[n - 1]}." for n in MELLOW_CAPTIONED[instruction])
+        return "caption", rng.choice(prompts), answer.replace("..", ".")
     if prompts:
         return "difference", rng.choice(prompts), str(row["answer"])
     if MELLOW_EMOTION_MARK in instruction:
