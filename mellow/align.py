@@ -120,6 +120,11 @@ def run(config: AlignConfig) -> dict:
 
 
 def validate_args(config: AlignConfig) -> tuple[EmbeddingStore, EmbeddingStore, int]:
+    for option, path, stage in (("--store", config.store, "01_precompute"),
+                                ("--captions", config.captions, "01_precompute_captions")):
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"{option} {str(path)!r} is not a store; pass the folder {stage} made "
+                                    "(shards/<dataset>/<tag>)")
     audio_store, caption_store = EmbeddingStore(config.store), EmbeddingStore(config.captions)
     if audio_store.fingerprint.get("kind") == "text" or caption_store.fingerprint.get("kind") != "text":
         raise ValueError(f"--store must be an audio store and --captions a caption store (01_precompute_captions); "

@@ -98,6 +98,10 @@ def test_a_finished_alignment_is_skipped_and_another_config_is_refused(aligned, 
     assert (aligned / "align.pt").stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="another config:\n  updates: expected 150, found 10"):
         align.run(AlignConfig(**{**vars(same), "updates": 10}))
+    result = CliRunner().invoke(app, ["align", "--store", str(captions_store), "--captions", str(mel_store)])
+    assert result.exit_code == 2 and "--store must be an audio store" in result.output
+    result = CliRunner().invoke(app, ["align", "--captions", str(captions_store)])
+    assert result.exit_code == 2 and "--store '.' is not a store" in result.output
 
 
 def test_train_starts_from_the_aligned_projector(aligned, mel_store, tiny_dataset, tmp_path):
