@@ -107,19 +107,19 @@ class SplitData:
 def run(config: AlignConfig) -> dict:
     """Train (unless a finished run with this config exists) and return align.json's content."""
     started = time.time()
-    audio_store, caption_store, width = validate_args(config)
-    if (config.run_dir / "align.json").exists() and read_json(config.run_dir / "align.json")["config"] == _settings(
-            config):
+    audio_store, caption_store, width, finished = validate_args(config)
+    if finished is not None:
         console.print(f"[green]{config.run_dir} is already aligned with this config; skipping")
-        return read_json(config.run_dir / "align.json")
-    splits = {split: split_data(audio_store, caption_store, config.dataset, split)
-              for split in dict.fromkeys(("train", "val", config.eval_split))}
+        return finished
+    data = AlignmentData(audio_store, caption_store)
+    splits = {split: data.split(config.dataset, split) for split in dict.fromkeys(("train", "val", config.eval_split))}
     result = fit(config, splits, audio_store, caption_store, width)
     report(config, result, time.time() - started)
     return result
 
 
-def validate_args(config: AlignConfig) -> tuple[EmbeddingStore, EmbeddingStore, int]:
+def validate_args(config: AlignConfig) -> tuple[EmbeddingStore, EmbeddingStore, int, dict | None]:
+    """The two stores, the decoder width, and align.json if a run with this config already finished."""
     for option, path, stage in (("--store", config.store, "01_precompute"),
                                 ("--captions", config.captions, "01_precompute_captions")):
         if not (path / "meta.json").is_file():
@@ -133,12 +133,14 @@ def validate_args(config: AlignConfig) -> tuple[EmbeddingStore, EmbeddingStore, 
         console.print(f"[yellow]note:[/] the stores were made from different dataset folders "
                       f"({audio_store.meta.get('dataset')} and {caption_store.meta.get('dataset')}); clips are "
                       "matched by id")
-    finished = config.run_dir / "align.json"
-    if finished.exists() and not config.overwrite and read_json(finished)["config"] != _settings(config):
-        differences = "\n  ".join(describe_differences(read_json(finished)["config"], _settings(config)))
-        raise ValueError(f"{config.run_dir} holds an alignment made with another config:\n  {differences}\n"
-                         "use another --run-dir, or --overwrite to replace it")
-    return audio_store, caption_store, decoder_width(config.decoder, config.tiny_hidden)
+    finished = read_json(config.run_dir / "align.json") if (config.run_dir / "align.json").exists() else None
+    if finished is not None and finished["config"] != _settings(config):
+        if not config.overwrite:
+            differences = "\n  ".join(describe_differences(finished["config"], _settings(config)))
+            raise ValueError(f"{config.run_dir} holds an alignment made with another config:\n  {differences}\n"
+                             "use another --run-dir, or --overwrite to replace it")
+        finished = None
+    return audio_store, caption_store, decoder_width(config.decoder, config.tiny_hidden), finished
 
 
 def _settings(config: AlignConfig) -> dict:
@@ -161,24 +163,30 @@ def decoder_width(decoder: str, tiny_hidden: int) -> int:
     return getattr(model_config, "hidden_size", None) or model_config.n_embd
 
 
-def split_data(audio_store: EmbeddingStore, caption_store: EmbeddingStore, dataset: Path, split: str) -> SplitData:
-    """The clips of `split` (those its caption examples name) that both stores hold, with their captions."""
-    clips = list(dict.fromkeys(example["audio1"] for example in load_examples(dataset, split)
-                               if example["task"] == "caption"))
-    rows_of: dict[str, list[int]] = {}
-    for record in caption_store.index:
-        if record["status"] == "ok":
-            rows_of.setdefault(record["clip"], []).append(record["row"])
-    clips = [clip for clip in clips if clip in audio_store.rows and clip in rows_of]
-    if len(clips) < 2:
-        raise ValueError(f"split {split}: {len(clips)} clip(s) with both audio and caption embeddings; alignment "
-                         "needs at least 2 (are the stores made from --dataset?)")
-    audio_rows = [audio_store.rows[clip] for clip in clips]
-    emb, valid = audio_store.load_all()
-    text = F.normalize(torch.from_numpy(caption_store.emb[:][:, 0].astype(np.float32)), dim=-1)
-    return SplitData(torch.from_numpy(emb[audio_rows, 0].astype(np.float32)),
-                     torch.from_numpy(valid[audio_rows, 0].astype(np.int64)),
-                     [text[rows_of[clip]] for clip in clips], clips)
+class AlignmentData:
+    """Both stores in memory, read once: every clip's first view and every caption's unit vector."""
+
+    def __init__(self, audio_store: EmbeddingStore, caption_store: EmbeddingStore) -> None:
+        self.audio_rows = audio_store.rows
+        self.emb, self.valid = audio_store.load_all()  # (N, V, T, D), (N, V)
+        self.text = F.normalize(torch.from_numpy(caption_store.emb[:][:, 0].astype(np.float32)), dim=-1)  # (M, E)
+        self.caption_rows: dict[str, list[int]] = {}
+        for record in caption_store.index:
+            if record["status"] == "ok":
+                self.caption_rows.setdefault(record["clip"], []).append(record["row"])
+
+    def split(self, dataset: Path, split: str) -> SplitData:
+        """The clips of `split` (those its caption examples name) that both stores hold, with their captions."""
+        clips = list(dict.fromkeys(example["audio1"] for example in load_examples(dataset, split)
+                                   if example["task"] == "caption"))
+        clips = [clip for clip in clips if clip in self.audio_rows and clip in self.caption_rows]
+        if len(clips) < 2:
+            raise ValueError(f"split {split}: {len(clips)} clip(s) with both audio and caption embeddings; alignment "
+                             "needs at least 2 (are the stores made from --dataset?)")
+        rows = [self.audio_rows[clip] for clip in clips]
+        return SplitData(torch.from_numpy(self.emb[rows, 0].astype(np.float32)),
+                         torch.from_numpy(self.valid[rows, 0].astype(np.int64)),
+                         [self.text[self.caption_rows[clip]] for clip in clips], clips)
 
 
 def fit(config: AlignConfig, splits: dict[str, SplitData], audio_store: EmbeddingStore,
@@ -272,13 +280,17 @@ def save(config: AlignConfig, model: AlignmentModel, splits: dict[str, SplitData
     return result
 
 
+def read_alignment(align_dir: Path) -> dict:
+    """align.json of a finished 02_align run folder (it is written last)."""
+    if not (align_dir / "align.json").is_file():
+        raise ValueError(f"--train.align_from {align_dir}: no align.json there; pass a finished 02_align run folder")
+    return read_json(align_dir / "align.json")
+
+
 def load_aligned_projector(align_dir: Path, projector: AudioProjector, store: EmbeddingStore) -> dict:
     """Load the projector of a finished alignment run into `projector` (03_train --train.align_from), after
     checking it was trained on a store like `store` and for a decoder of the same width."""
-    marker = align_dir / "align.json"
-    if not marker.exists():
-        raise FileNotFoundError(f"--train.align_from {align_dir}: no align.json; run 02_align to the end first")
-    aligned = read_json(marker)
+    aligned = read_alignment(align_dir)
     store.check_fingerprint(aligned["audio_fingerprint"], f"--train.align_from {align_dir}")
     width = projector.linear1.out_features
     if aligned["width"] != width:

@@ -26,6 +26,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from mellow import distributed, metrics
+from mellow.align import load_aligned_projector, read_alignment
 from mellow.checkpoint import (
     TrainingState,
     check_base_decoder,
@@ -40,7 +41,6 @@ from mellow.data import ExampleSet, batch_loader, embedding_rows, load_examples,
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
 from mellow.files import read_json, sha256_file, write_text_atomic
-from mellow.align import load_aligned_projector
 from mellow.model import MellowModel, ModelConfig, build_model, embedding_rms
 from mellow.progress import console, progress_bar
 from mellow.stopping import StopControl, requeue_slurm_job
@@ -219,9 +219,8 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
     if not latest.exists():
         if resume:
             console.print(f"no checkpoint in {train.run_dir} yet; starting a new run")
-        if train.align_from is not None and not (train.align_from / "align.json").is_file():
-            raise ValueError(f"--train.align_from {train.align_from}: no align.json there; pass a finished 02_align "
-                             "run folder")
+        if train.align_from is not None:
+            read_alignment(train.align_from)  # before any work: the folder holds a finished alignment
         return None, check_init_from(train, model_config) if train.init_from else None
     checkpoint = train.run_dir / read_json(latest)["path"]
     saved = read_json(checkpoint / "trainer.json")

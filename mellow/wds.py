@@ -26,7 +26,7 @@ from webdataset.gopen import Pipe
 from webdataset.tariterators import tar_file_expander, url_opener
 
 from mellow.files import write_json_atomic
-from mellow.importers import hash_split
+from mellow.importers import CAPTION_PROMPT, hash_split
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore
 
@@ -160,7 +160,6 @@ def export_webdataset(store_path: Path, out_dir: Path, clips_per_tar: int = 1000
 
 
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a", "aac", "webm", "mka")
-CAPTION_PROMPT = "Describe the audio."
 
 
 def import_webdataset(urls: list[str], val_fraction: float, test_fraction: float,

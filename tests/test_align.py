@@ -71,7 +71,7 @@ def test_alignment_learns_and_writes_a_self_describing_run(aligned, mel_store, c
     state = torch.load(aligned / "align.pt", weights_only=True)
     model.audio_projector.load_state_dict(state["audio_projector"])
     model.head.load_state_dict(state["head"])
-    train_split = align.split_data(*stores(mel_store, captions_store), tiny_dataset, "train")
+    train_split = align.AlignmentData(*stores(mel_store, captions_store)).split(tiny_dataset, "train")
     scores = retrieval_scores(model, train_split, torch.device("cpu"))
     assert scores["text_to_audio_R@1"] > 4 * scores["text_to_audio_R@1_chance"]
 
