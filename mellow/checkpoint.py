@@ -7,7 +7,7 @@
         trainer.json      update, data position (micro-batches consumed), best validation value, world size,
                           resolved config, store fingerprint, training-split hash, and a reference to the
                           base decoder (name + weights hash), so one that is not saved here can be found again
-        rng-rank<r>.pt    every rank's random states: python, numpy, torch, cuda
+        rng-rank<r>.pt    every rank's random states (python, numpy, torch, cuda) and its partial log window
     <run_dir>/latest.json    -> the newest complete checkpoint; best.json -> the best by the run's best_metric
 
 A checkpoint folder is written under a temporary name and renamed into place; the pointers are written after
@@ -41,6 +41,10 @@ class TrainingState:
     micro_batches: int = 0  # global micro-batches consumed: the position in the data order
     best_value: float | None = None  # of the run's best_metric
     skipped_updates: int = 0  # updates whose gradients were not finite, so the optimizer did not step
+    # this rank's summed training loss and update count since the last logged row, so that the first row after a
+    # resume averages the same updates as an uninterrupted run's (per rank: saved beside its random states)
+    window_loss: float = 0.0
+    window_updates: int = 0
 
 
 def capture_rng() -> dict:
@@ -66,7 +70,8 @@ def save_checkpoint(run_dir: Path, keep_last: int, model: MellowModel, optimizer
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     distributed.barrier()
-    torch.save(capture_rng(), temporary / f"rng-rank{context.rank}.pt")
+    torch.save({**capture_rng(), "log_window": [state.window_loss, state.window_updates]},
+               temporary / f"rng-rank{context.rank}.pt")
     distributed.barrier()
     if context.is_main:
         torch.save(model.checkpoint_state_dict(), temporary / "model.pt")
@@ -109,15 +114,18 @@ def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     scaler.load_state_dict(states["scaler"])
+    window = [0.0, 0]  # at another world size the rows after the resume average only the updates since it
     if trainer["world_size"] == context.world_size:
-        restore_rng(torch.load(checkpoint / f"rng-rank{context.rank}.pt", weights_only=False))
+        rank_state = torch.load(checkpoint / f"rng-rank{context.rank}.pt", weights_only=False)
+        restore_rng(rank_state)
+        window = rank_state.get("log_window", window)
     else:
         reseed = seed * 1_000_003 + trainer["update"] * 101 + context.rank
         random.seed(reseed)
         np.random.seed(reseed % 2**32)
         torch.manual_seed(reseed)
     return TrainingState(trainer["update"], trainer["micro_batches"], trainer["best_value"],
-                         trainer["skipped_updates"])
+                         trainer["skipped_updates"], *window)
 
 
 def initialise_from(source: Path, model: MellowModel) -> int:

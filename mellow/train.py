@@ -379,8 +379,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             "base_decoder": decoder_reference(model_config.decoder, train.seed),
             "train_split_sha256": sha256_file(split_path(train)),
             "initialised_from": str(initial) if initial else None}
-    window_loss, window_start, last_loss, stop_reason, validation_seconds = 0.0, time.time(), float("nan"), None, 0.0
-    window_wait, window_updates = 0.0, 0  # seconds of the log window spent waiting for batches; its updates
+    window_start, last_loss, stop_reason, validation_seconds = time.time(), float("nan"), None, 0.0
+    window_wait, window_timed = 0.0, 0  # seconds of the log window spent waiting for batches; updates it timed
 
     def save(is_best: bool) -> None:
         started = time.time()
@@ -403,7 +403,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                     with autocast:
                         loss = forward(batch) / train.grad_accum
                     scaler.scale(loss).backward()
-                window_loss += loss.item()
+                state.window_loss += loss.item()
             state.micro_batches += train.grad_accum
             scaler.unscale_(optimizer)  # true gradients for clipping (a no-op without fp16)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_grad or float("inf"))
@@ -415,18 +415,19 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.update += 1
-            window_updates += 1
+            state.window_updates += 1
+            window_timed += 1
             if state.update % train.log_every == 0 or state.update == stop_at:
-                # a window may be shorter than log_every: the first one after resuming at update 689 has one
-                last_loss = distributed.mean_across_ranks(window_loss / window_updates, device)
+                last_loss = distributed.mean_across_ranks(state.window_loss / state.window_updates, device)
                 window = time.time() - window_start
-                rate = window_updates * train.batch_size / window
+                rate = window_timed * train.batch_size / window
                 tracker.log({"update": state.update, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                              "grad_norm": float(grad_norm), "samples_per_s": rate, "data_wait": window_wait / window,
                              "skipped_updates": state.skipped_updates, "peak_memory_mb": peak_memory_mb(device)})
                 skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
                 progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s{skipped}")
-                window_loss, window_start, window_wait, window_updates = 0.0, time.time(), 0.0, 0
+                state.window_loss, state.window_updates = 0.0, 0
+                window_start, window_wait, window_timed = time.time(), 0.0, 0
             stopper.update_took(time.time() - update_started)
             validate_now = train.val_every and (state.update % train.val_every == 0
                                                 or state.update == train.max_updates)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import zarr
 
 from mellow import precompute, prepare
 from mellow.encoders import EncoderConfig
-from mellow.files import read_jsonl
+from mellow.files import read_json, read_jsonl
 from mellow.precompute import PrecomputeConfig
 from mellow.prepare import PrepareConfig
 from mellow.store import StoreConfig
@@ -20,6 +23,8 @@ from mellow.train import TrainConfig
 os.environ["WANDB_MODE"] = "disabled"
 
 TINY_MODEL = {"decoder": "tiny", "tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2}
+# the same as 03_train options, for tests that start training processes
+TINY_ARGS = [f"--model.{key}={value}" for key, value in TINY_MODEL.items()] + ["--model.projector_dropout=0.0"]
 
 
 def save_tiny_llama(folder: Path) -> Path:
@@ -47,6 +52,20 @@ def train_config(store: Path, dataset: Path, run_dir: Path, **overrides) -> Trai
 def logged_losses(run_dir: Path) -> dict[int, float]:
     """{update: training loss} from a run's metrics.jsonl."""
     return {row["update"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
+
+
+def latest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of a run's latest checkpoint."""
+    return torch.load(run_dir / read_json(run_dir / "latest.json")["path"] / "model.pt")
+
+
+def assert_same_store(first: Path, second: Path) -> None:
+    """Two stores hold the same embeddings, index and fingerprint, read back with stock zarr."""
+    a, b = zarr.open(str(first / "store.zarr"), mode="r"), zarr.open(str(second / "store.zarr"), mode="r")
+    np.testing.assert_array_equal(a["emb"][:], b["emb"][:])
+    np.testing.assert_array_equal(a["valid"][:], b["valid"][:])
+    assert read_jsonl(first / "index.jsonl") == read_jsonl(second / "index.jsonl")
+    assert read_json(first / "meta.json")["fingerprint"] == read_json(second / "meta.json")["fingerprint"]
 
 
 @pytest.fixture(scope="session")

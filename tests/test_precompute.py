@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import assert_same_store
 
 from mellow.files import read_json, read_jsonl
 
@@ -35,21 +36,13 @@ def _store(root: Path) -> Path:
     return store
 
 
-def _assert_same_store(first: Path, second: Path) -> None:
-    a, b = zarr.open(str(first / "store.zarr"), mode="r"), zarr.open(str(second / "store.zarr"), mode="r")
-    np.testing.assert_array_equal(a["emb"][:], b["emb"][:])
-    np.testing.assert_array_equal(a["valid"][:], b["valid"][:])
-    assert read_jsonl(first / "index.jsonl") == read_jsonl(second / "index.jsonl")
-    assert read_json(first / "meta.json")["fingerprint"] == read_json(second / "meta.json")["fingerprint"]
-
-
 def test_torchrun_and_slurm_array_split_the_shards_and_equal_one_process(tiny_dataset, tmp_path):
     single, ranks, array = tmp_path / "single", tmp_path / "torchrun", tmp_path / "array"
     _run([sys.executable, *_precompute_command(tiny_dataset, single)])
     completed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                       *_precompute_command(tiny_dataset, ranks)])
     assert "rank 0/2: " in completed.stdout and completed.stdout.count("precomputed") == 1  # one finalizer
-    _assert_same_store(_store(single), _store(ranks))
+    assert_same_store(_store(single), _store(ranks))
     shards = sorted(read_json(p)["shard"] for p in (_store(ranks) / "parts").glob("*.json"))
     assert shards == list(range(6))
     # a SLURM job array: tasks run one after the other here; the second one finalizes
@@ -61,7 +54,7 @@ def test_torchrun_and_slurm_array_split_the_shards_and_equal_one_process(tiny_da
     second = _run([sys.executable, *_precompute_command(tiny_dataset, array)],
                   env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"})
     assert "rank 1/2: precomputed" in second.stdout
-    _assert_same_store(_store(single), _store(array))
+    assert_same_store(_store(single), _store(array))
 
 
 def test_kill_9_mid_run_then_rerun_gives_the_same_store(tiny_dataset, tmp_path):
@@ -83,7 +76,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_store(tiny_dataset, tmp_path):
     assert not read_json(store / "meta.json")["complete"]
     completed = _run(command)
     assert f"{6 - len(done)} shard(s) computed, {len(done)} already done" in completed.stdout
-    _assert_same_store(_store(reference), store)
+    assert_same_store(_store(reference), store)
 
 
 def _float_wav(path: Path, samples: np.ndarray, sample_rate: int = 16000) -> None:
@@ -171,7 +164,7 @@ def test_a_grown_manifest_adds_rows_and_keeps_the_old_ones(tiny_dataset, tmp_pat
     after = zarr.open(str(grown.store_path / "store.zarr"), mode="r")["emb"][:]
     np.testing.assert_array_equal(after[:16], before)
     assert [r["id"] for r in read_jsonl(grown.store_path / "index.jsonl")] == [r["id"] for r in records]
-    _assert_same_store(run(tmp_path / "scratch").store_path, grown.store_path)
+    assert_same_store(run(tmp_path / "scratch").store_path, grown.store_path)
     write_jsonl_atomic(dataset / "audio.jsonl", list(reversed(records)))  # not an append: refused
     import pytest
 

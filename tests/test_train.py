@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 from conftest import TINY_MODEL, logged_losses, train_config
 
 from mellow import train
-from mellow.files import read_json, read_jsonl
+from mellow.files import read_json, read_jsonl, write_json_atomic
 from mellow.model import ModelConfig
 from mellow.store import StoreConfig
 
@@ -190,3 +192,20 @@ def test_a_log_window_cut_by_a_resume_averages_only_its_own_updates(mel_store, t
     assert logged[4] == pytest.approx(sum(per_update[u] for u in (1, 2, 3, 4)) / 4, rel=1e-6)
     assert logged[5] == pytest.approx(per_update[5], rel=1e-6)
     assert logged[8] == pytest.approx(sum(per_update[u] for u in (6, 7, 8)) / 3, rel=1e-6)
+
+
+def test_a_run_resumed_from_a_save_inside_a_log_window_logs_the_same_rows(mel_store, tiny_dataset, tmp_path):
+    """Killed after the save at update 6 (inside the log window 5-8), the resumed run's row at 8 still averages
+    updates 5-8 exactly as the uninterrupted run's does: each rank saves its partial window with the checkpoint."""
+    model = ModelConfig(**TINY_MODEL)
+    straight = train.run(train_config(mel_store, tiny_dataset, tmp_path / "straight", log_every=4, save_every=3,
+                                      keep_last=3), model).run_dir
+    killed = tmp_path / "killed"
+    shutil.copytree(straight, killed)
+    write_json_atomic(killed / "latest.json", {"path": "step-000006", "update": 6})  # as if killed after it
+    shutil.rmtree(killed / "step-000008")
+    rows = [row for row in read_jsonl(killed / "metrics.jsonl") if row["update"] <= 6]
+    (killed / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train.run(train_config(mel_store, tiny_dataset, killed, log_every=4, save_every=3, keep_last=3), model,
+              resume=True)
+    assert logged_losses(killed) == logged_losses(straight) and sorted(logged_losses(killed)) == [4, 8]

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, logged_losses
+from conftest import TINY_ARGS, latest_weights, logged_losses
 
 from mellow.files import read_json, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = str(REPO / "stages" / "03_train.py")
-TINY = [f"--model.{key}={value}" for key, value in TINY_MODEL.items()] + ["--model.projector_dropout=0.0"]
 
 
 def _launcher(processes: int) -> list[str]:
@@ -31,7 +30,7 @@ def _launcher(processes: int) -> list[str]:
 def _command(store: Path, dataset: Path, run_dir: Path, *extra: str, processes: int = 1) -> list[str]:
     return [*_launcher(processes), STAGE, f"--train.store={store}", f"--train.dataset={dataset}",
             f"--train.run_dir={run_dir}", "--train.batch_size=4", "--train.log_every=1", "--train.val_every=0",
-            "--train.seed=7", *TINY, *extra]
+            "--train.seed=7", *TINY_ARGS, *extra]
 
 
 def _resume(run_dir: Path, *extra: str, processes: int = 1) -> list[str]:
@@ -94,10 +93,6 @@ def _fake_scontrol(folder: Path) -> dict:
     return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / read_json(run_dir / "latest.json")["path"] / "model.pt")
-
-
 @pytest.mark.parametrize("processes", [1, 2])
 def test_kill_9_mid_epoch_then_resume_gives_the_same_losses_and_weights(mel_store, tiny_dataset, tmp_path,
                                                                         processes):
@@ -114,12 +109,12 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_losses_and_weights(mel_stor
     output = _run(_resume(killed, processes=processes))
     assert f"from update {saved}" in output and f"epoch 0, micro-batch {saved} of it" in output
     assert logged_losses(killed) == logged_losses(straight) and len(logged_losses(straight)) == 24
-    first, second = _weights(straight), _weights(killed)
+    first, second = latest_weights(straight), latest_weights(killed)
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
     for rank in range(processes):  # every rank's random states are in the checkpoint
         assert (killed / "step-000024" / f"rng-rank{rank}.pt").is_file()
     assert set(torch.load(killed / "step-000024" / "rng-rank0.pt", weights_only=False)) == {
-        "python", "numpy", "torch", "cuda"}
+        "python", "numpy", "torch", "cuda", "log_window"}
     assert set(torch.load(killed / "step-000024" / "optimizer.pt", weights_only=False)) == {
         "optimizer", "scheduler", "scaler"}
     trainer = read_json(killed / "step-000024" / "trainer.json")
