@@ -16,6 +16,7 @@ from mellow.ask import AskConfig
 from mellow.audio import AudioDecodeError, FfmpegNotFoundError
 from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted
 from mellow.distributed import PeerLostError
+from mellow.doctor import DoctorConfig
 from mellow.encoders import EncoderConfig
 from mellow.evaluate import EvalConfig
 from mellow.export import ExportConfig
@@ -361,6 +362,28 @@ def store_verify_command(path: Path = typer.Argument(..., help="A store folder (
     if problems:
         raise typer.Exit(code=1)
     console.print(f"[bold green]verified[/] {path}: every chunk checksum and the index are intact")
+
+
+@app.command("doctor")
+@friendly_errors
+def doctor_command(
+    store_root: Path = cli_option(DoctorConfig, "store_root"),
+    checkpoints: Path = cli_option(DoctorConfig, "checkpoints"),
+    dataset: Optional[Path] = cli_option(DoctorConfig, "dataset"),
+    encoder: str = cli_option(EncoderConfig, "name", "--encoder"),
+    tokens: int = cli_option(EncoderConfig, "tokens"),
+    views: int = cli_option(EncoderConfig, "views"),
+    output: str = cli_option(EncoderConfig, "output"),
+) -> None:
+    """Check this machine for a mellow job: torch, GPUs and NCCL, ffmpeg, bundled models, rank variables and
+    the rendezvous port, SLURM, writable output folders, disk space for a planned store. Prints what is wrong
+    and how to fix it; exits 1 if a check failed. Run it where the job will run (inside the sbatch/srun)."""
+    from mellow import doctor
+
+    config = DoctorConfig(store_root=store_root, checkpoints=checkpoints, dataset=dataset,
+                          encoder=EncoderConfig(name=encoder, tokens=tokens, views=views, output=output))
+    if any(check.status == "fail" for check in doctor.run(config)):
+        raise typer.Exit(1)
 
 
 @app.command("quickstart")

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 from datetime import datetime
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -110,9 +111,19 @@ class StopControl:
 
 
 def requeue_slurm_job() -> None:
-    """Put this SLURM job back in the queue (`scontrol requeue`), so it continues with --resume."""
+    """Put this SLURM job back in the queue, so it continues with --resume when it runs again.
+
+    `scontrol requeue` ends the job's processes at once. Under a launcher that outlives this process (torchrun in
+    stages/slurm/train.sbatch) that would kill the launcher mid-exit, so such a launcher sets MELLOW_REQUEUE_FILE:
+    this writes the job id there, and the launcher requeues once every process has ended."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
+        return
+    request = os.environ.get("MELLOW_REQUEUE_FILE")
+    if request:
+        Path(request).write_text(job + "\n")
+        console.print(f"SLURM job {job} is to be requeued (asked its launcher through {request}); "
+                      "it continues from the checkpoint when it starts again")
         return
     command = ["scontrol", "requeue", job]
     try:
