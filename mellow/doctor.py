@@ -15,7 +15,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,11 +22,14 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 
+from mellow.audio import AudioDecodeError, FfmpegNotFoundError, decode_audio, encode_audio_file, find_ffmpeg
 from mellow.config import setting
-from mellow.encoders import EncoderConfig
+from mellow.encoders import EncoderConfig, build_encoder
 from mellow.files import read_jsonl
 from mellow.progress import console
+from mellow.stopping import slurm_end_time
 
 Status = Literal["ok", "warn", "fail"]
 MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
@@ -102,15 +104,14 @@ def check_gpus() -> list[Check]:
 
 
 def check_ffmpeg() -> Check:
-    """Find ffmpeg the way 01_precompute does, and decode a short tone through it."""
-    from mellow.audio import AudioDecodeError, FfmpegNotFoundError, decode_audio, find_ffmpeg
-
+    """Find ffmpeg the way 01_precompute does; encode a short tone to FLAC with it and decode it back."""
     find_ffmpeg.cache_clear()
     try:
         binary = find_ffmpeg()
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "tone.wav"
-            write_tone(path, seconds=0.5, sample_rate=16000)
+            path = Path(folder) / "tone.flac"
+            tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
+            encode_audio_file(tone, 16000, path)
             samples = decode_audio(path, 16000)
         version = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=30).stdout
     except (FfmpegNotFoundError, AudioDecodeError, OSError, subprocess.SubprocessError) as error:
@@ -119,17 +120,7 @@ def check_ffmpeg() -> Check:
     if abs(len(samples) - 8000) > 160:
         return Check("ffmpeg", "fail", f"{binary} decoded {len(samples)} samples of a 0.5 s tone at 16 kHz",
                      "use another ffmpeg build (MELLOW_FFMPEG)")
-    return Check("ffmpeg", "ok", f"{binary} ({' '.join(version.split()[:3])}); decoded a test tone")
-
-
-def write_tone(path: Path, seconds: float, sample_rate: int) -> None:
-    moments = np.arange(int(seconds * sample_rate)) / sample_rate
-    samples = (0.3 * np.sin(2 * np.pi * 440 * moments) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(sample_rate)
-        file.writeframes(samples.tobytes())
+    return Check("ffmpeg", "ok", f"{binary} ({' '.join(version.split()[:3])}); encoded and decoded a FLAC tone")
 
 
 def check_bundled_models() -> list[Check]:
@@ -231,8 +222,6 @@ def check_slurm(env: dict[str, str]) -> list[Check]:
                       "SLURM_CONF / slurm.conf")]
     checks = [Check("SLURM", "ok", f"controller answers ({ping.stdout.strip().splitlines()[0][:80]})")]
     if "SLURM_JOB_ID" in env:
-        from mellow.stopping import slurm_end_time
-
         end = slurm_end_time()
         left = f"{(end - time.time()) / 60:.0f} min left" if end else "end time unknown"
         checks.append(Check("SLURM job", "ok", f"job {env['SLURM_JOB_ID']}, {left}; requeue runs "
@@ -278,8 +267,6 @@ def check_disk(config: DoctorConfig) -> Check:
     if config.dataset is None:
         return Check("disk", "ok", f"{free / 2**30:.1f} GiB free under {config.store_root} "
                                    "(pass --dataset to check a planned store)")
-    from mellow.encoders import build_encoder
-
     clips = len(read_jsonl(config.dataset / "audio.jsonl"))
     width = build_encoder(config.encoder).dim
     needed = planned_store_bytes(clips, config.encoder, width)
@@ -295,8 +282,6 @@ def check_disk(config: DoctorConfig) -> Check:
 
 def report(checks: list[Check]) -> None:
     """One line per check, its fix under it, then a summary."""
-    from rich.markup import escape
-
     width = max(len(check.name) for check in checks)
     for check in checks:
         console.print(f"{MARKS[check.status]}{' ' * (5 - len(check.status))}{escape(check.name.ljust(width))}  "

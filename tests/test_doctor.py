@@ -35,7 +35,7 @@ def test_a_healthy_machine_passes_and_a_dataset_store_is_sized(monkeypatch, tmp_
     result = _doctor(monkeypatch, "--store-root", str(tmp_path / "shards"), "--checkpoints", str(tmp_path / "ckpt"),
                      "--dataset", str(tiny_dataset), "--encoder", "mel", "--tokens", "4")
     assert result.exit_code == 0, result.output
-    assert _line(result.output, "ffmpeg").startswith("ok") and "decoded a test tone" in result.output
+    assert _line(result.output, "ffmpeg").startswith("ok") and "encoded and decoded a FLAC tone" in result.output
     assert _line(result.output, "rank variables").startswith("ok")
     assert "24 clips x 1 views x 4 tokens x 80 (mel) x 2 bytes = 0.00 GiB (15,360 bytes)" in _line(result.output,
                                                                                                     "disk")
