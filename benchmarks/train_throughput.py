@@ -57,7 +57,8 @@ def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig, a
     config = PrecomputeConfig(dataset=dataset, encoder=encoder.config)
     records = {r["id"]: r for r in read_jsonl(dataset / "audio.jsonl")}
     clip_of_row = {r["row"]: r["id"] for r in store.index}
-    lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in examples.items]
+    lengths = examples.lengths()
+    row1, row2 = examples.tokenized.row1, examples.tokenized.row2
     order = micro_batches(lengths, args.batch_size, 0, 0, DistributedContext(0, 1, 0), 1)
     model.train()
     forward = torch.compile(model, dynamic=True) if args.compile else model
@@ -67,16 +68,15 @@ def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig, a
                 started = time.perf_counter()
             epoch, indices = next(order)
             batch = examples.batch(indices, epoch=epoch)  # text; its audio is replaced below
-            rows = sorted({row for i in indices for row in (examples.items[i].row1, examples.items[i].row2)
-                           if row >= 0})
+            rows = sorted({int(row) for i in indices for row in (row1[i], row2[i]) if row >= 0})
             decoded = pool.map(lambda row: decode_views(
                 records[clip_of_row[row]], str(dataset / records[clip_of_row[row]]["path"]), config.encoder,
                 config.min_seconds, encoder.sample_rate)[0], rows)
             waves, fractions = zip(*decoded)
             embeddings, valid = encoder.encode(np.stack(waves), np.array(fractions))
             position = {row: n for n, row in enumerate(rows)}
-            for slot, row_of in (("audio1", lambda item: item.row1), ("audio2", lambda item: item.row2)):
-                picked = [position.get(row_of(examples.items[i]), 0) for i in indices]
+            for slot, slot_rows in (("audio1", row1), ("audio2", row2)):
+                picked = [position.get(int(slot_rows[i]), 0) for i in indices]
                 batch[slot] = torch.from_numpy(embeddings[picked]).float()
                 batch[f"{slot}_valid"] = torch.from_numpy(valid[picked].astype("int64"))
             with mixed_precision(args.precision, torch.device("cpu")):

@@ -179,11 +179,12 @@ class AlignmentData:
         """The clips of `split` (those its caption examples name) that both stores hold, with their captions."""
         clips = list(dict.fromkeys(example["audio1"] for example in load_examples(dataset, split)
                                    if example["task"] == "caption"))
-        clips = [clip for clip in clips if clip in self.audio_rows and clip in self.caption_rows]
+        audio_rows = self.audio_rows.lookup(clips).tolist()  # -1: not in the audio store
+        pairs = [(clip, row) for clip, row in zip(clips, audio_rows) if row >= 0 and clip in self.caption_rows]
+        clips, rows = [clip for clip, _ in pairs], [row for _, row in pairs]
         if len(clips) < 2:
             raise ValueError(f"split {split}: {len(clips)} clip(s) with both audio and caption embeddings; alignment "
                              "needs at least 2 (are the stores made from --dataset?)")
-        rows = [self.audio_rows[clip] for clip in clips]
         return SplitData(torch.from_numpy(self.emb[rows, 0].astype(np.float32)),
                          torch.from_numpy(self.valid[rows, 0].astype(np.int64)),
                          [self.text[self.caption_rows[clip]] for clip in clips], clips)

@@ -9,10 +9,10 @@ ones; evaluation always uses the first view.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,9 @@ import zarr
 
 from mellow.files import read_jsonl
 from mellow.progress import console
+from mellow.shard_reader import open_rows, read_with_zarr
 from mellow.store import EmbeddingStore, with_view_axis
+from mellow.tokenized import TokenizedExamples, load_split, tokenize
 
 
 class RowsInMemory:
@@ -35,18 +37,22 @@ class RowsInMemory:
 
 
 class RowsFromZarr:
-    """Rows read from the Zarr store when a batch needs them (one chunk per clip); each process opens the store
+    """Rows read from the store's shard files when a batch needs them (mellow/shard_reader.py: the same values as
+    zarr, several times faster); an array laid out otherwise is read through zarr. Each process opens the files
     itself. The valid counts, (N, V) int16, are read whole up front."""
 
     def __init__(self, store: EmbeddingStore) -> None:
         self.path = store.path / "store.zarr"
         self.valid = store.load_all_valid()
+        self.reader = open_rows(self.path / "emb")
         self._opened: tuple[int, zarr.Array] | None = None
 
     def read(self, rows: np.ndarray) -> np.ndarray:
+        if self.reader is not None:
+            return with_view_axis(self.reader.read(rows), 4)
         if self._opened is None or self._opened[0] != os.getpid():  # a forked worker opens its own
             self._opened = (os.getpid(), zarr.open_group(self.path, mode="r")["emb"])
-        return with_view_axis(self._opened[1].get_orthogonal_selection(np.asarray(rows)), 4)
+        return with_view_axis(read_with_zarr(self._opened[1], rows), 4)
 
 
 def embedding_rows(store: EmbeddingStore, cache: str, ram_limit_gb: float) -> RowsInMemory | RowsFromZarr:
@@ -60,50 +66,78 @@ class SplitNotFoundError(ValueError):
     """A dataset has no <split>.jsonl."""
 
 
-def load_examples(dataset: Path, split: str) -> list[dict]:
+def split_path(dataset: Path, split: str) -> Path:
     path = dataset / f"{split}.jsonl"
     if not path.is_file():
         available = sorted(p.stem for p in dataset.glob("*.jsonl") if p.stem != "audio")
         raise SplitNotFoundError(f"split {split!r} not found in {dataset} (no {path.name}); available: {available}")
-    return read_jsonl(path)
+    return path
 
 
-@dataclass
-class EncodedExample:
-    row1: int
-    row2: int  # -1 when the example has one audio
-    prompt_ids: list[int]
-    answer_ids: list[int]
+def load_examples(dataset: Path, split: str) -> list[dict]:
+    return read_jsonl(split_path(dataset, split))
 
 
 class ExampleSet:
-    """The examples of one split whose audio is in the store, tokenised, with a source of embedding rows."""
+    """The examples of one split whose audio is in the store, tokenised (flat arrays, see mellow/tokenized.py),
+    with a source of embedding rows. `ExampleSet.from_split` maps the split's shared on-disk cache (training,
+    eval); the constructor tokenises a list of examples in memory (tests, `mellow ask`)."""
 
     def __init__(self, examples: list[dict], store: EmbeddingStore, tokenizer, max_text_tokens: int,
-                 rows: RowsInMemory | RowsFromZarr | None = None, seed: int = 0, prompt_suffix: str = "\n") -> None:
+                 rows: RowsInMemory | RowsFromZarr | None = None, seed: int = 0, prompt_suffix: str = "\n",
+                 tokenized: TokenizedExamples | None = None, source: Path | None = None) -> None:
         self.tokenizer = tokenizer
         self.seed = seed
-        kept = [e for e in examples if e["audio1"] in store.rows and (e.get("audio2") is None
-                                                                        or e["audio2"] in store.rows)]
-        if len(kept) < len(examples):
-            console.print(f"[yellow]skipping {len(examples) - len(kept)} example(s) whose audio failed "
+        if tokenized is None:
+            tokenized = tokenize(enumerate(examples), store.rows.lookup, tokenizer, max_text_tokens, prompt_suffix)
+            self._examples: list[dict] | None = [examples[line] for line in tokenized.line]
+        else:
+            self._examples = None  # read from `source` only if asked for (validation accuracy, eval)
+        self.tokenized, self.source = tokenized, source
+        if tokenized.skipped:
+            console.print(f"[yellow]skipping {tokenized.skipped} example(s) whose audio failed "
                           f"to encode or is not in the store")
-        self.examples = kept
         self.rows = rows or RowsInMemory(store)
         self.valid = torch.from_numpy(self.rows.valid.astype("int64"))  # (N, V) valid tokens
         self.view_counts = (self.valid > 0).sum(dim=1).clamp(min=1)  # (N,) views each clip has
         self._views: tuple[int | None, torch.Tensor] = (None, torch.zeros(len(self.valid), dtype=torch.long))
-        prompts = tokenizer([e["prompt"] + prompt_suffix for e in kept], add_special_tokens=False)["input_ids"]
-        answers = tokenizer([e["answer"] for e in kept], add_special_tokens=False)["input_ids"]
-        self.items = []
-        for example, prompt, answer in zip(kept, prompts, answers):
-            answer = answer[: max_text_tokens // 2] + [tokenizer.eos_token_id]
-            prompt = prompt[-(max_text_tokens - len(answer)) :]
-            row2 = store.rows[example["audio2"]] if example.get("audio2") else -1
-            self.items.append(EncodedExample(store.rows[example["audio1"]], row2, prompt, answer))
+
+    @classmethod
+    def from_split(cls, dataset: Path, split: str, store: EmbeddingStore, tokenizer, max_text_tokens: int,
+                   rows: RowsInMemory | RowsFromZarr | None = None, seed: int = 0, prompt_suffix: str = "\n",
+                   split_sha256: str | None = None, limit: int = 0) -> ExampleSet:
+        """The split's examples from its tokenised cache (built once, shared by every process); `limit` > 0 keeps
+        the first `limit` of them."""
+        source = split_path(dataset, split)
+        tokenized = load_split(dataset, split, store, tokenizer, max_text_tokens, prompt_suffix, split_sha256)
+        if limit:
+            tokenized = tokenized.first(limit)
+        return cls([], store, tokenizer, max_text_tokens, rows, seed, prompt_suffix, tokenized, source)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.tokenized)
+
+    @property
+    def examples(self) -> list[dict]:
+        """The example records (dicts) in this set's order; read from the split file the first time (kept out of
+        the training data path: only validation accuracy and eval need them)."""
+        if self._examples is None:
+            wanted = set(self.tokenized.line.tolist())
+            with open(self.source, encoding="utf-8") as handle:
+                lines = (line for line in handle if line.strip())
+                by_line = {number: json.loads(line) for number, line in enumerate(lines) if number in wanted}
+            self._examples = [by_line[line] for line in self.tokenized.line.tolist()]
+        return self._examples
+
+    def lengths(self) -> np.ndarray:
+        """(n,) prompt + answer tokens of every example."""
+        return self.tokenized.lengths()
+
+    def prompt_ids(self, index: int) -> list[int]:
+        return self.tokenized.prompt(index).tolist()
+
+    def answer_ids(self, index: int) -> list[int]:
+        return self.tokenized.answer(index).tolist()
 
     def views_of_epoch(self, epoch: int | None) -> torch.Tensor:
         """The view of every clip (N,) used in training epoch `epoch`; the first view for epoch None."""
@@ -114,8 +148,8 @@ class ExampleSet:
             self._views = (epoch, (torch.rand(len(self.valid), generator=generator) * self.view_counts).long())
         return self._views[1]
 
-    def _audio(self, rows: list[int], epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor([max(row, 0) for row in rows])
+    def _audio(self, rows: np.ndarray, epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.from_numpy(np.maximum(rows, 0))
         views = self.views_of_epoch(epoch)[index]
         unique, position = np.unique(index.numpy(), return_inverse=True)  # each row read once
         embeddings = torch.from_numpy(self.rows.read(unique))[torch.from_numpy(position), views]
@@ -125,24 +159,26 @@ class ExampleSet:
               epoch: int | None = None) -> dict[str, torch.Tensor]:
         """Tensors for `indices`. Training: prompt+answer right-padded, labels on the answer, audio views of
         `epoch`. Generation: prompt only, left-padded so every row ends where decoding starts."""
-        items = [self.items[i] for i in indices]
-        audio1, valid1 = self._audio([item.row1 for item in items], epoch)
-        audio2, valid2 = self._audio([item.row2 for item in items], epoch)
-        texts = [item.prompt_ids if for_generation else item.prompt_ids + item.answer_ids for item in items]
+        selected = np.asarray(indices, dtype=np.int64)
+        audio1, valid1 = self._audio(self.tokenized.row1[selected], epoch)
+        row2 = np.asarray(self.tokenized.row2[selected])
+        audio2, valid2 = self._audio(row2, epoch)
+        prompts = [self.tokenized.prompt(i) for i in selected]
+        answers = [self.tokenized.answer(i) for i in selected]
+        texts = prompts if for_generation else [np.concatenate([p, a]) for p, a in zip(prompts, answers)]
         width = max(len(text) for text in texts)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(items), width), pad, dtype=torch.long)
-        text_mask = torch.zeros((len(items), width), dtype=torch.long)
-        labels = torch.full((len(items), width), -100, dtype=torch.long)
-        for row, (item, text) in enumerate(zip(items, texts)):
+        input_ids = torch.full((len(selected), width), pad, dtype=torch.long)
+        text_mask = torch.zeros((len(selected), width), dtype=torch.long)
+        labels = torch.full((len(selected), width), -100, dtype=torch.long)
+        for row, (prompt, text) in enumerate(zip(prompts, texts)):
             start = width - len(text) if for_generation else 0
-            input_ids[row, start : start + len(text)] = torch.tensor(text)
+            input_ids[row, start : start + len(text)] = torch.from_numpy(text.astype(np.int64))
             text_mask[row, start : start + len(text)] = 1
             if not for_generation:
-                answer_start = len(item.prompt_ids)
-                labels[row, answer_start : len(text)] = torch.tensor(item.answer_ids)
+                labels[row, len(prompt) : len(text)] = torch.from_numpy(text[len(prompt) :].astype(np.int64))
         return {"audio1": audio1, "audio1_valid": valid1, "audio2": audio2, "audio2_valid": valid2,
-                "has_audio2": torch.tensor([item.row2 >= 0 for item in items]), "input_ids": input_ids,
+                "has_audio2": torch.from_numpy(row2 >= 0), "input_ids": input_ids,
                 "text_mask": text_mask, "labels": labels}
 
 

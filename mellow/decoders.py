@@ -23,15 +23,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from mellow.files import hash_model_weights, replace_directory, sha256_file
+from mellow.files import cache_dir, hash_model_weights, replace_directory, sha256_file
 from mellow.hub import HUB_ID, model_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_DECODERS = ("tiny", "smollm2-135m")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MELLOW_CACHE", Path.home() / ".cache" / "mellow"))
 
 
 def _smollm2_gguf_dir() -> Path:

@@ -137,7 +137,7 @@ def check_bundled_models() -> list[Check]:
 
 
 def mellow_cache() -> Path:
-    from mellow.decoders import cache_dir
+    from mellow.files import cache_dir
 
     return cache_dir()
 

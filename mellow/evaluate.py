@@ -22,13 +22,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.table import Table
 
 from mellow import metrics
 from mellow.checkpoint import find_checkpoint, load_trained_model
 from mellow.config import setting
-from mellow.data import ExampleSet, SplitNotFoundError, load_examples, move_to
+from mellow.data import ExampleSet, SplitNotFoundError, move_to, split_path
 from mellow.distributed import resolve_device
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mellow.progress import console, progress_bar
@@ -135,14 +136,17 @@ def checkpoints_to_score(config: EvalConfig) -> list[Path]:
 def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.CaptionScorer) -> tuple[dict, int]:
     """Generate and score one checkpoint; writes its eval folder. Returns (scores, examples scored)."""
     started = time.time()
-    store, examples = inputs_of(checkpoint, config)
+    store, dataset = inputs_of(checkpoint, config)
     device = torch.device(resolve_device(config.device))
     try:
         model, tokenizer, trainer = load_trained_model(checkpoint, device)
     except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
         raise ValueError(f"{checkpoint} cannot be loaded ({type(error).__name__}: {error}); the file is damaged "
                          "or incomplete: delete this checkpoint folder, or train again from an earlier one") from None
-    example_set = ExampleSet(examples, store, tokenizer, max_text_tokens=256, prompt_suffix=model.prompt_suffix)
+    example_set = ExampleSet.from_split(dataset, config.split, store, tokenizer, max_text_tokens=256,
+                                        prompt_suffix=model.prompt_suffix, limit=config.max_examples)
+    if not len(example_set):
+        raise ValueError(f"split {config.split!r} of {dataset} has no examples whose audio is in the store")
     predictions = generate_all(model, tokenizer, example_set, config, device)
     empty = sum(not prediction.strip() for prediction in predictions)
     if empty:
@@ -157,8 +161,8 @@ def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.Capti
     return scores, len(predictions)
 
 
-def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, list[dict]]:
-    """The store (checked against the checkpoint's fingerprint) and the examples to score."""
+def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, Path]:
+    """The store (checked against the checkpoint's fingerprint) and the dataset whose split to score."""
     trainer_path = checkpoint / "trainer.json"
     if not trainer_path.is_file():
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no trainer.json)")
@@ -171,18 +175,15 @@ def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, lis
     store = EmbeddingStore(config.store or trained_on["--store"])
     store.check_fingerprint(trainer["store_fingerprint"], f"checkpoint {checkpoint}")
     dataset = config.dataset or trained_on["--dataset"]
-    examples = load_examples(dataset, config.split)
-    if config.max_examples:
-        examples = examples[: config.max_examples]
-    if not examples:
-        raise ValueError(f"split {config.split!r} of {dataset} has no examples")
-    return store, examples
+    split_path(dataset, config.split)  # a missing split is named before any model is loaded
+    return store, dataset
 
 
 def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, device: torch.device) -> list[str]:
     """Answers for every example (greedy or beam search), batched; examples are sorted by prompt length to
     limit padding."""
-    order = sorted(range(len(example_set)), key=lambda i: len(example_set.items[i].prompt_ids))
+    prompt_lengths = np.diff(example_set.tokenized.prompt_offsets)
+    order = sorted(range(len(example_set)), key=lambda i: prompt_lengths[i])
     predictions = [""] * len(order)
     with progress_bar() as progress:
         task = progress.add_task("generating", total=len(order))

@@ -63,3 +63,9 @@ def hash_model_weights(model_dir: Path) -> str:
     """16 hex digits identifying the weights saved in a model folder (its *.safetensors and *.bin files)."""
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
     return short_hash([sha256_file(path) for path in files], length=16)
+
+
+def cache_dir() -> Path:
+    """mellow's per-user cache ($MELLOW_CACHE, default ~/.cache/mellow): converted decoders, token caches of
+    read-only datasets."""
+    return Path(os.environ.get("MELLOW_CACHE", Path.home() / ".cache" / "mellow"))

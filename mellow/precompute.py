@@ -7,6 +7,7 @@ two overlap. Audio comes from files, URLs, or members of WebDataset tars (stream
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -314,8 +315,9 @@ def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> 
     """Write the index, meta.json and report.json (with every failed clip); return the counts."""
     meta = writer.finalize({"dataset": str(dataset), "code_version": code_version()})
     counts = meta["counts"]
-    failures = [{**{key: r[key] for key in ("id", "path", "text") if key in r}, "reason": r["status"]}
-                for r in read_jsonl(writer.path / "index.jsonl") if r["status"] != "ok"]
+    with open(writer.path / "index.jsonl") as handle:  # streamed: the failures are few, the records may be millions
+        failures = [{**{key: r[key] for key in ("id", "path", "text") if key in r}, "reason": r["status"]}
+                    for r in map(json.loads, handle) if r["status"] != "ok"]
     write_json_atomic(writer.path / "report.json", {"store": str(writer.path), "counts": counts,
                                                     "seconds_last_run": round(seconds, 2), "failures": failures})
     for failure in failures[:10]:

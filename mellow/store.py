@@ -17,11 +17,13 @@ the full format reference.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import zip_longest
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 import mellow
 from mellow.config import describe_differences, setting
-from mellow.files import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from mellow.files import read_json, read_jsonl, sha256_file, write_json_atomic
+from mellow.shard_reader import open_rows
 
 FORMAT_VERSION = 2  # 2: views (an (N, V, T, D) layout when V > 1), pooling in the fingerprint
 CREATION_LOCK = ".creating"
@@ -274,13 +277,23 @@ class StoreWriter:
         missing = self.missing_shards()
         if missing:
             raise RuntimeError(f"cannot finalize {self.path}: shards {missing[:10]} are not done")
-        index = []
-        for shard in range(self.num_shards):
-            index.extend(read_json(self._marker(shard))["records"])
-        write_jsonl_atomic(self.path / "index.jsonl", index)
-        ok = sum(record["status"] == "ok" for record in index)
+        # streamed shard by shard: at a million clips, holding every record as a dict would cost gigabytes
+        ids, rows, ok = [], [], 0
+        temporary = self.path / f".index.jsonl.tmp-{os.getpid()}"
+        with open(temporary, "w") as handle:
+            for shard in range(self.num_shards):
+                records = read_json(self._marker(shard))["records"]
+                handle.writelines(json.dumps(record) + "\n" for record in records)
+                ids.extend(record["id"] for record in records)
+                rows.extend(record["row"] if record["status"] == "ok" else -1 for record in records)
+                ok += sum(record["status"] == "ok" for record in records)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path / "index.jsonl")
+        write_id_index(self.path, ids, np.array(rows, dtype=np.int64))
         meta = {**read_json(self.path / "meta.json"), **extra_meta, "complete": True,
-                "counts": {"rows": len(index), "ok": ok, "failed": len(index) - ok}}
+                "index_sha256": sha256_file(self.path / "index.jsonl"),
+                "counts": {"rows": len(ids), "ok": ok, "failed": len(ids) - ok}}
         write_json_atomic(self.path / "meta.json", meta)
         return meta
 
@@ -302,10 +315,23 @@ class EmbeddingStore:
         if not self.meta.get("complete"):
             raise ValueError(f"{self.path} is incomplete (precompute was interrupted); rerun 01_precompute")
         self.fingerprint: dict = self.meta["fingerprint"]
-        self.index = read_jsonl(self.path / "index.jsonl")
-        self.rows = {record["id"]: record["row"] for record in self.index if record["status"] == "ok"}
         group = zarr.open_group(self.path / "store.zarr", mode="r")
         self.emb, self.valid = group["emb"], group["valid"]
+
+    @cached_property
+    def rows(self) -> IdIndex:
+        """id -> row of every clip that encoded (`id in store.rows`, `store.rows[id]`, `store.rows.lookup(ids)`)."""
+        return IdIndex.open(self.path)
+
+    @property
+    def index(self) -> list[dict]:
+        """Every record of index.jsonl (id, row, duration, source, sha256, status): one dict per row, so only for
+        tools that need them all; lookups go through `rows`."""
+        return read_jsonl(self.path / "index.jsonl")
+
+    def index_sha256(self) -> str:
+        """Identifies the store's rows (its index.jsonl); written into meta.json by finalize."""
+        return self.meta.get("index_sha256") or sha256_file(self.path / "index.jsonl")
 
     @property
     def tokens(self) -> int:
@@ -340,6 +366,69 @@ class EmbeddingStore:
                                      + "\n  ".join(differences))
 
 
+INDEX_IDS, INDEX_ROWS = "index-ids.npy", "index-rows.npy"
+
+
+def write_id_index(store_path: Path, ids: list[str], rows: np.ndarray) -> None:
+    """The id -> row lookup as two arrays sorted by id (fixed-width UTF-8 bytes, int64 rows, -1 for a clip that
+    failed), memory-mapped by readers: a dict of 1.2 M ids would cost every process ~150 MB and seconds."""
+    encoded = np.array([clip_id.encode() for clip_id in ids], dtype=bytes) if ids else np.zeros(0, dtype="S1")
+    order = np.argsort(encoded, kind="stable")
+    for name, array in ((INDEX_IDS, encoded[order]), (INDEX_ROWS, np.asarray(rows, dtype=np.int64)[order])):
+        temporary = store_path / f".{name}.partial"
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+        os.replace(temporary, store_path / name)
+
+
+class IdIndex:
+    """Clip id -> store row, from the two sorted arrays of write_id_index (binary search, memory-mapped)."""
+
+    def __init__(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        self.ids, self.row_array = ids, rows
+
+    @classmethod
+    def open(cls, store_path: Path) -> IdIndex:
+        if (store_path / INDEX_IDS).exists() and (store_path / INDEX_ROWS).exists():
+            return cls(np.load(store_path / INDEX_IDS, mmap_mode="r"), np.load(store_path / INDEX_ROWS, mmap_mode="r"))
+        # a store finalized before the arrays existed: build them in memory from index.jsonl
+        records = read_jsonl(store_path / "index.jsonl")
+        ids = np.array([record["id"].encode() for record in records], dtype=bytes)
+        order = np.argsort(ids, kind="stable")
+        rows = np.array([record["row"] if record["status"] == "ok" else -1 for record in records], dtype=np.int64)
+        return cls(ids[order], rows[order])
+
+    def lookup(self, ids: list[str] | np.ndarray) -> np.ndarray:
+        """Rows of `ids` (int64), -1 for an id the store lacks or failed to encode."""
+        wanted = np.asarray([clip_id.encode() for clip_id in ids] if isinstance(ids, list) else ids, dtype=bytes)
+        if not len(self.ids) or not len(wanted):
+            return np.full(len(wanted), -1, dtype=np.int64)
+        position = np.searchsorted(self.ids, wanted).clip(max=len(self.ids) - 1)
+        found = self.ids[position] == wanted
+        return np.where(found, self.row_array[position], -1).astype(np.int64)
+
+    def __contains__(self, clip_id: str) -> bool:
+        return bool(self.lookup([clip_id])[0] >= 0)
+
+    def __getitem__(self, clip_id: str) -> int:
+        row = int(self.lookup([clip_id])[0])
+        if row < 0:
+            raise KeyError(clip_id)
+        return row
+
+    def __len__(self) -> int:
+        """Clips that encoded."""
+        return int((self.row_array >= 0).sum())
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        """(id, row) of every clip that encoded, in id order (for tools that walk them all)."""
+        encoded = np.flatnonzero(np.asarray(self.row_array) >= 0)
+        return ((self.ids[i].decode(), int(self.row_array[i])) for i in encoded)
+
+    def __iter__(self) -> Iterator[str]:
+        return (clip_id for clip_id, _ in self.items())
+
+
 def shard_file(store_path: Path, array: zarr.Array, shard: int) -> Path:
     """The file that holds shard `shard` of `array` (emb or valid)."""
     coordinates = (shard,) + (0,) * (array.ndim - 1)
@@ -349,29 +438,41 @@ def shard_file(store_path: Path, array: zarr.Array, shard: int) -> Path:
 def verify_store(path: Path) -> list[str]:
     """Check every chunk checksum and the index's rows; return one line per problem (empty: all good).
 
-    Each shard is read whole; a shard that fails is read clip by clip, so a damaged chunk is named by clip id.
+    Each shard is read whole (straight from its file where the layout allows, else through zarr); a shard that
+    fails is read clip by clip, so a damaged chunk is named by clip id. The index is streamed, not held as dicts.
     """
     store = EmbeddingStore(path)
     problems = []
-    rows = [record["row"] for record in store.index]
-    if sorted(rows) != list(range(store.meta["rows"])):
+    with open(path / "index.jsonl") as handle:
+        rows = np.fromiter((json.loads(line)["row"] for line in handle if line.strip()), dtype=np.int64)
+    if not np.array_equal(np.sort(rows), np.arange(store.meta["rows"])):
         problems.append(f"index.jsonl lists rows {len(rows)} for a store of {store.meta['rows']} rows")
+    reader = open_rows(path / "store.zarr" / "emb")
+    read = (lambda rows: reader.read(rows)) if reader else (lambda rows: store.emb.get_orthogonal_selection(rows))
     per_shard = store.meta["clips_per_shard"]
-    by_row = {record["row"]: record for record in store.index}
+    damaged: dict[int, tuple[int, Exception]] = {}  # row -> (shard, error)
     for shard in range(-(-store.meta["rows"] // per_shard)):
         start, stop = shard * per_shard, min((shard + 1) * per_shard, store.meta["rows"])
         try:
-            store.emb[start:stop]
+            read(np.arange(start, stop))
             store.valid[start:stop]
             continue
-        except Exception:  # any codec error: find the clips it hits
+        except Exception:  # any codec or checksum error: find the clips it hits
             pass
         for row in range(start, stop):
             try:
-                store.emb[row]
+                read(np.array([row]))
                 store.valid[row]
             except Exception as error:
-                clip = by_row.get(row, {}).get("id", "?")
-                problems.append(f"clip {clip} (row {row}) in shard {shard} "
-                                f"({shard_file(path, store.emb, shard)}): {type(error).__name__}: {error}")
+                damaged[row] = (shard, error)
+    if damaged:
+        ids = {}
+        with open(path / "index.jsonl") as handle:
+            for line in handle:
+                record = json.loads(line) if line.strip() else {}
+                if record.get("row") in damaged:
+                    ids[record["row"]] = record["id"]
+        for row, (shard, error) in damaged.items():
+            problems.append(f"clip {ids.get(row, '?')} (row {row}) in shard {shard} "
+                            f"({shard_file(path, store.emb, shard)}): {type(error).__name__}: {error}")
     return problems

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
@@ -37,7 +38,7 @@ from mellow.checkpoint import (
     save_checkpoint,
 )
 from mellow.config import describe_differences, setting, to_dict
-from mellow.data import ExampleSet, batch_loader, embedding_rows, load_examples, move_to
+from mellow.data import ExampleSet, batch_loader, embedding_rows, move_to
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
 from mellow.files import read_json, sha256_file, write_text_atomic
@@ -289,31 +290,32 @@ def _optimizer(model: MellowModel, train: TrainConfig) -> torch.optim.Optimizer:
                               for (part, decays), parameters in sorted(groups.items())], betas=(0.9, 0.98), fused=True)
 
 
-def epoch_micro_batches(lengths: list[int], micro_batch: int, seed: int, epoch: int,
-                        bucket: int) -> list[list[int]]:
-    """The global micro-batches of one epoch, a pure function of (seed, epoch).
+def epoch_micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int, bucket: int) -> np.ndarray:
+    """The global micro-batches of one epoch, (batches, micro_batch) example indices, a pure function of
+    (seed, epoch). An array, not lists: at a million examples the epoch's order must not be a million objects.
 
     With `bucket` > 1, each run of `bucket` micro-batches of a random permutation is sorted by text length
     before it is cut, and the cut micro-batches are shuffled again: batches hold similar lengths, so far less
     padding is computed, while the epoch stays a random order.
     """
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = torch.randperm(len(lengths), generator=generator).numpy()
     per_epoch = len(lengths) // micro_batch
     order = order[: per_epoch * micro_batch]
+    if bucket <= 1:
+        return order.reshape(per_epoch, micro_batch)
+    lengths = np.asarray(lengths)
     batches = []
-    span = micro_batch * max(bucket, 1)
+    span = micro_batch * bucket
     for start in range(0, len(order), span):
         group = order[start : start + span]
-        if bucket > 1:
-            group = sorted(group, key=lambda index: lengths[index])
-        cut = [group[i : i + micro_batch] for i in range(0, len(group), micro_batch)]
-        shuffled = torch.randperm(len(cut), generator=generator).tolist() if bucket > 1 else range(len(cut))
-        batches.extend(cut[i] for i in shuffled)
-    return batches
+        group = group[np.argsort(lengths[group], kind="stable")]
+        cut = group.reshape(-1, micro_batch)
+        batches.append(cut[torch.randperm(len(cut), generator=generator).numpy()])
+    return np.concatenate(batches)
 
 
-def micro_batches(lengths: list[int], micro_batch: int, seed: int, start: int, context: DistributedContext,
+def micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, start: int, context: DistributedContext,
                   bucket: int) -> Iterator[tuple[int, list[int]]]:
     """Yield (epoch, this rank's example indices) for every global micro-batch from number `start` on, forever."""
     per_epoch = len(lengths) // micro_batch
@@ -323,7 +325,7 @@ def micro_batches(lengths: list[int], micro_batch: int, seed: int, start: int, c
     epoch, offset = divmod(start, per_epoch)
     while True:
         for batch in epoch_micro_batches(lengths, micro_batch, seed, epoch, bucket)[offset:]:
-            yield epoch, batch[context.rank :: context.world_size]
+            yield epoch, batch[context.rank :: context.world_size].tolist()
         epoch, offset = epoch + 1, 0
 
 
@@ -344,10 +346,12 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                 model.audio_projector.layer_norm.bias.mul_(scale)
         console.print(f"audio projector warm-started from {train.align_from}")
     rows = embedding_rows(store, train.data_cache, train.ram_cache_gb)
-    train_set = ExampleSet(load_examples(train.dataset, train.train_split), store, tokenizer, train.max_text_tokens,
-                           rows=rows, seed=train.seed, prompt_suffix=model.prompt_suffix)
-    val_set = ExampleSet(load_examples(train.dataset, train.val_split), store, tokenizer, train.max_text_tokens,
-                         rows=rows, prompt_suffix=model.prompt_suffix)
+    train_split_sha256 = sha256_file(split_path(train))
+    train_set = ExampleSet.from_split(train.dataset, train.train_split, store, tokenizer, train.max_text_tokens,
+                                      rows=rows, seed=train.seed, prompt_suffix=model.prompt_suffix,
+                                      split_sha256=train_split_sha256)
+    val_set = ExampleSet.from_split(train.dataset, train.val_split, store, tokenizer, train.max_text_tokens,
+                                    rows=rows, prompt_suffix=model.prompt_suffix)
     model.to(device)
     optimizer = _optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train))
@@ -370,14 +374,14 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
     forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
     autocast = mixed_precision(train.precision, device)
-    lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in train_set.items]
+    lengths = train_set.lengths()
     order = micro_batches(lengths, train.batch_size // train.grad_accum, train.seed, state.micro_batches, context,
                           train.length_buckets)
     batches = batch_loader(train_set, order, train.data_workers, train.prefetch, pin_memory=device.type == "cuda")
     stop_at = min(train.max_updates, state.update + train.stop_after) if train.stop_after else train.max_updates
     meta = {"store_fingerprint": store.fingerprint, "store": str(train.store), "config": resolved,
             "base_decoder": decoder_reference(model_config.decoder, train.seed),
-            "train_split_sha256": sha256_file(split_path(train)),
+            "train_split_sha256": train_split_sha256,
             "initialised_from": str(initial) if initial else None}
     window_start, last_loss, stop_reason, validation_seconds = time.time(), float("nan"), None, 0.0
     window_wait, window_timed = 0.0, 0  # seconds of the log window spent waiting for batches; updates it timed

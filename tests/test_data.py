@@ -23,7 +23,7 @@ def test_streamed_rows_in_workers_equal_the_ram_cache(mel_store, tiny_dataset):
     examples = load_examples(tiny_dataset, "train")
     in_memory = ExampleSet(examples, store, tokenizer, 64, rows=RowsInMemory(store), seed=1)
     streamed = ExampleSet(examples, store, tokenizer, 64, rows=RowsFromZarr(store), seed=1)
-    lengths = [len(item.prompt_ids) + len(item.answer_ids) for item in in_memory.items]
+    lengths = in_memory.lengths()
 
     def order():
         return micro_batches(lengths, 8, seed=1, start=3, context=DistributedContext(0, 1, 0), bucket=1)

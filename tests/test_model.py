@@ -30,7 +30,7 @@ def _loss(model, batch) -> float:
 
 def test_padded_audio_tokens_are_not_attended(tiny):
     model, examples = tiny
-    index = next(i for i, item in enumerate(examples.items) if examples.valid[item.row1] < 4)
+    index = next(i for i in range(len(examples)) if examples.valid[examples.tokenized.row1[i]] < 4)
     batch = examples.batch([index])
     changed = {**batch, "audio1": batch["audio1"].clone()}
     changed["audio1"][0, int(batch["audio1_valid"][0]) :] = 100.0
@@ -41,7 +41,7 @@ def test_padded_audio_tokens_are_not_attended(tiny):
 
 def test_single_audio_examples_use_the_learned_no_audio_embedding(tiny):
     model, examples = tiny
-    index = next(i for i, item in enumerate(examples.items) if item.row2 < 0)
+    index = next(i for i in range(len(examples)) if examples.tokenized.row2[i] < 0)
     batch = examples.batch([index])
     changed = {**batch, "audio2": torch.randn_like(batch["audio2"])}
     assert _loss(model, changed) == pytest.approx(_loss(model, batch), abs=1e-6)
@@ -58,11 +58,11 @@ def test_single_audio_examples_use_the_learned_no_audio_embedding(tiny):
 
 def test_loss_is_on_answer_tokens_only_and_ignores_batch_padding(tiny):
     model, examples = tiny
-    short = min(range(len(examples)), key=lambda i: len(examples.items[i].prompt_ids))
-    long = max(range(len(examples)), key=lambda i: len(examples.items[i].prompt_ids + examples.items[i].answer_ids))
+    short = min(range(len(examples)), key=lambda i: len(examples.prompt_ids(i)))
+    long = max(range(len(examples)), key=lambda i: examples.lengths()[i])
     alone = examples.batch([short])
     labels = alone["labels"][0]
-    answer = examples.items[short].answer_ids
+    answer = examples.answer_ids(short)
     assert labels[labels != -100].tolist() == answer and answer[-1] == examples.tokenizer.eos_token_id
     together = examples.batch([short, long])
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_loss_is_on_answer_tokens_only_and_ignores_batch_padding(tiny):
     assert pair == pytest.approx((_loss(model, alone) + single_long) / 2, rel=1e-4)  # each example weighs 1
     model.loss_weighting = "token"
     try:
-        n_short, n_long = len(answer), len(examples.items[long].answer_ids)
+        n_short, n_long = len(answer), len(examples.answer_ids(long))
         expected = (_loss(model, alone) * n_short + single_long * n_long) / (n_short + n_long)
         assert _loss(model, together) == pytest.approx(expected, rel=1e-4)
     finally:
@@ -169,15 +169,15 @@ def test_chat_prompt_format_lays_the_example_out_as_the_decoders_chat_template(m
                                    seed=0)
     examples = ExampleSet(load_examples(tiny_dataset, "train"), store, tokenizer, max_text_tokens=96,
                           prompt_suffix=model.prompt_suffix)
-    item, example = examples.items[0], examples.examples[0]
+    prompt_ids, answer_ids, example = examples.prompt_ids(0), examples.answer_ids(0), examples.examples[0]
     marker = "[audio]"
     rendered = tokenizer.apply_chat_template(
         [{"role": "system", "content": ""}, {"role": "user", "content": marker + example["prompt"]},
          {"role": "assistant", "content": example["answer"]}], tokenize=False)
-    ours = tokenizer.decode(model.prefix_ids) + marker + tokenizer.decode(item.prompt_ids + item.answer_ids)
+    ours = tokenizer.decode(model.prefix_ids) + marker + tokenizer.decode(prompt_ids + answer_ids)
     assert ours.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n[audio]")
     assert rendered.startswith(ours) and ours.endswith(example["answer"] + "<|im_end|>")
-    assert item.answer_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert answer_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     batch = examples.batch([0, 1])
     embeds, mask, positions = model.build_inputs(batch)

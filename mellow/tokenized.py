@@ -1,0 +1,264 @@
+"""A split's examples tokenised once into flat arrays, cached on disk and memory-mapped by every process.
+
+Tokenising a million examples on every start, in every rank, and keeping them as Python objects that DataLoader
+workers copy page by page (fork + reference counts, pytorch #13246) cost +90 s and 5.8 GB at 1 M examples. Here
+the split is tokenised once per (split file sha256, tokenizer, settings, store index) into
+
+    <dataset>/.cache/tokens/<split>-<key>/
+        prompt_tokens.npy  prompt_offsets.npy    int32 token ids of every prompt, flat; int64 (n + 1) offsets
+        answer_tokens.npy  answer_offsets.npy    the same for answers (each ends in EOS)
+        row1.npy  row2.npy                       int64 store rows of the audios (-1: no second audio)
+        line.npy                                 int64 line of each example in the split file (0-based)
+        meta.json                                what the key was made of, counts, crc32c of every file
+
+built by one process while the others wait on a lock file (as the store's creation lock), committed by renaming a
+finished folder into place, and checked (crc32c of every file) by each process that opens it: a stale or damaged
+cache is rebuilt, never trusted. Workers inherit the memory maps; nothing per example is a Python object.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from mellow.files import cache_dir, sha256_file, short_hash, write_json_atomic
+from mellow.progress import console
+
+ARRAYS = ("prompt_tokens", "prompt_offsets", "answer_tokens", "answer_offsets", "row1", "row2", "line")
+CACHE_VERSION = 1
+TOKENIZE_CHUNK = 8192  # examples per tokenizer call: batched (fast), with bounded memory
+
+
+@dataclass
+class TokenizedExamples:
+    """Flat arrays of one split's usable examples (see the module docstring); numpy, often memory-mapped."""
+
+    prompt_tokens: np.ndarray
+    prompt_offsets: np.ndarray
+    answer_tokens: np.ndarray
+    answer_offsets: np.ndarray
+    row1: np.ndarray
+    row2: np.ndarray
+    line: np.ndarray
+    skipped: int = 0  # examples whose audio is not in the store
+
+    def __len__(self) -> int:
+        return len(self.row1)
+
+    def prompt(self, index: int) -> np.ndarray:
+        return self.prompt_tokens[self.prompt_offsets[index] : self.prompt_offsets[index + 1]]
+
+    def answer(self, index: int) -> np.ndarray:
+        return self.answer_tokens[self.answer_offsets[index] : self.answer_offsets[index + 1]]
+
+    def lengths(self) -> np.ndarray:
+        """(n,) prompt + answer tokens of every example."""
+        return np.diff(self.prompt_offsets) + np.diff(self.answer_offsets)
+
+    def first(self, count: int) -> TokenizedExamples:
+        """The first `count` examples (views, no copy)."""
+        count = min(count, len(self))
+        return TokenizedExamples(self.prompt_tokens, self.prompt_offsets[: count + 1], self.answer_tokens,
+                                 self.answer_offsets[: count + 1], self.row1[:count], self.row2[:count],
+                                 self.line[:count], self.skipped)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A hash that changes whenever the tokenizer would give other ids: its whole definition where it is a fast
+    (Rust) tokenizer, else its vocabulary, plus the special-token ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return short_hash([type(tokenizer).__name__, definition, tokenizer.eos_token_id, tokenizer.pad_token_id], 16)
+
+
+class ManifestError(ValueError):
+    """A line of a manifest is not a valid record; the message names file and line."""
+
+
+def _examples_of(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, example) of every example line of a split file, streamed; one clear error per bad line."""
+    with open(path, encoding="utf-8") as handle:
+        number = -1
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            number += 1
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ManifestError(f"{path}:{line_number}: not a JSON object ({error.msg})") from None
+            yield number, check_example(example, f"{path}:{line_number}")
+
+
+def check_example(example: object, where: str) -> dict:
+    """`example` if it is an example record (audio1, prompt and answer strings; audio2 a string or null)."""
+    if not isinstance(example, dict):
+        raise ManifestError(f"{where}: an example must be a JSON object, not {type(example).__name__}")
+    for key in ("audio1", "prompt", "answer"):
+        if not isinstance(example.get(key), str):
+            raise ManifestError(f"{where}: {key!r} must be a string (got {example.get(key)!r})")
+    if example.get("audio2") is not None and not isinstance(example["audio2"], str):
+        raise ManifestError(f"{where}: 'audio2' must be a clip id or null (got {example['audio2']!r})")
+    return example
+
+
+def tokenize(examples: Iterator[tuple[int, dict]], rows_of, tokenizer, max_text_tokens: int,
+             prompt_suffix: str) -> TokenizedExamples:
+    """Tokenise (line, example) pairs in chunks; `rows_of(ids)` gives store rows (-1: missing). Examples whose
+    audio is missing are skipped. Answers keep at most max_text_tokens // 2 tokens plus EOS, prompts their end."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
+    prompt_end, answer_end, skipped = 0, 0, 0
+    while chunk := [pair for _, pair in zip(range(TOKENIZE_CHUNK), examples)]:
+        row1 = rows_of([example["audio1"] for _, example in chunk])
+        row2 = np.where([example.get("audio2") is None for _, example in chunk], -1,
+                        rows_of([example.get("audio2") or example["audio1"] for _, example in chunk]))
+        has_audio2 = np.array([example.get("audio2") is not None for _, example in chunk])
+        keep = (row1 >= 0) & (~has_audio2 | (row2 >= 0))
+        skipped += int((~keep).sum())
+        chunk = [pair for pair, kept in zip(chunk, keep) if kept]
+        prompts = tokenizer([e["prompt"] + prompt_suffix for _, e in chunk], add_special_tokens=False)["input_ids"]
+        answers = tokenizer([e["answer"] for _, e in chunk], add_special_tokens=False)["input_ids"]
+        answers = [answer[: max_text_tokens // 2] + [tokenizer.eos_token_id] for answer in answers]
+        prompts = [prompt[max(len(prompt) - (max_text_tokens - len(answer)), 0) :] if max_text_tokens > len(answer)
+                   else [] for prompt, answer in zip(prompts, answers)]
+        for name, texts, end in (("prompt", prompts, prompt_end), ("answer", answers, answer_end)):
+            lengths = np.array([len(text) for text in texts], dtype=np.int64)
+            parts[f"{name}_tokens"].append(np.fromiter((t for text in texts for t in text), dtype=np.int32,
+                                                       count=int(lengths.sum())))
+            parts[f"{name}_offsets"].append(end + np.cumsum(lengths))
+        prompt_end = int(parts["prompt_offsets"][-1][-1]) if chunk else prompt_end
+        answer_end = int(parts["answer_offsets"][-1][-1]) if chunk else answer_end
+        parts["row1"].append(row1[keep])
+        parts["row2"].append(row2[keep])
+        parts["line"].append(np.array([number for number, _ in chunk], dtype=np.int64))
+    arrays = {name: np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64) for name, pieces in parts.items()}
+    for name in ("prompt_tokens", "answer_tokens"):
+        arrays[name] = arrays[name].astype(np.int32)
+    for name in ("prompt_offsets", "answer_offsets"):
+        arrays[name] = np.concatenate([[0], arrays[name]]).astype(np.int64)
+    return TokenizedExamples(**arrays, skipped=skipped)
+
+
+def cache_folder(dataset: Path, split: str, key: str) -> Path:
+    """<dataset>/.cache/tokens/<split>-<key>, or under $MELLOW_CACHE when the dataset folder is read-only."""
+    folder = dataset / ".cache" / "tokens"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError
+    except OSError:
+        folder = cache_dir() / "tokens" / f"{dataset.resolve().name}-{short_hash(str(dataset.resolve()))}"
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{split}-{key}"
+
+
+def cache_location(dataset: Path, split: str, store, tokenizer, max_text_tokens: int, prompt_suffix: str,
+                   split_sha256: str | None = None) -> tuple[Path, dict]:
+    """The cache folder of these inputs and settings, and the key it is made from."""
+    key_parts = {"version": CACHE_VERSION, "split_sha256": split_sha256 or sha256_file(dataset / f"{split}.jsonl"),
+                 "tokenizer": tokenizer_identity(tokenizer), "max_text_tokens": max_text_tokens,
+                 "prompt_suffix": prompt_suffix, "store_index_sha256": store.index_sha256()}
+    return cache_folder(dataset, split, short_hash(key_parts, 16)), key_parts
+
+
+def load_split(dataset: Path, split: str, store, tokenizer, max_text_tokens: int, prompt_suffix: str,
+               split_sha256: str | None = None) -> TokenizedExamples:
+    """The split's tokenised examples from the cache, building it first when it is missing, stale or damaged."""
+    path = dataset / f"{split}.jsonl"
+    folder, key_parts = cache_location(dataset, split, store, tokenizer, max_text_tokens, prompt_suffix,
+                                       split_sha256)
+    cached = open_cache(folder, key_parts)
+    if cached is not None:
+        return cached
+    with held_lock(folder.with_name(folder.name + ".lock")):
+        cached = open_cache(folder, key_parts, quiet=True)  # another process may have built it meanwhile
+        if cached is not None:
+            return cached
+        shutil.rmtree(folder, ignore_errors=True)
+        started = time.time()
+        built = tokenize(_examples_of(path), store.rows.lookup, tokenizer, max_text_tokens, prompt_suffix)
+        write_cache(folder, built, key_parts)
+        console.print(f"tokenised {len(built):,} {split} examples once into {folder} ({time.time() - started:.1f} s);"
+                      " every later run, rank and worker maps it")
+    cached = open_cache(folder, key_parts)
+    assert cached is not None, "a cache just written opens"
+    return cached
+
+
+def write_cache(folder: Path, examples: TokenizedExamples, key_parts: dict) -> None:
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    checksums = {}
+    for name in ARRAYS:
+        with open(partial / f"{name}.npy", "wb") as handle:
+            np.save(handle, getattr(examples, name))
+        checksums[name] = _crc32c(partial / f"{name}.npy")
+    write_json_atomic(partial / "meta.json", {"key": key_parts, "examples": len(examples),
+                                              "skipped": examples.skipped, "crc32c": checksums})
+    os.replace(partial, folder)
+
+
+def open_cache(folder: Path, key_parts: dict, quiet: bool = False) -> TokenizedExamples | None:
+    """The cache in `folder` if it is complete, made from `key_parts` and undamaged; else None (with a word)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    damaged = [name for name in ARRAYS if meta.get("crc32c", {}).get(name) != _crc32c(folder / f"{name}.npy")]
+    if meta.get("key") != key_parts or damaged:
+        if not quiet:
+            why = f"{', '.join(damaged)} damaged" if damaged else "made from other inputs"
+            console.print(f"[yellow]tokenised-example cache {folder} is {why}; rebuilding it")
+        return None
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    return TokenizedExamples(**arrays, skipped=meta["skipped"])
+
+
+def _crc32c(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as handle:
+            checksum = google_crc32c.Checksum()
+            while chunk := handle.read(1 << 22):
+                checksum.update(chunk)
+        return int.from_bytes(checksum.digest(), "big")
+    except OSError:
+        return None
+
+
+class held_lock:
+    """Hold an exclusive flock on the file `path`, waiting while another process holds it. The kernel releases a
+    flock when its process dies, so a crashed builder never leaves a lock behind for the next run to wait on."""
+
+    def __init__(self, path: Path, wait_seconds: float = 3600.0) -> None:
+        self.path, self.wait_seconds = path, wait_seconds
+
+    def __enter__(self) -> held_lock:
+        self.descriptor = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        deadline, told = time.time() + self.wait_seconds, False
+        while True:
+            try:
+                fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                pass
+            if not told:
+                console.print(f"waiting for another process to tokenise the examples (it holds {self.path})")
+                told = True
+            if time.time() > deadline:
+                os.close(self.descriptor)
+                raise TimeoutError(f"another process has held {self.path} for {self.wait_seconds:.0f} s; stop it "
+                                   "or wait for it, then rerun")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc_info) -> None:
+        os.close(self.descriptor)  # releases the flock; the file stays (removing it would race with a waiter)
