@@ -92,6 +92,7 @@ def test_a_tokenizer_without_special_tokens_gets_them_safely(tiny_dataset, tmp_p
     assert (rows[-1] - rows[:-1].mean(dim=0)).norm() < 0.1 * rows[:-1].norm(dim=1).mean()
 
 
+@pytest.mark.slow
 def test_a_gguf_file_converts_once_like_the_bundled_decoder():
     """`gguf:<file>` goes through the same conversion as smollm2-135m: the bundled file gives the same weights."""
     gguf_file = _smollm2_gguf_dir() / SMOLLM2_GGUF

@@ -140,6 +140,7 @@ def test_output_options_are_validated_and_enter_the_fingerprint(tmp_path):
     assert default.tag() != layer.tag() and "-layer1-max-" in layer.tag()
 
 
+@pytest.mark.slow
 def test_precompute_with_a_local_folder_and_through_the_hf_cache(tiny_dataset, tmp_path):
     """`--encoder hf:<folder>` and `--encoder hf:<org/name>` from an HF cache (HF_HUB_OFFLINE=1, in a process
     started with that environment, as a user's would be) give the same store; the store opens with stock zarr;

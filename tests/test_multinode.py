@@ -4,6 +4,7 @@ processes does."""
 
 from __future__ import annotations
 
+import pytest
 import os
 import socket
 import subprocess
@@ -31,6 +32,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_train_exactly_like_one_node_with_two_processes(mel_store, tiny_dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = _free_port()

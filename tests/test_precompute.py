@@ -36,6 +36,7 @@ def _store(root: Path) -> Path:
     return store
 
 
+@pytest.mark.slow
 def test_torchrun_and_slurm_array_split_the_shards_and_equal_one_process(tiny_dataset, tmp_path):
     single, ranks, array = tmp_path / "single", tmp_path / "torchrun", tmp_path / "array"
     _run([sys.executable, *_precompute_command(tiny_dataset, single)])
@@ -57,6 +58,7 @@ def test_torchrun_and_slurm_array_split_the_shards_and_equal_one_process(tiny_da
     assert_same_store(_store(single), _store(array))
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_the_same_store(tiny_dataset, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     _run([sys.executable, *_precompute_command(tiny_dataset, reference)])

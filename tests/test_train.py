@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from conftest import TINY_MODEL, logged_losses, train_config
 
@@ -71,6 +73,7 @@ def test_existing_run_without_resume_is_refused(mel_store, tiny_dataset, tmp_pat
         train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=2), ModelConfig(**TINY_MODEL))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -91,14 +94,14 @@ def test_torchrun_two_processes(mel_store, tiny_dataset, tmp_path):
 def test_epoch_order_is_deterministic_covers_each_example_once_and_buckets_lengths():
     from mellow.train import epoch_micro_batches
 
-    lengths = [(index * 37) % 50 for index in range(103)]
-    first = epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=5)
-    assert first == epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=5)
-    assert first != epoch_micro_batches(lengths, 4, seed=1, epoch=1, bucket=5)
+    lengths = np.array([(index * 37) % 50 for index in range(103)])
+    first = epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=5).tolist()
+    assert first == epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=5).tolist()
+    assert first != epoch_micro_batches(lengths, 4, seed=1, epoch=1, bucket=5).tolist()
     flat = [index for batch in first for index in batch]
     assert len(flat) == len(set(flat)) == 100 and all(len(batch) == 4 for batch in first)
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in first) / len(first)
-    unbucketed = epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=1)
+    unbucketed = epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=1).tolist()
     spread_plain = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in unbucketed) / len(first)
     assert spread < spread_plain / 2
 

@@ -93,6 +93,7 @@ def _fake_scontrol(folder: Path) -> dict:
     return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_kill_9_mid_epoch_then_resume_gives_the_same_losses_and_weights(mel_store, tiny_dataset, tmp_path,
                                                                         processes):
@@ -122,6 +123,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_losses_and_weights(mel_stor
                                                                            "initialised_with_seed": 7}
 
 
+@pytest.mark.slow
 def test_resume_at_another_world_size_continues_the_data_order(mel_store, tiny_dataset, tmp_path):
     straight, changed = tmp_path / "straight", tmp_path / "changed"
     extra = ["--train.max_updates=10", "--train.save_every=5"]
@@ -137,6 +139,7 @@ def test_resume_at_another_world_size_continues_the_data_order(mel_store, tiny_d
     assert read_json(changed / "step-000010" / "trainer.json")["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_both_at_the_same_update_and_requeues(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
     env = _env(**_fake_scontrol(tmp_path / "bin"))
@@ -155,6 +158,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_update_and_requeues(mel_sto
     assert "requeued SLURM job 4242" in output
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_single_process_cleanly(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
     process = _start(_command(mel_store, tiny_dataset, run_dir, "--train.max_updates=5000", "--train.save_every=2"))
@@ -166,6 +170,7 @@ def test_sigterm_stops_a_single_process_cleanly(mel_store, tiny_dataset, tmp_pat
     assert max(logged_losses(run_dir)) == latest and f"--resume --train.run_dir {run_dir}" in output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_time_limits_stop_early_enough_to_save(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "own"
     started = time.time()
@@ -185,6 +190,7 @@ def test_time_limits_stop_early_enough_to_save(mel_store, tiny_dataset, tmp_path
     assert (tmp_path / "bin" / "calls.txt").read_text().split() == ["requeue", "4242"]
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_ends_the_run_with_a_clear_error_not_a_hang(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
     process = _start(_command(mel_store, tiny_dataset, run_dir, "--train.max_updates=5000", "--train.save_every=2",
@@ -199,6 +205,7 @@ def test_a_rank_that_dies_ends_the_run_with_a_clear_error_not_a_hang(mel_store, 
     assert "Signal 9 (SIGKILL) received" in output  # torchrun names the rank that died
 
 
+@pytest.mark.slow
 def test_validation_with_uneven_or_empty_rank_shares_matches_one_process(mel_store, tiny_dataset, tmp_path):
     losses = {}
     for processes, examples in [(1, 5), (2, 5), (1, 1), (2, 1)]:  # 3 + 2 examples; 1 + none
