@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -58,13 +60,21 @@ def decode_audio(
     offset_seconds: float | None = None,
     duration_seconds: float | None = None,
     name: str | None = None,
+    backend: DecodeBackend = "auto",
 ) -> np.ndarray:
     """Decode any format ffmpeg reads into mono float32 at `sample_rate`, shape (samples,).
 
     `source` is a path, a URL, or the bytes of an audio file (e.g. a member of a WebDataset tar); `name`
-    names it in errors (default: the path). `offset_seconds`/`duration_seconds` go before `-i`, so ffmpeg
-    seeks instead of decoding what it skips.
+    names it in errors (default: the path). `offset_seconds`/`duration_seconds` seek instead of decoding what
+    is skipped. `backend`: `pyav` decodes with FFmpeg's libraries in this process (no process per clip),
+    `cli` runs the ffmpeg program (and reads every URL); `auto` is $MELLOW_DECODER if set, else pyav where PyAV
+    is installed. Both give the same samples (tests/test_audio.py), except after a seek into an MP3 or AAC file,
+    where the CLI starts from a decoder without preroll (MP3) or a few hundred samples off (AAC) and PyAV, which
+    decodes from the start (or 10 s before a far offset) and cuts, matches the whole file's samples.
     """
+    if resolve_backend(backend) == "pyav" and "://" not in str(source)[:16]:  # URLs: the CLI's network stack
+        return checked(decode_in_process(source, sample_rate, offset_seconds, duration_seconds, name),
+                       name or ("<bytes>" if isinstance(source, bytes) else str(source)))
     if isinstance(source, bytes):
         # A temporary file, not a pipe: ffmpeg trims an MP3's encoder padding and seeks only in seekable input,
         # so this decodes exactly as the original file would.
@@ -97,12 +107,118 @@ def decode_audio(
             errors.seek(0)
             message = errors.read().decode(errors="replace").strip().splitlines()
             raise AudioDecodeError(f"{name}: {message[-1] if message else 'ffmpeg failed'}")
-    waveform = np.frombuffer(samples, dtype=np.float32)
+    return checked(np.frombuffer(samples, dtype=np.float32), name)
+
+
+def checked(waveform: np.ndarray, name: str) -> np.ndarray:
     if waveform.size == 0:
         raise NoSamplesError(f"{name}: decoded to zero samples (empty or not audio)")
     if not np.isfinite(waveform).all():
         raise AudioDecodeError(f"{name}: decoded samples contain NaN or infinity")
     return waveform
+
+
+DecodeBackend = Literal["auto", "pyav", "cli"]
+
+
+def resolve_backend(backend: DecodeBackend) -> str:
+    """`pyav` or `cli` for a backend setting (auto: $MELLOW_DECODER, else pyav when it is installed)."""
+    if backend == "auto":
+        backend = os.environ.get("MELLOW_DECODER", "auto")
+    if backend not in ("auto", "pyav", "cli"):
+        raise ValueError(f"MELLOW_DECODER={backend!r} must be pyav, cli or auto")
+    if backend == "auto":
+        backend = "pyav" if _pyav_installed() else "cli"
+    return backend
+
+
+@lru_cache(maxsize=1)
+def _pyav_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+def decoder_description(backend: DecodeBackend = "auto") -> str:
+    """Which decoder decode_audio uses, with its FFmpeg version (recorded in a store's meta.json)."""
+    if resolve_backend(backend) == "pyav":
+        import av
+
+        return f"pyav {av.__version__} (libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))})"
+    return f"ffmpeg cli {find_ffmpeg()}"
+
+
+def decode_in_process(source: str | Path | bytes, sample_rate: int, offset_seconds: float | None,
+                      duration_seconds: float | None, name: str | None) -> np.ndarray:
+    """decode_audio through PyAV: the same FFmpeg decoders and swresample as the CLI, without a process per clip.
+    The input is cut to [offset, offset + duration) at its own sample rate before resampling, as the CLI's
+    input options cut it; far offsets seek first (to 10 s before: a seek lands on a packet boundary)."""
+    import io
+
+    import av
+
+    name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+    opened = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    start = offset_seconds or 0.0
+    stop = start + duration_seconds if duration_seconds else math.inf
+    try:
+        with av.open(opened) as container:
+            stream = next((stream for stream in container.streams if stream.type == "audio"), None)
+            if stream is None:
+                raise AudioDecodeError(f"{name}: no audio stream")
+            if stream.duration is not None and "mp4" in container.format.name:
+                # MP4/M4A (AAC) end in encoder padding that the edit list's duration excludes; the CLI cuts it
+                stop = min(stop, float(stream.duration * stream.time_base))
+            # times count from the stream's first sample, as the CLI's do (an MP3's start is its encoder delay)
+            origin = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+            if start > 30:
+                container.seek(int((origin + start - 10) * av.time_base), backward=True)
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            pieces = []
+            for frame in _frames(container, stream):
+                if frame.time is not None:
+                    time = frame.time - origin
+                    if time >= stop:
+                        break
+                    last = round((stop - time) * frame.sample_rate) if stop < math.inf else frame.samples
+                    frame = _cut(frame, round((start - time) * frame.sample_rate), last)
+                    if frame is None:
+                        continue
+                pieces.extend(out.to_ndarray()[0] for out in resampler.resample(frame))
+            pieces.extend(out.to_ndarray()[0] for out in resampler.resample(None))
+    except av.error.FFmpegError as error:
+        raise AudioDecodeError(f"{name}: {error}") from None
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+
+
+def _frames(container, stream) -> Iterator:
+    """The decoded frames of `stream`, skipping packets the decoder rejects (a damaged or cut-off frame), as the
+    ffmpeg CLI does: a truncated file gives the audio it still holds."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            continue
+
+
+def _cut(frame, first: int, last: int):
+    """`frame` with only its samples [first, last) (None when none are left), before resampling."""
+    import av
+
+    first, last = max(first, 0), min(last, frame.samples)
+    if first == 0 and last == frame.samples:
+        return frame
+    if last <= first:
+        return None
+    samples = frame.to_ndarray()  # (channels, samples) planar, or (1, samples * channels) packed
+    channels = 1 if frame.format.is_planar else len(frame.layout.channels)
+    cut = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, first * channels : last * channels]),
+                                     format=frame.format.name, layout=frame.layout.name)
+    cut.sample_rate, cut.time_base = frame.sample_rate, frame.time_base
+    cut.pts = frame.pts + round(first / frame.sample_rate / frame.time_base) if frame.pts is not None else None
+    return cut
 
 
 def encode_audio_file(waveform: np.ndarray, sample_rate: int, path: Path, channels: int = 1) -> None:

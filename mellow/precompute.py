@@ -23,7 +23,15 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from mellow.audio import AudioDecodeError, CropPolicy, NoSamplesError, decode_audio, find_ffmpeg, fit_length
+from mellow.audio import (
+    AudioDecodeError,
+    CropPolicy,
+    NoSamplesError,
+    decode_audio,
+    decoder_description,
+    find_ffmpeg,
+    fit_length,
+)
 from mellow.config import setting
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
 from mellow.files import read_jsonl, write_json_atomic
@@ -313,7 +321,7 @@ def report(config: ShardedJobConfig, writer: StoreWriter, result: PrecomputeResu
 
 def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> dict:
     """Write the index, meta.json and report.json (with every failed clip); return the counts."""
-    meta = writer.finalize({"dataset": str(dataset), "code_version": code_version()})
+    meta = writer.finalize({"dataset": str(dataset), "code_version": code_version(), "decoder": decoder_description()})
     counts = meta["counts"]
     with open(writer.path / "index.jsonl") as handle:  # streamed: the failures are few, the records may be millions
         failures = [{**{key: r[key] for key in ("id", "path", "text") if key in r}, "reason": r["status"]}

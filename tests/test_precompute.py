@@ -216,3 +216,21 @@ def test_a_truncated_file_whose_later_views_are_gone_is_called_truncated(tmp_pat
     with pytest.raises(AudioDecodeError, match=r"cut.wav: truncated: no audio at 5.00 s where the manifest says "
                                                r"it lasts 12.00 s"):
         decode_views({"path": "cut.wav", "duration": 12.0}, str(tmp_path / "cut.wav"), encoder, 0.1, 16000)
+
+
+def test_in_process_and_cli_decoding_make_the_same_store(tiny_dataset, tmp_path, monkeypatch):
+    """The synthetic set's wav, flac, mp3 and ogg clips at 16-48 kHz, mono and stereo, through both decoders."""
+    from mellow import precompute
+    from mellow.encoders import EncoderConfig
+    from mellow.precompute import PrecomputeConfig
+    from mellow.store import StoreConfig
+
+    stores = {}
+    for backend in ("cli", "pyav"):
+        monkeypatch.setenv("MELLOW_DECODER", backend)
+        config = PrecomputeConfig(dataset=tiny_dataset, encoder=EncoderConfig(name="mel", clip_seconds=3.0, tokens=4),
+                                  store=StoreConfig(root=tmp_path / backend, shard_clips=8))
+        stores[backend] = precompute.run(config).store_path
+        decoder = read_json(stores[backend] / "meta.json")["decoder"]
+        assert decoder.startswith({"cli": "ffmpeg cli", "pyav": "pyav"}[backend])
+    assert_same_store(stores["cli"], stores["pyav"])
