@@ -98,6 +98,7 @@ def precompute_command(
     min_seconds: float = cli_option(PrecomputeConfig, "min_seconds"),
     rank: int = cli_option(PrecomputeConfig, "rank"),
     world_size: int = cli_option(PrecomputeConfig, "world_size"),
+    allow_pipes: bool = cli_option(PrecomputeConfig, "allow_pipes"),
 ) -> None:
     """Stage 01: decode every clip through ffmpeg, run the frozen encoder once, write the embedding store.
 
@@ -112,7 +113,7 @@ def precompute_command(
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips,
                           zstd_level=zstd_level),
         decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
-        world_size=world_size)
+        world_size=world_size, allow_pipes=allow_pipes)
     precompute.run(config)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import zarr
 
-from mellow.files import read_jsonl
+from mellow.manifests import check_example, json_lines
 from mellow.progress import console
 from mellow.shard_reader import open_rows, read_with_zarr
 from mellow.store import EmbeddingStore, with_view_axis
@@ -75,7 +75,9 @@ def split_path(dataset: Path, split: str) -> Path:
 
 
 def load_examples(dataset: Path, split: str) -> list[dict]:
-    return read_jsonl(split_path(dataset, split))
+    """Every example of a split as a dict (small splits, tools); each line checked, bad ones named by line."""
+    path = split_path(dataset, split)
+    return [check_example(example, f"{path}:{line}") for line, example in json_lines(path)]
 
 
 class ExampleSet:

@@ -34,7 +34,8 @@ from mellow.audio import (
 )
 from mellow.config import setting
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
-from mellow.files import read_jsonl, write_json_atomic
+from mellow.files import write_json_atomic
+from mellow.manifests import read_audio_records
 from mellow.progress import console, progress_bar
 from mellow.store import FINALIZE_LOCK, StoreConfig, StoreWriter, code_version
 from mellow.wds import Source, sources_of
@@ -92,6 +93,9 @@ class PrecomputeConfig(ShardedJobConfig):
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
     min_seconds: float = setting(0.1, "Clips with less audio than this are skipped (reported as failed).")
+    allow_pipes: bool = setting(False, "Run `pipe:<command>` tar locations of audio.jsonl even when 00_prepare's "
+                                       "command line did not give them (only for a dataset you trust: each is a "
+                                       "shell command).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,7 +133,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
 
 def validate_args(config: PrecomputeConfig) -> list[dict]:
     find_ffmpeg()
-    records = read_jsonl(config.dataset / "audio.jsonl")
+    records = read_audio_records(config.dataset, config.allow_pipes)
     if not records:
         raise ValueError(f"--dataset {config.dataset}: audio.jsonl lists no clips")
     return records

@@ -25,6 +25,9 @@ from numcodecs import zstd
 EMPTY = np.uint64(2**64 - 1)  # offset and nbytes of a chunk that was never written (it reads as fill_value)
 MAX_GAP = 1 << 16  # neighbouring chunks less than this many bytes apart are fetched in one read,
 MAX_SPAN = 1 << 22  # of at most this many bytes (larger reads only add page faults)
+# Below this many decoded bytes a read stays on one thread: for 64 rows of 16 x 384 (0.8 MB) the second thread
+# cost more than it gave (15 100 vs 20 200 rows/s, benchmarks/scale.py); for 64 rows of 129 x 768 it doubles.
+MIN_THREADED_BYTES = 1 << 21
 
 
 class ShardLayoutError(ValueError):
@@ -132,7 +135,7 @@ class ShardedRows:
         unwritten = np.ones(len(rows), dtype=bool)
         unwritten[[position for position, _, _ in jobs]] = False
         out[unwritten] = self.fill_value
-        if self._pool is None or len(jobs) < 2 * self.threads:
+        if self._pool is None or len(jobs) * self.row_bytes < MIN_THREADED_BYTES:
             self._decode(jobs, out)
         else:  # one task per thread: a task per chunk would cost more to schedule than small rows take to decode
             list(self._pool.map(self._decode, [jobs[i :: self.threads] for i in range(self.threads)],

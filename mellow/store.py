@@ -398,14 +398,14 @@ class IdIndex:
         rows = np.array([record["row"] if record["status"] == "ok" else -1 for record in records], dtype=np.int64)
         return cls(ids[order], rows[order])
 
-    def lookup(self, ids: list[str] | np.ndarray) -> np.ndarray:
-        """Rows of `ids` (int64), -1 for an id the store lacks or failed to encode."""
+    def lookup(self, ids: list[str] | np.ndarray, absent: int = -1) -> np.ndarray:
+        """Rows of `ids` (int64): -1 for a clip that failed to encode, `absent` for an id the store never had."""
         wanted = np.asarray([clip_id.encode() for clip_id in ids] if isinstance(ids, list) else ids, dtype=bytes)
         if not len(self.ids) or not len(wanted):
-            return np.full(len(wanted), -1, dtype=np.int64)
+            return np.full(len(wanted), absent, dtype=np.int64)
         position = np.searchsorted(self.ids, wanted).clip(max=len(self.ids) - 1)
         found = self.ids[position] == wanted
-        return np.where(found, self.row_array[position], -1).astype(np.int64)
+        return np.where(found, self.row_array[position], absent).astype(np.int64)
 
     def __contains__(self, clip_id: str) -> bool:
         return bool(self.lookup([clip_id])[0] >= 0)

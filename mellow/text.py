@@ -21,7 +21,8 @@ import numpy as np
 
 from mellow.config import setting
 from mellow.distributed import resolve_device
-from mellow.files import hash_model_weights, read_jsonl, short_hash
+from mellow.files import hash_model_weights, short_hash
+from mellow.manifests import check_example, json_lines, read_audio_records
 from mellow.precompute import PrecomputeResult, ShardedJobConfig, report
 from mellow.progress import progress_bar
 from mellow.store import StoreWriter
@@ -107,12 +108,13 @@ def dataset_captions(dataset: Path) -> list[dict]:
     for path in sorted(dataset.glob("*.jsonl")):
         if path.name == "audio.jsonl":
             continue
-        for example in read_jsonl(path):
+        for line, example in json_lines(path):
+            check_example(example, f"{path}:{line}")
             if example.get("task") == "caption":
                 texts = by_clip.setdefault(example["audio1"], [])
                 texts.extend(t for t in example.get("references") or [example["answer"]] if t not in texts)
     rows = []
-    for record in read_jsonl(dataset / "audio.jsonl"):
+    for record in read_audio_records(dataset, allow_pipes=True):  # ids only: nothing is read from the locations
         for number, text in enumerate(by_clip.get(record["id"], [])):
             rows.append({"id": f"{record['id']}#{number}", "clip": record["id"], "text": text})
     return rows

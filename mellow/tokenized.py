@@ -31,6 +31,7 @@ import google_crc32c
 import numpy as np
 
 from mellow.files import cache_dir, sha256_file, short_hash, write_json_atomic
+from mellow.manifests import ManifestError, check_example, json_lines
 from mellow.progress import console
 
 ARRAYS = ("prompt_tokens", "prompt_offsets", "answer_tokens", "answer_offsets", "row1", "row2", "line")
@@ -80,35 +81,23 @@ def tokenizer_identity(tokenizer) -> str:
     return short_hash([type(tokenizer).__name__, definition, tokenizer.eos_token_id, tokenizer.pad_token_id], 16)
 
 
-class ManifestError(ValueError):
-    """A line of a manifest is not a valid record; the message names file and line."""
-
-
 def _examples_of(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, example) of every example line of a split file, streamed; one clear error per bad line."""
-    with open(path, encoding="utf-8") as handle:
-        number = -1
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            number += 1
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ManifestError(f"{path}:{line_number}: not a JSON object ({error.msg})") from None
-            yield number, check_example(example, f"{path}:{line_number}")
+    """(number among the example lines, example) of a split file, streamed; one clear error per bad line."""
+    for number, (line_number, example) in enumerate(json_lines(path)):
+        yield number, check_example(example, f"{path}:{line_number}")
 
 
-def check_example(example: object, where: str) -> dict:
-    """`example` if it is an example record (audio1, prompt and answer strings; audio2 a string or null)."""
-    if not isinstance(example, dict):
-        raise ManifestError(f"{where}: an example must be a JSON object, not {type(example).__name__}")
-    for key in ("audio1", "prompt", "answer"):
-        if not isinstance(example.get(key), str):
-            raise ManifestError(f"{where}: {key!r} must be a string (got {example.get(key)!r})")
-    if example.get("audio2") is not None and not isinstance(example["audio2"], str):
-        raise ManifestError(f"{where}: 'audio2' must be a clip id or null (got {example['audio2']!r})")
-    return example
+UNKNOWN_CLIP = -2  # a row lookup's answer for an id that is not in the store's index (nor audio.jsonl)
+
+
+class UnknownClipError(ManifestError):
+    """An example names a clip that its dataset's audio.jsonl does not list."""
+
+    def __init__(self, number: int, key: str, clip_id: str, where: str = "") -> None:
+        self.number, self.key, self.clip_id = number, key, clip_id
+        super().__init__(f"{where or f'example {number}'}: {key} {clip_id!r} is not a clip of the dataset's "
+                         "audio.jsonl (nor of the store made from it); fix the example, or add the clip to "
+                         "audio.jsonl and rerun 01_precompute")
 
 
 def tokenize(examples: Iterator[tuple[int, dict]], rows_of, tokenizer, max_text_tokens: int,
@@ -118,9 +107,14 @@ def tokenize(examples: Iterator[tuple[int, dict]], rows_of, tokenizer, max_text_
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
     prompt_end, answer_end, skipped = 0, 0, 0
     while chunk := [pair for _, pair in zip(range(TOKENIZE_CHUNK), examples)]:
-        row1 = rows_of([example["audio1"] for _, example in chunk])
+        row1 = rows_of([example["audio1"] for _, example in chunk], absent=UNKNOWN_CLIP)
         row2 = np.where([example.get("audio2") is None for _, example in chunk], -1,
-                        rows_of([example.get("audio2") or example["audio1"] for _, example in chunk]))
+                        rows_of([example.get("audio2") or example["audio1"] for _, example in chunk],
+                                absent=UNKNOWN_CLIP))
+        for rows, key in ((row1, "audio1"), (row2, "audio2")):
+            if (rows == UNKNOWN_CLIP).any():
+                number, example = chunk[int(np.flatnonzero(rows == UNKNOWN_CLIP)[0])]
+                raise UnknownClipError(number, key, example[key])
         has_audio2 = np.array([example.get("audio2") is not None for _, example in chunk])
         keep = (row1 >= 0) & (~has_audio2 | (row2 >= 0))
         skipped += int((~keep).sum())
@@ -185,7 +179,11 @@ def load_split(dataset: Path, split: str, store, tokenizer, max_text_tokens: int
             return cached
         shutil.rmtree(folder, ignore_errors=True)
         started = time.time()
-        built = tokenize(_examples_of(path), store.rows.lookup, tokenizer, max_text_tokens, prompt_suffix)
+        try:
+            built = tokenize(_examples_of(path), store.rows.lookup, tokenizer, max_text_tokens, prompt_suffix)
+        except UnknownClipError as error:  # name the line, as for any other bad line
+            line = next(line for number, (line, _) in enumerate(json_lines(path)) if number == error.number)
+            raise UnknownClipError(error.number, error.key, error.clip_id, f"{path}:{line}") from None
         write_cache(folder, built, key_parts)
         console.print(f"tokenised {len(built):,} {split} examples once into {folder} ({time.time() - started:.1f} s);"
                       " every later run, rank and worker maps it")

@@ -14,6 +14,7 @@ import torch
 from mellow import tokenized
 from mellow.data import ExampleSet, load_examples
 from mellow.decoders import load_tokenizer
+from mellow.manifests import ManifestError
 from mellow.store import EmbeddingStore
 
 
@@ -78,10 +79,10 @@ def test_a_bad_line_in_a_split_names_file_and_line(dataset, mel_store):
     split = dataset / "train.jsonl"
     lines = split.read_text().splitlines()
     split.write_text("\n".join(lines[:2] + ['{"audio1": 7, "prompt": "p", "answer": "a"}'] + lines[2:]) + "\n")
-    with pytest.raises(tokenized.ManifestError, match=r"train.jsonl:3: 'audio1' must be a string \(got 7\)"):
+    with pytest.raises(ManifestError, match=r"train.jsonl:3: 'audio1' must be a string \(got 7\)"):
         ExampleSet.from_split(dataset, "train", store, tokenizer, 64)
     split.write_text("\n".join(lines[:4] + ["{not json"]) + "\n")
-    with pytest.raises(tokenized.ManifestError, match=r"train.jsonl:5: not a JSON object"):
+    with pytest.raises(ManifestError, match=r"train.jsonl:5: not a JSON object"):
         ExampleSet.from_split(dataset, "train", store, tokenizer, 64)
 
 
