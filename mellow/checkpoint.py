@@ -16,6 +16,7 @@ it, so a run killed at any moment leaves the previous checkpoint intact and poin
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim
     (seed, update, rank), which changes dropout from what an uninterrupted run would have drawn."""
     trainer = read_json(checkpoint / "trainer.json")
     check_base_decoder(checkpoint, trainer)
-    model.load_checkpoint_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
+    model.load_checkpoint_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True))
+    # the run's own files (it wrote them): the optimizer and random states hold more than tensors
     states = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
@@ -128,6 +130,20 @@ def load_checkpoint(checkpoint: Path, model: MellowModel, optimizer: torch.optim
                          trainer["skipped_updates"], *window)
 
 
+def load_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A model.pt of tensors only, read with weights_only=True: a file from elsewhere (--init-from, export, ask)
+    is data, so a pickle in it that would build any other object, and run its code, is refused."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{what} {path.parent}: {path.name} is not a plain file of tensors, so it is not loaded "
+                         f"(nothing in it ran): {first}. Use a checkpoint that mellow saved") from None
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise ValueError(f"{what} {path.parent}: {path.name} does not hold a dict of tensors")
+    return weights
+
+
 def initialise_from(source: Path, model: MellowModel) -> int:
     """Load the trained weights of another run's checkpoint into a new run's model (fine-tuning; not a resume:
     the optimizer, schedule and data position start afresh). Returns how many tensors were loaded.
@@ -135,7 +151,7 @@ def initialise_from(source: Path, model: MellowModel) -> int:
     Weights of a decoder layer that this model wraps with a LoRA adapter go into the wrapped base layer."""
     own = model.state_dict()
     loaded = {}
-    for key, tensor in torch.load(source / "model.pt", map_location="cpu").items():
+    for key, tensor in load_weights(source / "model.pt", "--train.init_from").items():
         module, _, leaf = key.rpartition(".")
         target = key if key in own else f"{module}.base_layer.{leaf}"
         if target not in own:
@@ -181,7 +197,7 @@ def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[MellowMo
     model_config = build(ModelConfig, trainer["config"]["model"], "model")
     model, tokenizer = build_model(model_config, trainer["store_fingerprint"]["dim"],
                                    seed=trainer["config"]["train"]["seed"])
-    model.load_checkpoint_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
+    model.load_checkpoint_state_dict(load_weights(checkpoint / "model.pt", "checkpoint"))
     return model.to(device).eval(), tokenizer, trainer
 
 

@@ -32,6 +32,7 @@ from mellow.config import setting
 from mellow.data import ExampleSet, SplitNotFoundError, move_to, split_path
 from mellow.distributed import resolve_device
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from mellow.manifests import ManifestError
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore, StoreMismatchError
 
@@ -103,7 +104,7 @@ def run(config: EvalConfig) -> EvalResult:
             continue
         try:
             scores, count = score_checkpoint(checkpoint, config, scorer)
-        except (StoreMismatchError, SplitNotFoundError, FileNotFoundError):
+        except (StoreMismatchError, SplitNotFoundError, ManifestError, FileNotFoundError):
             raise  # the store or the dataset (a checkpoint's own missing files are a ValueError), the same for all
         except Exception as error:  # noqa: BLE001 - one broken checkpoint must not stop the others
             if not is_run or config.which != "all":

@@ -105,3 +105,37 @@ def test_a_bad_example_line_stops_training_with_file_and_line_and_no_traceback(d
     assert result.exit_code == 2, result.output
     assert f"train.jsonl:{lines + 1}:" in result.output and message.split("\\")[0].split("'")[0] in result.output
     assert "Traceback" not in result.output
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a crafted model.pt could hold."""
+
+    def __init__(self, witness: Path) -> None:
+        self.witness = witness
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.witness}",)
+
+
+def test_an_init_from_checkpoint_holding_code_is_refused_and_runs_none(mel_store, tiny_dataset, tmp_path):
+    import torch
+    from conftest import TINY_MODEL, train_config
+
+    from mellow import train
+    from mellow.files import read_json
+    from mellow.model import ModelConfig
+
+    source = tmp_path / "source"
+    train.run(train_config(mel_store, tiny_dataset, source, max_updates=2, save_every=2), ModelConfig(**TINY_MODEL))
+    checkpoint = source / read_json(source / "latest.json")["path"]
+    witness = tmp_path / "pwned"
+    torch.save({"audio_projector.weight": RunsCode(witness)}, checkpoint / "model.pt")
+    with pytest.raises(ValueError, match=r"--train.init_from .*model.pt is not a plain file of tensors, so it is "
+                                         r"not loaded \(nothing in it ran\)"):
+        train.run(train_config(mel_store, tiny_dataset, tmp_path / "new", init_from=checkpoint),
+                  ModelConfig(**TINY_MODEL))
+    assert not witness.exists()
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "not a plain file of tensors" in result.output and not witness.exists()
