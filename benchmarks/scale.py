@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,8 @@ def reads_part(args: argparse.Namespace) -> list[dict]:
 
 METADATA_STEPS = {
     "open store + 1 000 lookups": """
+import mellow
+assert mellow.__file__.startswith(CODE), mellow.__file__
 from mellow.store import EmbeddingStore
 store = EmbeddingStore(PATH)
 ids = [f"clip-{row:07d}" for row in range(0, ROWS, ROWS // 1000)]
@@ -259,15 +262,23 @@ METADATA_COMMANDS = {"store info": ["store", "info"], "store verify": ["store", 
                      "store finalize": ["store", "finalize"]}
 
 
-def measured(command: list[str], env: dict) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of one process, from wait4's own accounting of it."""
-    started = time.time()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{output.decode()[-3000:]}")
-    return time.time() - started, usage.ru_maxrss / 1024
+def measured(command: list[str], env: dict, cwd: Path) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of one process. The peak is its VmHWM, polled until it exits: wait4's ru_maxrss
+    would count this benchmark's own pages, which the child holds between fork and exec. `cwd` keeps `python -c`
+    from importing the checkout it is started in (its sys.path begins with the working folder)."""
+    started, peak = time.time(), 0.0
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    reader = ThreadPoolExecutor(1).submit(process.stdout.read)  # a full pipe would stop the child
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]) / 1024)
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.01)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{reader.result().decode()[-3000:]}")
+    return time.time() - started, peak
 
 
 def metadata_part(args: argparse.Namespace, codes: dict[str, Path]) -> list[dict]:
@@ -280,14 +291,14 @@ def metadata_part(args: argparse.Namespace, codes: dict[str, Path]) -> list[dict
     results = []
     for label, code in reversed(codes.items()):  # ours last: its finalize writes what ours reads
         env = {**os.environ, "PYTHONPATH": str(code)}
-        baseline = measured([sys.executable, "-c", "import mellow.store, mellow.data"], env)
+        baseline = measured([sys.executable, "-c", "import mellow.store, mellow.data"], env, args.work)
         steps = {name: [sys.executable, "-c", f"from pathlib import Path\nPATH = Path({str(path)!r})\n"
-                        f"DATASET = Path({str(dataset)!r})\nROWS = {args.meta_rows}\n" + body]
+                        f"DATASET = Path({str(dataset)!r})\nROWS = {args.meta_rows}\nCODE = {str(code)!r}\n" + body]
                  for name, body in METADATA_STEPS.items()}
         steps |= {name: [sys.executable, "-m", "mellow.cli", *words, str(path)]
                   for name, words in METADATA_COMMANDS.items()}
         for name, command in steps.items():
-            seconds, rss = measured(command, env)
+            seconds, rss = measured(command, env, args.work)
             results.append({"code": label, "step": name, "seconds": seconds, "peak_rss_mb": rss,
                             "imports_only_rss_mb": baseline[1], "imports_only_s": baseline[0]})
             print(f"  {label:>7} {name:>44}: {seconds:6.1f} s, peak RSS {rss:6.0f} MB (imports alone: "

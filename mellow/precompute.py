@@ -144,16 +144,23 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
     todo, skipped = config.my_shards(writer)
     workers = config.decode_workers or 2 * (os.cpu_count() or 1)
     clips = sum(len(writer.shard_rows(shard)) for shard in todo)
+    computed, encoded = 0, 0
     with progress_bar() as progress, ThreadPoolExecutor(workers) as pool, encoder_threads(encoder):
         task = progress.add_task("encoding clips", total=clips)
         for shard in todo:
             rows = writer.shard_rows(shard)
-            embeddings, valid, index = encode_shard(config, encoder, pool, [records[row] for row in rows], rows,
-                                                    lambda n: progress.advance(task, n))
-            writer.write_shard(shard, embeddings, valid, index)
+            with writer.claim(shard) as mine:
+                if not mine:  # another process (a second run started by mistake) computes or computed it
+                    skipped += 1
+                    progress.advance(task, len(rows))
+                    continue
+                embeddings, valid, index = encode_shard(config, encoder, pool, [records[row] for row in rows],
+                                                        rows, lambda n: progress.advance(task, n))
+                writer.write_shard(shard, embeddings, valid, index)
+            computed, encoded = computed + 1, encoded + len(rows)
             rate = progress.tasks[task].speed or 0.0
             progress.update(task, status=f"{rate:.1f} clips/s, shard {shard + 1}/{writer.num_shards}")
-    return PrecomputeResult(writer.path, len(todo), skipped, clips, 0.0)
+    return PrecomputeResult(writer.path, computed, skipped, encoded, 0.0)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ the full format reference.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -243,6 +244,24 @@ class StoreWriter:
 
     def is_done(self, shard: int) -> bool:
         return self._marker(shard).exists()
+
+    @contextmanager
+    def claim(self, shard: int) -> Iterator[bool]:
+        """Yield True while this process alone may compute `shard`: it holds the shard's flock (the kernel drops
+        it if the process dies) and the shard is not done. False when another process holds it or finished it,
+        e.g. a second precompute started on the same store by mistake: it then takes the other shards, and the
+        store is the one a single process makes."""
+        (self.path / ".locks").mkdir(exist_ok=True)
+        descriptor = os.open(self.path / ".locks" / f"shard-{shard:05d}", os.O_CREAT | os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield not self.is_done(shard)
+        finally:
+            os.close(descriptor)
 
     def write_shard(self, shard: int, embeddings: np.ndarray, valid: np.ndarray, records: list[dict]) -> None:
         """Write a whole shard's rows, then its marker (the commit). `embeddings` is (rows, V, T, D) and

@@ -146,17 +146,24 @@ def process(config: CaptionsConfig, encoder: TextEncoder, writer: StoreWriter,
     rows = sum(len(writer.shard_rows(shard)) for shard in todo)
     with progress_bar() as progress:
         task = progress.add_task("embedding captions", total=rows)
+        computed = 0
         for shard in todo:
-            shard_rows = writer.shard_rows(shard)
-            records = [{**captions[row], "row": row, "status": "ok"} for row in shard_rows]
-            for record in records:
-                if not record["text"].strip():
-                    record["status"] = "failed: empty caption"
-            embeddings = np.zeros((len(records), 1, 1, encoder.dim), dtype=np.float16)  # (n, V=1, T=1, D)
-            usable = [position for position, record in enumerate(records) if record["status"] == "ok"]
-            if usable:
-                embeddings[usable, 0, 0] = encoder.encode([records[position]["text"] for position in usable])
-            valid = np.array([[int(record["status"] == "ok")] for record in records], dtype=np.int16)
-            writer.write_shard(shard, embeddings, valid, records)
-            progress.advance(task, len(records))
-    return PrecomputeResult(writer.path, len(todo), skipped, rows, 0.0)
+            with writer.claim(shard) as mine:
+                if mine:
+                    write_caption_shard(writer, shard, encoder, captions)
+                    computed += 1
+            progress.advance(task, len(writer.shard_rows(shard)))
+    return PrecomputeResult(writer.path, computed, skipped + len(todo) - computed, rows, 0.0)
+
+
+def write_caption_shard(writer: StoreWriter, shard: int, encoder: TextEncoder, captions: list[dict]) -> None:
+    records = [{**captions[row], "row": row, "status": "ok"} for row in writer.shard_rows(shard)]
+    for record in records:
+        if not record["text"].strip():
+            record["status"] = "failed: empty caption"
+    embeddings = np.zeros((len(records), 1, 1, encoder.dim), dtype=np.float16)  # (n, V=1, T=1, D)
+    usable = [position for position, record in enumerate(records) if record["status"] == "ok"]
+    if usable:
+        embeddings[usable, 0, 0] = encoder.encode([records[position]["text"] for position in usable])
+    valid = np.array([[int(record["status"] == "ok")] for record in records], dtype=np.int16)
+    writer.write_shard(shard, embeddings, valid, records)

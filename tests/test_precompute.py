@@ -234,3 +234,20 @@ def test_in_process_and_cli_decoding_make_the_same_store(tiny_dataset, tmp_path,
         decoder = read_json(stores[backend] / "meta.json")["decoder"]
         assert decoder.startswith({"cli": "ffmpeg cli", "pyav": "pyav"}[backend])
     assert_same_store(stores["cli"], stores["pyav"])
+
+
+@pytest.mark.slow
+def test_two_precompute_processes_started_by_mistake_make_one_processs_store(tiny_dataset, tmp_path):
+    """Two shells, the same command, no rank split: each shard is computed once, by whichever process claims it
+    first, and the store is the one a single process makes."""
+    reference, twice = tmp_path / "reference", tmp_path / "twice"
+    _run([sys.executable, *_precompute_command(tiny_dataset, reference)])
+    command = [sys.executable, *_precompute_command(tiny_dataset, twice, "--decode-workers", "1", "--batch-size", "1")]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    computed = [int(output.split(" shard(s) computed")[0].split()[-1]) for output in outputs]
+    assert sum(computed) == 6, outputs  # 24 clips in shards of 4: none computed twice
+    assert sum("precomputed" in output for output in outputs) == 1  # one of them finalized
+    assert_same_store(_store(reference), _store(twice))
