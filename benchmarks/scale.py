@@ -250,12 +250,16 @@ ids = [f"clip-{row:07d}" for row in range(0, ROWS, ROWS // 1000)]
 assert [store.rows[clip] for clip in ids] == list(range(0, ROWS, ROWS // 1000))
 """,
     "eval start-up (store + 2 000-example split)": """
-from mellow.data import ExampleSet
+from mellow.data import ExampleSet, RowsFromZarr
 from mellow.decoders import load_tokenizer
 from mellow.store import EmbeddingStore
-examples = ExampleSet(__import__("mellow.files").files.read_jsonl(DATASET / "test.jsonl"), EmbeddingStore(PATH),
-                      load_tokenizer("tiny"), 256)
+store, tokenizer = EmbeddingStore(PATH), load_tokenizer("tiny")
+if hasattr(ExampleSet, "from_split"):  # eval as it is now: the split's token cache, rows read per batch
+    examples = ExampleSet.from_split(DATASET, "test", store, tokenizer, 256, rows=RowsFromZarr(store))
+else:  # eval before: the split as dicts, the whole store in RAM
+    examples = ExampleSet(__import__("mellow.files").files.read_jsonl(DATASET / "test.jsonl"), store, tokenizer, 256)
 assert len(examples) == 2000
+examples.batch(list(range(64)), for_generation=True)
 """,
 }
 METADATA_COMMANDS = {"store info": ["store", "info"], "store verify": ["store", "verify"],

@@ -29,7 +29,7 @@ from rich.table import Table
 from mellow import metrics
 from mellow.checkpoint import find_checkpoint, load_trained_model
 from mellow.config import setting
-from mellow.data import ExampleSet, SplitNotFoundError, move_to, split_path
+from mellow.data import ExampleSet, RowsFromZarr, SplitNotFoundError, move_to, split_path
 from mellow.distributed import resolve_device
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mellow.manifests import ManifestError
@@ -144,8 +144,10 @@ def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.Capti
     except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
         raise ValueError(f"{checkpoint} cannot be loaded ({type(error).__name__}: {error}); the file is damaged "
                          "or incomplete: delete this checkpoint folder, or train again from an earlier one") from None
+    # rows read per batch from the shard files: a test split needs a sliver of a store of a million clips
     example_set = ExampleSet.from_split(dataset, config.split, store, tokenizer, max_text_tokens=256,
-                                        prompt_suffix=model.prompt_suffix, limit=config.max_examples)
+                                        rows=RowsFromZarr(store), prompt_suffix=model.prompt_suffix,
+                                        limit=config.max_examples)
     if not len(example_set):
         raise ValueError(f"split {config.split!r} of {dataset} has no examples whose audio is in the store")
     predictions = generate_all(model, tokenizer, example_set, config, device)

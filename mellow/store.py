@@ -374,9 +374,18 @@ class EmbeddingStore:
 
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All embeddings (N, V, T, D) float16 and valid token counts (N, V), read shard by shard (sequential
-        I/O). A one-view store (stored as (N, T, D)) gets V = 1; a view with 0 valid tokens does not exist
-        (the clip was too short for it)."""
-        return with_view_axis(self.emb[:], 4), self.load_all_valid()
+        I/O, straight from the shard files where the layout allows: 20x zarr's speed for small rows). A one-view
+        store (stored as (N, T, D)) gets V = 1; a view with 0 valid tokens does not exist (the clip was too
+        short for it)."""
+        reader = open_rows(self.path / "store.zarr" / "emb")
+        if reader is None:
+            return with_view_axis(self.emb[:], 4), self.load_all_valid()
+        embeddings = np.empty(self.emb.shape, dtype=self.emb.dtype)
+        for start in range(0, reader.num_rows, reader.rows_per_shard):
+            embeddings[start : start + reader.rows_per_shard] = reader.read(
+                np.arange(start, min(start + reader.rows_per_shard, reader.num_rows)))
+        reader.close()
+        return with_view_axis(embeddings, 4), self.load_all_valid()
 
     def check_fingerprint(self, expected: dict, what: str) -> None:
         differences = describe_differences(expected, self.fingerprint)

@@ -19,6 +19,7 @@ cache is rebuilt, never trusted. Workers inherit the memory maps; nothing per ex
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -87,6 +88,14 @@ def _examples_of(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, check_example(example, f"{path}:{line_number}")
 
 
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`; for a fast tokenizer straight from its Rust
+    backend, which halves the time (transformers' per-text conversion cost as much as the tokenising)."""
+    if getattr(tokenizer, "is_fast", False) and not getattr(tokenizer, "split_special_tokens", False):
+        return [encoding.ids for encoding in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 UNKNOWN_CLIP = -2  # a row lookup's answer for an id that is not in the store's index (nor audio.jsonl)
 
 
@@ -105,6 +114,7 @@ def tokenize(examples: Iterator[tuple[int, dict]], rows_of, tokenizer, max_text_
     """Tokenise (line, example) pairs in chunks; `rows_of(ids)` gives store rows (-1: missing). Examples whose
     audio is missing are skipped. Answers keep at most max_text_tokens // 2 tokens plus EOS, prompts their end."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
+    eos = tokenizer.eos_token_id
     prompt_end, answer_end, skipped = 0, 0, 0
     while chunk := [pair for _, pair in zip(range(TOKENIZE_CHUNK), examples)]:
         row1 = rows_of([example["audio1"] for _, example in chunk], absent=UNKNOWN_CLIP)
@@ -119,14 +129,14 @@ def tokenize(examples: Iterator[tuple[int, dict]], rows_of, tokenizer, max_text_
         keep = (row1 >= 0) & (~has_audio2 | (row2 >= 0))
         skipped += int((~keep).sum())
         chunk = [pair for pair, kept in zip(chunk, keep) if kept]
-        prompts = tokenizer([e["prompt"] + prompt_suffix for _, e in chunk], add_special_tokens=False)["input_ids"]
-        answers = tokenizer([e["answer"] for _, e in chunk], add_special_tokens=False)["input_ids"]
-        answers = [answer[: max_text_tokens // 2] + [tokenizer.eos_token_id] for answer in answers]
+        prompts = token_ids(tokenizer, [e["prompt"] + prompt_suffix for _, e in chunk])
+        answers = [answer[: max_text_tokens // 2] + [eos] for answer in token_ids(tokenizer, [e["answer"]
+                                                                                            for _, e in chunk])]
         prompts = [prompt[max(len(prompt) - (max_text_tokens - len(answer)), 0) :] if max_text_tokens > len(answer)
                    else [] for prompt, answer in zip(prompts, answers)]
         for name, texts, end in (("prompt", prompts, prompt_end), ("answer", answers, answer_end)):
             lengths = np.array([len(text) for text in texts], dtype=np.int64)
-            parts[f"{name}_tokens"].append(np.fromiter((t for text in texts for t in text), dtype=np.int32,
+            parts[f"{name}_tokens"].append(np.fromiter(itertools.chain.from_iterable(texts), dtype=np.int32,
                                                        count=int(lengths.sum())))
             parts[f"{name}_offsets"].append(end + np.cumsum(lengths))
         prompt_end = int(parts["prompt_offsets"][-1][-1]) if chunk else prompt_end

@@ -39,6 +39,11 @@ def test_the_cache_holds_what_in_memory_tokenising_gives_and_is_built_once(datas
     for name in tokenized.ARRAYS:
         np.testing.assert_array_equal(getattr(cached.tokenized, name), getattr(in_memory.tokenized, name))
     assert cached.examples == in_memory.examples  # the records, read back from the split file when asked for
+    for index, example in enumerate(cached.examples[:20]):  # the ids transformers' own call gives
+        expected = tokenizer(example["answer"], add_special_tokens=False)["input_ids"][:32] + [tokenizer.eos_token_id]
+        assert cached.answer_ids(index) == expected
+        prompt = tokenizer(example["prompt"] + "\n", add_special_tokens=False)["input_ids"]
+        assert cached.prompt_ids(index) == prompt[len(prompt) - (64 - len(expected)):]
     batch, expected = cached.batch([0, 5, 3]), in_memory.batch([0, 5, 3])
     assert all(torch.equal(batch[key], expected[key]) for key in expected)
 
