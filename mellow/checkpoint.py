@@ -135,10 +135,15 @@ def load_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
     is data, so a pickle in it that would build any other object, and run its code, is refused."""
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as error:
+    except pickle.UnpicklingError as error:  # what weights_only raises for anything but tensors and containers
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{what} {path.parent}: {path.name} is not a plain file of tensors, so it is not loaded "
                          f"(nothing in it ran): {first}. Use a checkpoint that mellow saved") from None
+    except (OSError, RuntimeError, EOFError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{what} {path.parent} cannot be loaded ({type(error).__name__}: {first[:200]}); the file "
+                         "is damaged or incomplete: delete this checkpoint folder, or train again from an earlier "
+                         "one") from None
     if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
         raise ValueError(f"{what} {path.parent}: {path.name} does not hold a dict of tensors")
     return weights
