@@ -9,7 +9,6 @@ ones; evaluation always uses the first view.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Iterator
@@ -125,9 +124,8 @@ class ExampleSet:
         the training data path: only validation accuracy and eval need them)."""
         if self._examples is None:
             wanted = set(self.tokenized.line.tolist())
-            with open(self.source, encoding="utf-8") as handle:
-                lines = (line for line in handle if line.strip())
-                by_line = {number: json.loads(line) for number, line in enumerate(lines) if number in wanted}
+            by_line = {number: example for number, (_, example) in enumerate(json_lines(self.source))
+                       if number in wanted}
             self._examples = [by_line[line] for line in self.tokenized.line.tolist()]
         return self._examples
 

@@ -18,6 +18,7 @@ the full format reference.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import time
@@ -35,7 +36,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 import mellow
 from mellow.config import describe_differences, setting
 from mellow.files import read_json, read_jsonl, sha256_file, write_json_atomic
-from mellow.shard_reader import open_rows
+from mellow.shard_reader import open_rows, read_with_zarr
 
 FORMAT_VERSION = 2  # 2: views (an (N, V, T, D) layout when V > 1), pooling in the fingerprint
 CREATION_LOCK = ".creating"
@@ -476,7 +477,7 @@ def verify_store(path: Path) -> list[str]:
     if not np.array_equal(np.sort(rows), np.arange(store.meta["rows"])):
         problems.append(f"index.jsonl lists rows {len(rows)} for a store of {store.meta['rows']} rows")
     reader = open_rows(path / "store.zarr" / "emb")
-    read = (lambda rows: reader.read(rows)) if reader else (lambda rows: store.emb.get_orthogonal_selection(rows))
+    read = reader.read if reader else functools.partial(read_with_zarr, store.emb)
     per_shard = store.meta["clips_per_shard"]
     damaged: dict[int, tuple[int, Exception]] = {}  # row -> (shard, error)
     for shard in range(-(-store.meta["rows"] // per_shard)):

@@ -11,9 +11,9 @@ the split is tokenised once per (split file sha256, tokenizer, settings, store i
         line.npy                                 int64 line of each example in the split file (0-based)
         meta.json                                what the key was made of, counts, crc32c of every file
 
-built by one process while the others wait on a lock file (as the store's creation lock), committed by renaming a
-finished folder into place, and checked (crc32c of every file) by each process that opens it: a stale or damaged
-cache is rebuilt, never trusted. Workers inherit the memory maps; nothing per example is a Python object.
+built by one process while the others wait on its flock (released by the kernel if the builder dies), committed
+by renaming a finished folder into place, and checked (crc32c of every file) by each process that opens it: a
+stale or damaged cache is rebuilt, never trusted. Workers inherit the memory maps; nothing per example is a Python object.
 """
 
 from __future__ import annotations
