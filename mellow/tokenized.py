@@ -13,7 +13,8 @@ the split is tokenised once per (split file sha256, tokenizer, settings, store i
 
 built by one process while the others wait on its flock (released by the kernel if the builder dies), committed
 by renaming a finished folder into place, and checked (crc32c of every file) by each process that opens it: a
-stale or damaged cache is rebuilt, never trusted. Workers inherit the memory maps; nothing per example is a Python object.
+stale or damaged cache is rebuilt, never trusted. Workers inherit the memory maps; nothing per example is a
+Python object.
 """
 
 from __future__ import annotations
