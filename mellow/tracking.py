@@ -1,15 +1,18 @@
-"""Where training metrics go: metrics.jsonl always, TensorBoard event files, and Weights & Biases when the
-wandb package is installed. Only rank 0 writes. A resumed run first drops what a killed run logged past its
-checkpoint, so every sink shows each update once.
+"""Where training metrics go: metrics.jsonl always, TensorBoard event files, and Weights & Biases when asked.
+Only rank 0 writes. A resumed run first drops what a killed run logged past its checkpoint, so every sink shows
+each update once.
 
-W&B runs offline unless WANDB_MODE says otherwise (`WANDB_MODE=online` after `wandb login`); an offline run
-lies in <run_dir>/wandb/ and uploads later with `wandb sync <run_dir>/wandb/offline-run-*`. A resumed run
-continues the same W&B run (its id is kept in <run_dir>/wandb-id).
+W&B is asked for by `--train.wandb on`, or (with the default `auto`) by the environment: a W&B API key
+(WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes) or WANDB_MODE (`disabled` keeps it off). It runs in
+WANDB_MODE's mode, else online when there is a key, else offline: an offline run lies in <run_dir>/wandb/ and
+uploads later with `wandb sync <run_dir>/wandb/offline-run-*`. A resumed run continues the same W&B run (its id
+is kept in <run_dir>/wandb-id).
 """
 
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import resource
 import secrets
@@ -33,7 +36,7 @@ class Tracker:
     """Logs one record (a dict with an `update` key) to every sink; a no-op on ranks other than 0."""
 
     def __init__(self, run_dir: Path, resolved: dict, is_main: bool, resumed_at: int | None, tensorboard: bool,
-                 wandb_mode: str, wandb_project: str) -> None:
+                 wandb_setting: str, wandb_project: str) -> None:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.enabled = is_main
         self.tensorboard = None
@@ -49,7 +52,7 @@ class Tracker:
             # purge_step drops events a killed run wrote past its checkpoint
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"),
                                              purge_step=resumed_at + 1 if resumed_at is not None else None)
-        self.wandb = start_wandb(run_dir, resolved, wandb_mode, wandb_project)
+        self.wandb = start_wandb(run_dir, resolved, wandb_setting, wandb_project)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -78,25 +81,48 @@ class Tracker:
             self.wandb.finish()
 
 
-def start_wandb(run_dir: Path, resolved: dict, mode: str, project: str):
-    """A W&B run (resumed if this run had one), or None when off or, with `auto`, unavailable."""
-    if mode == "off":
+def wandb_key_present() -> bool:
+    """Whether this machine holds a W&B API key: WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(setting: str) -> str | None:
+    """The W&B mode to run in (online/offline/...), or None for no W&B: see the module's docstring."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if setting == "off":
+        return None
+    if setting == "auto" and (mode == "disabled" or (not mode and not wandb_key_present())):
+        return None
+    return mode or ("online" if wandb_key_present() else "offline")
+
+
+def start_wandb(run_dir: Path, resolved: dict, setting: str, project: str):
+    """A W&B run (resumed if this run had one), or None when not asked for or, with `auto`, unavailable."""
+    mode = wandb_mode(setting)
+    if mode is None:
         return None
     try:
         import wandb
     except ImportError:
-        if mode == "on":
+        if setting == "on":
             raise ValueError("--train.wandb on needs the wandb package: uv add wandb (or use auto/off)") from None
+        console.print("[yellow]W&B was asked for by the environment (an API key or WANDB_MODE) but the wandb "
+                      "package is not installed; training goes on without it")
         return None
     id_file = run_dir / "wandb-id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
     write_text_atomic(id_file, run_id + "\n")
     try:
         return wandb.init(project=project, dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name,
-                          config=resolved, mode=os.environ.get("WANDB_MODE", "offline"))
-    except Exception as error:  # e.g. online mode without a login: train on, without W&B, unless asked for
-        if mode == "on":
+                          config=resolved, mode=mode)
+    except Exception as error:  # e.g. online mode without network: train on, without W&B, unless asked for
+        if setting == "on":
             raise
-        console.print(f"[yellow]W&B is installed but could not start ({type(error).__name__}); training goes on "
-                      "without it. Set --train.wandb off to not try, or WANDB_MODE=offline")
+        console.print(f"[yellow]W&B could not start ({type(error).__name__}); training goes on without it. "
+                      "Set --train.wandb off to not try, or WANDB_MODE=offline")
         return None

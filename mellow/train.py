@@ -67,7 +67,8 @@ class TrainConfig:
                                      "(0: no limit). The SLURM job's end time counts too (slurm_time_limit).")
     slurm_time_limit: bool = setting(True, "Under SLURM, stop (saving first) before the job's end time.")
     stop_margin: float = setting(60.0, "Seconds kept in hand before a time limit, besides the measured time of "
-                                       "one update and one save.")
+                                       "one update and one save: they must cover the processes' exit and, under "
+                                       "SLURM, the requeue (a few seconds; more on a busy machine).")
     requeue: bool = setting(True, "Under SLURM, requeue the job (scontrol requeue) when it stops early for a "
                                   "signal or a time limit, so it resumes when it runs again.")
     batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together).")
@@ -99,8 +100,8 @@ class TrainConfig:
     log_every: int = setting(10, "Write metrics every this many updates.")
     tensorboard: bool = setting(True, "Also write TensorBoard event files to <run_dir>/tensorboard.")
     wandb: Literal["auto", "on", "off"] = setting(
-        "auto", "Weights & Biases: auto (when the wandb package is installed), on (required), off. It runs "
-                "offline unless WANDB_MODE says otherwise.")
+        "auto", "Weights & Biases: auto (on when the environment holds a W&B API key or WANDB_MODE), on, off. "
+                "It runs in WANDB_MODE's mode, else online with a key, else offline (<run_dir>/wandb).")
     wandb_project: str = setting("mellow", "W&B project name.")
     seed: int = setting(0, "Seed for initialisation, data order and dropout.")
     device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")

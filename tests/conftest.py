@@ -18,8 +18,8 @@ from mellow.prepare import PrepareConfig
 from mellow.store import StoreConfig
 from mellow.train import TrainConfig
 
-# Training logs to W&B when wandb is installed (it is, as a dev dependency); tests that do not test it turn it
-# off, for them and the processes they start. tests/test_tracking.py runs it offline.
+# Training logs to W&B when the environment asks for it (a W&B API key or WANDB_MODE): "disabled" keeps it off
+# here, for the tests and the processes they start, whatever the machine holds. tests/test_tracking.py runs it.
 os.environ["WANDB_MODE"] = "disabled"
 
 TINY_MODEL = {"decoder": "tiny", "tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2}

@@ -68,3 +68,39 @@ def test_wandb_on_without_the_package_is_a_clear_error(mel_store, tiny_dataset, 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ValueError, match="needs the wandb package"):
         train.run(_config(mel_store, tiny_dataset, tmp_path / "run", wandb="on"), ModelConfig(**TINY_MODEL))
+
+
+KEY = "k" * 40
+
+
+@pytest.mark.parametrize("environment, auto, on", [
+    ({}, None, "offline"),  # nothing asks for W&B: none, though the package is installed
+    ({"WANDB_MODE": "offline"}, "offline", "offline"),
+    ({"WANDB_MODE": "disabled", "WANDB_API_KEY": KEY}, None, "disabled"),
+    ({"WANDB_API_KEY": KEY}, "online", "online"),
+    ({"netrc": f"machine api.wandb.ai\n  login user\n  password {KEY}\n"}, "online", "online"),
+    ({"netrc": "machine example.com\n  login user\n  password secret\n"}, None, "offline"),
+])
+def test_wandb_runs_only_when_asked_for(environment, auto, on, tmp_path, monkeypatch):
+    from mellow.tracking import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc unless the case writes one
+    for key, value in environment.items():
+        if key == "netrc":
+            (tmp_path / ".netrc").write_text(value)
+            (tmp_path / ".netrc").chmod(0o600)
+        else:
+            monkeypatch.setenv(key, value)
+    assert (wandb_mode("auto"), wandb_mode("on"), wandb_mode("off")) == (auto, on, None)
+
+
+def test_a_default_run_writes_nothing_for_wandb(mel_store, tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run_dir = tmp_path / "run"
+    train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=2, val_every=0), ModelConfig(**TINY_MODEL))
+    assert (run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / "wandb").exists() and not (run_dir / "wandb-id").exists()
