@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mellow.checkpoint import save_file, tensor_bytes
 from mellow.config import describe_differences, setting, to_dict
 from mellow.data import load_examples
 from mellow.distributed import resolve_device
-from mellow.files import read_json, write_json_atomic, write_jsonl_atomic
+from mellow.files import disk_space, read_json, write_json_atomic, write_jsonl_atomic
 from mellow.model import AudioProjector
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore, StoreMismatchError
@@ -268,8 +269,14 @@ def save(config: AlignConfig, model: AlignmentModel, splits: dict[str, SplitData
     config.run_dir.mkdir(parents=True, exist_ok=True)
     evaluation = retrieval_scores(model, splits[config.eval_split], device)
     temporary = config.run_dir / ".align.pt.tmp"
-    torch.save({"audio_projector": model.audio_projector.state_dict(), "head": model.head.state_dict(),
-                "log_inverse_temperature": model.log_inverse_temperature.detach().cpu()}, temporary)
+    weights = {"audio_projector": model.audio_projector.state_dict(), "head": model.head.state_dict(),
+               "log_inverse_temperature": model.log_inverse_temperature.detach().cpu()}
+    try:
+        with disk_space(config.run_dir, "align.pt", tensor_bytes(weights)):
+            save_file(weights, temporary)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
     temporary.replace(config.run_dir / "align.pt")
     write_jsonl_atomic(config.run_dir / "metrics.jsonl", history)
     write_json_atomic(config.run_dir / f"retrieval-{config.eval_split}.json", evaluation)

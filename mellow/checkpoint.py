@@ -29,7 +29,7 @@ from mellow import distributed
 from mellow.config import build
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
-from mellow.files import read_json, replace_directory, write_json_atomic
+from mellow.files import check_free_space, disk_space, read_json, replace_directory, write_json_atomic
 from mellow.model import MellowModel, ModelConfig, build_model
 from mellow.progress import console
 
@@ -64,32 +64,72 @@ def restore_rng(states: dict) -> None:
 def save_checkpoint(run_dir: Path, keep_last: int, model: MellowModel, optimizer: torch.optim.Optimizer, scheduler,
                     scaler: torch.amp.GradScaler, state: TrainingState, is_best: bool, context: DistributedContext,
                     meta: dict) -> Path:
-    """Write step-NNNNNN/ via a temporary folder (every rank adds its RNG state), then point latest at it."""
+    """Write step-NNNNNN/ via a temporary folder (every rank adds its RNG state), then point latest at it.
+
+    A checkpoint that cannot fit is refused before anything is written, and one that fills the disk while it is
+    written is removed again (DiskFullError): latest.json keeps pointing to the previous complete one."""
     name = f"step-{state.update:06d}"
     temporary = run_dir / f".{name}.tmp"
+    what = f"checkpoint {name} (the older ones are deleted only after it is written)"
     if context.is_main:
+        weights = model.checkpoint_state_dict()
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict()}
+        needed = tensor_bytes(weights) + tensor_bytes(training_state) + (1 << 20) * context.world_size
         shutil.rmtree(temporary, ignore_errors=True)
+        check_free_space(run_dir, what, needed)
         temporary.mkdir(parents=True)
     distributed.barrier()
-    torch.save({**capture_rng(), "log_window": [state.window_loss, state.window_updates]},
-               temporary / f"rng-rank{context.rank}.pt")
-    distributed.barrier()
-    if context.is_main:
-        torch.save(model.checkpoint_state_dict(), temporary / "model.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict()}, temporary / "optimizer.pt")
-        write_json_atomic(temporary / "trainer.json", {
-            "update": state.update, "micro_batches": state.micro_batches, "best_value": state.best_value,
-            "skipped_updates": state.skipped_updates, "world_size": context.world_size, **meta})
-        replace_directory(temporary, run_dir / name)
-        write_json_atomic(run_dir / "latest.json", {"path": name, "update": state.update})
-        if is_best:
-            write_json_atomic(run_dir / "best.json", {"path": name, "update": state.update,
-                                                      "metric": meta["config"]["train"]["best_metric"],
-                                                      "value": state.best_value})
-        prune(run_dir, keep_last)
+    try:
+        with disk_space(run_dir, what, 1 << 20):
+            save_file({**capture_rng(), "log_window": [state.window_loss, state.window_updates]},
+                      temporary / f"rng-rank{context.rank}.pt")
+        distributed.barrier()
+        if context.is_main:
+            with disk_space(run_dir, what, needed):
+                save_file(weights, temporary / "model.pt")
+                save_file(training_state, temporary / "optimizer.pt")
+                write_json_atomic(temporary / "trainer.json", {
+                    "update": state.update, "micro_batches": state.micro_batches, "best_value": state.best_value,
+                    "skipped_updates": state.skipped_updates, "world_size": context.world_size, **meta})
+            replace_directory(temporary, run_dir / name)
+            write_json_atomic(run_dir / "latest.json", {"path": name, "update": state.update})
+            if is_best:
+                write_json_atomic(run_dir / "best.json", {"path": name, "update": state.update,
+                                                          "metric": meta["config"]["train"]["best_metric"],
+                                                          "value": state.best_value})
+            prune(run_dir, keep_last)
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)  # frees what the half-written checkpoint took
+        raise
     distributed.barrier()
     return run_dir / name
+
+
+def save_file(value: object, path: Path) -> None:
+    """torch.save, except that a full disk raises OSError(ENOSPC): torch's writer reports it as an unexplained
+    RuntimeError ("unexpected pos"), with the file's OSError, when it writes through a Python file, as context."""
+    try:
+        with open(path, "wb") as handle:
+            torch.save(value, handle)
+    except RuntimeError as error:
+        cause = error.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from error
+
+
+def tensor_bytes(value: object) -> int:
+    """Bytes of every tensor in a (nested) state dict: what torch.save writes, less a little framing."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
 
 
 def prune(run_dir: Path, keep_last: int) -> None:

@@ -20,7 +20,7 @@ from mellow.doctor import DoctorConfig
 from mellow.encoders import EncoderConfig
 from mellow.evaluate import EvalConfig
 from mellow.export import ExportConfig
-from mellow.files import read_json
+from mellow.files import DISK_FULL, DiskFullError, read_json
 from mellow.model import ModelConfig
 from mellow.precompute import PrecomputeConfig, TooManyFailuresError
 from mellow.prepare import PrepareConfig
@@ -37,19 +37,27 @@ TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "encoder": Encoder
 
 def friendly_errors(command):
     """Turn configuration and input errors into one red line and exit code 2, instead of a traceback; too
-    many failed clips (the store is complete, but the run is not a success) and a lost process of a
-    multi-process run into exit code 1."""
+    many failed clips (the store is complete, but the run is not a success), a lost process of a
+    multi-process run and a full disk into exit code 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (TooManyFailuresError, PeerLostError) as error:
+        except (TooManyFailuresError, PeerLostError, DiskFullError) as error:
             console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(code=1) from None
         except (ValueError, FileNotFoundError, TimeoutError, FfmpegNotFoundError, StoreMismatchError,
                 AudioDecodeError) as error:
             console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(code=2) from None
+        except OSError as error:
+            if error.errno not in DISK_FULL:
+                raise
+            # a write mellow does not measure itself (e.g. a library's cache): at least the folder and the fix
+            where = f" writing {error.filename}" if error.filename else ""
+            console.print(f"[bold red]error:[/] no space left on the device{where} ({escape(str(error))}); free "
+                          "some space and run the same command again", highlight=False)
+            raise typer.Exit(code=1) from None
     return wrapper
 
 
@@ -355,14 +363,19 @@ def store_export_command(
 @friendly_errors
 def store_verify_command(path: Path = typer.Argument(..., help="A store folder (shards/<dataset>/<tag>).")) -> None:
     """Check every chunk checksum and the index; name the clip and shard of any damage (exit 1 if any)."""
-    from mellow.store import verify_store
+    from mellow.store import committed_shards, verify_store
 
     problems = verify_store(path)
     for problem in problems:
         console.print(f"[bold red]damaged:[/] {escape(problem)}", highlight=False)
     if problems:
         raise typer.Exit(code=1)
-    console.print(f"[bold green]verified[/] {path}: every chunk checksum and the index are intact")
+    shards, total = committed_shards(path)
+    if read_json(path / "meta.json").get("complete"):
+        console.print(f"[bold green]verified[/] {path}: every chunk checksum and the index are intact")
+    else:
+        console.print(f"[bold green]verified[/] {path}: the {len(shards)} committed shard(s) of {total} are "
+                      "intact; the store is not finished (rerun 01_precompute to write the rest)")
 
 
 @app.command("doctor")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
     process decides when to stop and ends its workers itself (a worker also exits when its parent dies)."""
     for number in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(number, signal.SIG_IGN)
+
+
+@contextmanager
+def workers_ended(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
+    """Yield `batches` and end its worker processes on the way out, also on an exception: a traceback that is
+    kept (by a caller, a test runner) would keep the loader and its workers alive, and at exit multiprocessing
+    ends them with SIGTERM, which they ignore (_ignore_stop_signals), so the process would never exit."""
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's DataLoader iterator; a generator has none
+        if shutdown is not None:
+            shutdown()
 
 
 def batch_loader(examples: ExampleSet, order: Iterator[tuple[int, list[int]]], workers: int, prefetch: int,

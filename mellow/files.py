@@ -1,23 +1,73 @@
-"""Small file helpers every stage uses: atomic writes, JSON lines, hashing."""
+"""Small file helpers every stage uses: atomic writes, JSON lines, hashing, and a full disk said clearly."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 1e6:,.1f} MB" if count >= 1e5 else f"{count:,} bytes"
+
+
+class DiskFullError(OSError):
+    """No space left where mellow writes: the message names the folder, what was being written, the bytes it
+    needs and the bytes free, and says that what was committed before is kept."""
+
+    def __init__(self, folder: Path, what: str, needed: int) -> None:
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = 0
+        self.folder, self.needed, self.free = Path(folder), needed, free
+        super().__init__(errno.ENOSPC, f"no space left in {folder}: {what} needs about {megabytes(needed)} and "
+                                       f"{megabytes(free)} are free. Everything written before it is kept; free "
+                                       "some space (or choose another folder) and run the same command again")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+@contextmanager
+def disk_space(folder: Path, what: str, needed: int) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) inside the block into a DiskFullError that says `what` needed
+    `needed` bytes in `folder`; the caller cleans up what the block left half written."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            raise DiskFullError(folder, what, needed) from error
+        raise
+
+
+def check_free_space(folder: Path, what: str, needed: int) -> None:
+    """Refuse, before writing anything, a write of `needed` bytes that cannot fit in `folder`."""
+    if shutil.disk_usage(folder).free < needed:
+        raise DiskFullError(folder, what, needed)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with disk_space(path.parent, path.name, len(text.encode())), open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
 
 

@@ -35,7 +35,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 import mellow
 from mellow.config import describe_differences, setting
-from mellow.files import read_json, read_jsonl, sha256_file, write_json_atomic
+from mellow.files import disk_space, read_json, read_jsonl, sha256_file, write_json_atomic
 from mellow.shard_reader import open_rows, read_with_zarr
 
 FORMAT_VERSION = 2  # 2: views (an (N, V, T, D) layout when V > 1), pooling in the fingerprint
@@ -272,10 +272,16 @@ class StoreWriter:
         if self.emb.ndim == 3:  # a one-view store keeps the plain (N, T, D) layout
             embeddings, valid = embeddings[:, 0], valid[:, 0]
         self._remove_shard_files(shard)
-        self.emb[rows.start : rows.stop] = embeddings
-        self.valid[rows.start : rows.stop] = valid
-        write_json_atomic(self._marker(shard), {"shard": shard, "rows": [rows.start, rows.stop],
-                                                "records": records})
+        needed = embeddings.nbytes + valid.nbytes  # before compression: an upper bound
+        try:
+            with disk_space(self.path, f"shard {shard} ({len(rows)} clips)", needed):
+                self.emb[rows.start : rows.stop] = embeddings
+                self.valid[rows.start : rows.stop] = valid
+                write_json_atomic(self._marker(shard), {"shard": shard, "rows": [rows.start, rows.stop],
+                                                        "records": records})
+        except OSError:
+            self._remove_shard_files(shard)  # uncommitted: free its space; the next run writes it again
+            raise
 
     def _remove_shard_files(self, shard: int) -> None:
         """Delete what an interrupted run left of this shard: zarr merges a write into an existing shard file,
@@ -300,17 +306,23 @@ class StoreWriter:
         # streamed shard by shard: at a million clips, holding every record as a dict would cost gigabytes
         ids, rows, ok = [], [], 0
         temporary = self.path / f".index.jsonl.tmp-{os.getpid()}"
-        with open(temporary, "w") as handle:
-            for shard in range(self.num_shards):
-                records = read_json(self._marker(shard))["records"]
-                handle.writelines(json.dumps(record) + "\n" for record in records)
-                ids.extend(record["id"] for record in records)
-                rows.extend(record["row"] if record["status"] == "ok" else -1 for record in records)
-                ok += sum(record["status"] == "ok" for record in records)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path / "index.jsonl")
-        write_id_index(self.path, ids, np.array(rows, dtype=np.int64))
+        # the index holds about what the shard markers hold, and the id index ~40 bytes per row
+        needed = sum(self._marker(shard).stat().st_size for shard in range(self.num_shards)) + 40 * self.num_rows
+        try:
+            with disk_space(self.path, "the store's index (index.jsonl, index-ids.npy)", needed):
+                with open(temporary, "w") as handle:
+                    for shard in range(self.num_shards):
+                        records = read_json(self._marker(shard))["records"]
+                        handle.writelines(json.dumps(record) + "\n" for record in records)
+                        ids.extend(record["id"] for record in records)
+                        rows.extend(record["row"] if record["status"] == "ok" else -1 for record in records)
+                        ok += sum(record["status"] == "ok" for record in records)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, self.path / "index.jsonl")
+                write_id_index(self.path, ids, np.array(rows, dtype=np.int64))
+        finally:
+            temporary.unlink(missing_ok=True)
         meta = {**read_json(self.path / "meta.json"), **extra_meta, "complete": True,
                 "index_sha256": sha256_file(self.path / "index.jsonl"),
                 "counts": {"rows": len(ids), "ok": ok, "failed": len(ids) - ok}}
@@ -405,9 +417,12 @@ def write_id_index(store_path: Path, ids: list[str], rows: np.ndarray) -> None:
     order = np.argsort(encoded, kind="stable")
     for name, array in ((INDEX_IDS, encoded[order]), (INDEX_ROWS, np.asarray(rows, dtype=np.int64)[order])):
         temporary = store_path / f".{name}.partial"
-        with open(temporary, "wb") as handle:
-            np.save(handle, array)
-        os.replace(temporary, store_path / name)
+        try:
+            with open(temporary, "wb") as handle:
+                np.save(handle, array)
+            os.replace(temporary, store_path / name)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 class IdIndex:
@@ -464,44 +479,68 @@ def shard_file(store_path: Path, array: zarr.Array, shard: int) -> Path:
     return store_path / "store.zarr" / array.path / array.metadata.encode_chunk_key(coordinates)
 
 
+def committed_shards(path: Path) -> tuple[list[int], int]:
+    """(the shards whose marker is written, how many shards the store has) of a store, finished or not."""
+    meta = read_json(path / "meta.json")
+    total = -(-meta["rows"] // meta["clips_per_shard"])
+    return [shard for shard in range(total) if (path / "parts" / f"shard-{shard:05d}.json").exists()], total
+
+
 def verify_store(path: Path) -> list[str]:
     """Check every chunk checksum and the index's rows; return one line per problem (empty: all good).
 
+    A store that precompute has not finished (interrupted, or stopped by a full disk) is checked shard by shard
+    for what it committed: every shard with a marker must read back; the others are rewritten by the next run.
     Each shard is read whole (straight from its file where the layout allows, else through zarr); a shard that
     fails is read clip by clip, so a damaged chunk is named by clip id. The index is streamed, not held as dicts.
     """
-    store = EmbeddingStore(path)
+    if not (path / "meta.json").exists():
+        raise FileNotFoundError(f"{path} is not an embedding store (no meta.json)")
+    meta = read_json(path / "meta.json")
+    group = zarr.open_group(path / "store.zarr", mode="r")
+    emb, valid = group["emb"], group["valid"]
     problems = []
-    with open(path / "index.jsonl") as handle:
-        rows = np.fromiter((json.loads(line)["row"] for line in handle if line.strip()), dtype=np.int64)
-    if not np.array_equal(np.sort(rows), np.arange(store.meta["rows"])):
-        problems.append(f"index.jsonl lists rows {len(rows)} for a store of {store.meta['rows']} rows")
+    shards, total = committed_shards(path)
+    if meta.get("complete"):
+        shards = range(total)
+        with open(path / "index.jsonl") as handle:
+            rows = np.fromiter((json.loads(line)["row"] for line in handle if line.strip()), dtype=np.int64)
+        if not np.array_equal(np.sort(rows), np.arange(meta["rows"])):
+            problems.append(f"index.jsonl lists rows {len(rows)} for a store of {meta['rows']} rows")
     reader = open_rows(path / "store.zarr" / "emb")
-    read = reader.read if reader else functools.partial(read_with_zarr, store.emb)
-    per_shard = store.meta["clips_per_shard"]
+    read = reader.read if reader else functools.partial(read_with_zarr, emb)
+    per_shard = meta["clips_per_shard"]
     damaged: dict[int, tuple[int, Exception]] = {}  # row -> (shard, error)
-    for shard in range(-(-store.meta["rows"] // per_shard)):
-        start, stop = shard * per_shard, min((shard + 1) * per_shard, store.meta["rows"])
+    for shard in shards:
+        start, stop = shard * per_shard, min((shard + 1) * per_shard, meta["rows"])
         try:
             read(np.arange(start, stop))
-            store.valid[start:stop]
+            valid[start:stop]
             continue
         except Exception:  # any codec or checksum error: find the clips it hits
             pass
         for row in range(start, stop):
             try:
                 read(np.array([row]))
-                store.valid[row]
+                valid[row]
             except Exception as error:
                 damaged[row] = (shard, error)
     if damaged:
         ids = {}
-        with open(path / "index.jsonl") as handle:
-            for line in handle:
-                record = json.loads(line) if line.strip() else {}
-                if record.get("row") in damaged:
-                    ids[record["row"]] = record["id"]
+        for record in _records(path, meta, sorted({shard for shard, _ in damaged.values()})):
+            if record.get("row") in damaged:
+                ids[record["row"]] = record["id"]
         for row, (shard, error) in damaged.items():
             problems.append(f"clip {ids.get(row, '?')} (row {row}) in shard {shard} "
-                            f"({shard_file(path, store.emb, shard)}): {type(error).__name__}: {error}")
+                            f"({shard_file(path, emb, shard)}): {type(error).__name__}: {error}")
     return problems
+
+
+def _records(path: Path, meta: dict, shards: list[int]) -> Iterator[dict]:
+    """The index records of a store (streamed from index.jsonl when finished, else from the shards' markers)."""
+    if meta.get("complete"):
+        with open(path / "index.jsonl") as handle:
+            yield from (json.loads(line) for line in handle if line.strip())
+    else:
+        for shard in shards:
+            yield from read_json(path / "parts" / f"shard-{shard:05d}.json")["records"]

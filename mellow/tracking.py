@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mellow.files import read_jsonl, write_jsonl_atomic, write_text_atomic
+from mellow.files import disk_space, read_jsonl, write_jsonl_atomic, write_text_atomic
 from mellow.progress import console
 
 
@@ -57,8 +57,10 @@ class Tracker:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps({**record, "time": time.time()}) + "\n")
+        line = json.dumps({**record, "time": time.time()}) + "\n"
+        with disk_space(self.metrics_path.parent, self.metrics_path.name, len(line)):
+            with open(self.metrics_path, "a") as handle:
+                handle.write(line)
         update = record["update"]
         numbers = {key: value for key, value in record.items()
                    if key != "update" and isinstance(value, int | float)}

@@ -38,7 +38,7 @@ from mellow.checkpoint import (
     save_checkpoint,
 )
 from mellow.config import describe_differences, setting, to_dict
-from mellow.data import ExampleSet, batch_loader, embedding_rows, move_to
+from mellow.data import ExampleSet, batch_loader, embedding_rows, move_to, workers_ended
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
 from mellow.files import read_json, sha256_file, write_text_atomic
@@ -393,7 +393,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                         context, meta)
         stopper.save_took(time.time() - started)
 
-    with tracker, progress_bar() as progress:
+    with tracker, progress_bar() as progress, workers_ended(batches):
         task = progress.add_task("training", total=train.max_updates, completed=state.update)
         while state.update < stop_at:
             update_started = time.time()
