@@ -74,6 +74,9 @@ def prepare_command(
     val_fraction: float = cli_option(PrepareConfig, "val_fraction"),
     test_fraction: float = cli_option(PrepareConfig, "test_fraction"),
     comparisons_per_clip: int = cli_option(PrepareConfig, "comparisons_per_clip"),
+    label_field: str = cli_option(PrepareConfig, "label_field"),
+    label_task: str = cli_option(PrepareConfig, "label_task"),
+    meld_text: bool = cli_option(PrepareConfig, "meld_text"),
     workers: int = cli_option(PrepareConfig, "workers"),
     overwrite: bool = cli_option(PrepareConfig, "overwrite"),
 ) -> None:
@@ -248,6 +251,7 @@ def eval_command(
     batch_size: int = cli_option(EvalConfig, "batch_size"),
     max_new_tokens: int = cli_option(EvalConfig, "max_new_tokens"),
     beams: int = cli_option(EvalConfig, "beams"),
+    closed: str = cli_option(EvalConfig, "closed"),
     max_examples: int = cli_option(EvalConfig, "max_examples"),
     rescore: bool = cli_option(EvalConfig, "rescore"),
     similarity: bool = cli_option(EvalConfig, "similarity"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,6 +104,7 @@ class ExampleSet:
         self.valid = torch.from_numpy(self.rows.valid.astype("int64"))  # (N, V) valid tokens
         self.view_counts = (self.valid > 0).sum(dim=1).clamp(min=1)  # (N,) views each clip has
         self._views: tuple[int | None, torch.Tensor] = (None, torch.zeros(len(self.valid), dtype=torch.long))
+        self.loss_weights: np.ndarray | None = None  # (n,) per-example loss weights (--train.balance loss)
 
     @classmethod
     def from_split(cls, dataset: Path, split: str, store: EmbeddingStore, tokenizer, max_text_tokens: int,
@@ -133,6 +135,29 @@ class ExampleSet:
     def lengths(self) -> np.ndarray:
         """(n,) prompt + answer tokens of every example."""
         return self.tokenized.lengths()
+
+    def class_weights(self, label_tasks: dict[str, list[str]]) -> np.ndarray:
+        """(n,) weights that give every class of each closed-label task the same total while the task keeps its
+        share: a labelled example weighs (the task's examples / its classes) / its class's examples, any other
+        1. The split is streamed for (task, answer) alone: no dict per example is kept."""
+        wanted = self.tokenized.line
+        classes: list[tuple[str, str] | None] = [None] * len(wanted)  # (task, label) of each example
+        if self._examples is not None:
+            pairs = enumerate(self._examples)
+        else:
+            position_of = {int(line): position for position, line in enumerate(wanted)}
+            pairs = ((position_of[number], example) for number, (_, example) in enumerate(json_lines(self.source))
+                     if number in position_of)
+        for position, example in pairs:
+            if example["task"] in label_tasks:
+                classes[position] = (example["task"], example["answer"])
+        per_class = Counter(key for key in classes if key is not None)
+        task_examples, task_classes = Counter(), Counter()
+        for (task, _), count in per_class.items():
+            task_examples[task] += count
+            task_classes[task] += 1
+        return np.array([1.0 if key is None else task_examples[key[0]] / task_classes[key[0]] / per_class[key]
+                         for key in classes])
 
     def prompt_ids(self, index: int) -> list[int]:
         return self.tokenized.prompt(index).tolist()
@@ -178,9 +203,12 @@ class ExampleSet:
             text_mask[row, start : start + len(text)] = 1
             if not for_generation:
                 labels[row, len(prompt) : len(text)] = torch.from_numpy(text[len(prompt) :].astype(np.int64))
-        return {"audio1": audio1, "audio1_valid": valid1, "audio2": audio2, "audio2_valid": valid2,
-                "has_audio2": torch.from_numpy(row2 >= 0), "input_ids": input_ids,
-                "text_mask": text_mask, "labels": labels}
+        batch = {"audio1": audio1, "audio1_valid": valid1, "audio2": audio2, "audio2_valid": valid2,
+                 "has_audio2": torch.from_numpy(row2 >= 0), "input_ids": input_ids,
+                 "text_mask": text_mask, "labels": labels}
+        if self.loss_weights is not None and not for_generation:
+            batch["loss_weight"] = torch.from_numpy(self.loss_weights[selected]).float()  # (B,)
+        return batch
 
 
 def move_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from mellow.config import setting
 from mellow.data import ExampleSet, RowsFromZarr, SplitNotFoundError, move_to, split_path
 from mellow.distributed import resolve_device
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from mellow.manifests import ManifestError
+from mellow.manifests import ManifestError, label_tasks_of
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore, StoreMismatchError
 
@@ -48,6 +49,12 @@ class EvalConfig:
     batch_size: int = setting(64, "Examples generated together.")
     max_new_tokens: int = setting(48, "Longest answer generated, in tokens.")
     beams: int = setting(1, "Beam width: 1 is greedy decoding (what the scores in the README use).")
+    closed: Literal["generate", "rank"] = setting(
+        "generate", "How closed questions (yes/no, comparison, multiple choice, closed-label tasks) are answered: "
+                    "generate (free generation, scored as text: what the leaderboard uses), or rank (each allowed "
+                    "answer scored by its log-likelihood given audio + prompt, the best one taken, as "
+                    "lm-evaluation-harness does for multiple choice; never outside the set). rank writes "
+                    "<checkpoint>/eval-<split>-rank/ and the run's eval-<split>-rank/ report.")
     max_examples: int = setting(0, "Score only the first N examples of the split (0: all).")
     rescore: bool = setting(False, "Score checkpoints again even where scores with these settings exist.")
     similarity: bool = setting(True, "Also score free text by all-MiniLM-L6-v2 sentence similarity.")
@@ -56,6 +63,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.which not in ("all", "latest", "best"):
             raise ValueError(f"--which {self.which!r} must be all, latest or best")
+        if self.closed not in ("generate", "rank"):
+            raise ValueError(f"--closed {self.closed!r} must be generate or rank")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.beams < 1 or self.max_examples < 0:
             raise ValueError("--batch-size, --max-new-tokens and --beams must be >= 1, --max-examples >= 0")
         if not self.run.exists():
@@ -65,7 +74,13 @@ class EvalConfig:
         """What makes two scorings of a checkpoint comparable (stored in scores.json)."""
         return {"split": self.split, "store": str(self.store) if self.store else None,
                 "dataset": str(self.dataset) if self.dataset else None, "max_new_tokens": self.max_new_tokens,
-                "beams": self.beams, "max_examples": self.max_examples}
+                "beams": self.beams, "max_examples": self.max_examples,
+                **({"closed": "rank"} if self.closed == "rank" else {})}
+
+    @property
+    def tag(self) -> str:
+        """The eval folders' suffix: the split, and -rank for option ranking (so both modes' scores are kept)."""
+        return self.split + ("-rank" if self.closed == "rank" else "")
 
 
 class EvalFailures(ValueError):
@@ -96,7 +111,7 @@ def run(config: EvalConfig) -> EvalResult:
         console.print(f"[yellow]{line}", highlight=False)
     result = EvalResult(config.run, {}, 0, 0.0)
     for checkpoint in checkpoints:
-        output_dir = checkpoint / f"eval-{config.split}"
+        output_dir = checkpoint / f"eval-{config.tag}"
         existing = read_json(output_dir / "scores.json") if (output_dir / "scores.json").exists() else {}
         if existing.get("settings") == config.settings() and not config.rescore:
             result.already_scored.append(checkpoint)
@@ -115,7 +130,7 @@ def run(config: EvalConfig) -> EvalResult:
         result.scored.append(checkpoint)
         result.output_dir, result.scores, result.examples = output_dir, scores, count
     if is_run:
-        result.report = run_report.write_run_report(config.run, config.split, scorer.skipped, result.failed)
+        result.report = run_report.write_run_report(config.run, config.tag, scorer.skipped, result.failed)
     result.seconds = time.time() - started
     report(result)
     if result.failed:
@@ -150,15 +165,27 @@ def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.Capti
                                         limit=config.max_examples)
     if not len(example_set):
         raise ValueError(f"split {config.split!r} of {dataset} has no examples whose audio is in the store")
-    predictions = generate_all(model, tokenizer, example_set, config, device)
+    label_tasks = label_tasks_of(dataset)
+    options = [closed_options(example, label_tasks) for example in example_set.examples]
+    ranked = [index for index, allowed in enumerate(options) if allowed and config.closed == "rank"]
+    predictions = generate_all(model, tokenizer, example_set, config, device,
+                               sorted(set(range(len(example_set))) - set(ranked)))
+    if ranked:
+        rows = RowsFromZarr(store)
+        for index, answer in zip(ranked, rank_options(model, [example_set.examples[i] for i in ranked],
+                                                      [options[i] for i in ranked], store, tokenizer, rows,
+                                                      config, device)):
+            predictions[index] = answer
     empty = sum(not prediction.strip() for prediction in predictions)
     if empty:
         console.print(f"[yellow]{checkpoint.name}: {empty} of {len(predictions)} predictions are empty (the model "
                       "ended its answer at once); they count as wrong, and as the word 'empty' for captions")
     seconds = time.time() - started
-    scores = write_outputs(checkpoint / f"eval-{config.split}", example_set.examples, predictions, checkpoint,
+    scores = write_outputs(checkpoint / f"eval-{config.tag}", example_set.examples, predictions, checkpoint,
                            scorer, {"settings": config.settings(), "update": trainer["update"],
-                                    "empty_predictions": empty, "seconds": round(seconds, 1)})
+                                    "empty_predictions": empty, "seconds": round(seconds, 1),
+                                    "examples_per_s": round(len(predictions) / seconds, 2)},
+                           label_tasks)
     console.print(f"{checkpoint.name} (update {trainer['update']}): {len(predictions)} examples in {seconds:.1f} s",
                   highlight=False)
     return scores, len(predictions)
@@ -182,12 +209,13 @@ def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, Pat
     return store, dataset
 
 
-def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, device: torch.device) -> list[str]:
-    """Answers for every example (greedy or beam search), batched; examples are sorted by prompt length to
-    limit padding."""
+def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, device: torch.device,
+                 indices: list[int]) -> list[str]:
+    """Answers for the examples at `indices` (greedy or beam search; the others stay ""), batched; examples are
+    sorted by prompt length to limit padding."""
     prompt_lengths = np.diff(example_set.tokenized.prompt_offsets)
-    order = sorted(range(len(example_set)), key=lambda i: prompt_lengths[i])
-    predictions = [""] * len(order)
+    order = sorted(indices, key=lambda i: prompt_lengths[i])
+    predictions = [""] * len(example_set)
     with progress_bar() as progress:
         task = progress.add_task("generating", total=len(order))
         for start in range(0, len(order), config.batch_size):
@@ -200,12 +228,44 @@ def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, 
     return predictions
 
 
+def closed_options(example: dict, label_tasks: dict[str, list[str]]) -> list[str] | None:
+    """The answers a closed question allows (its labels, options, yes/no, first/second), or None for free text."""
+    if example["task"] in label_tasks:
+        return label_tasks[example["task"]]
+    if example["task"] == "multiple_choice":
+        return example["options"]
+    return {"yes_no": ["yes", "no"], "comparison": ["first", "second"]}.get(example["task"])
+
+
+def rank_options(model, examples: list[dict], options: list[list[str]], store: EmbeddingStore, tokenizer,
+                 rows: RowsFromZarr, config: EvalConfig, device: torch.device) -> list[str]:
+    """For each example, the allowed answer with the highest log-likelihood given its audio and prompt (the
+    whole answer and its end of text, unnormalised, as lm-evaluation-harness's `acc`)."""
+    pairs = [{**example, "answer": option} for example, allowed in zip(examples, options) for option in allowed]
+    candidates = ExampleSet(pairs, store, tokenizer, 256, rows=rows, prompt_suffix=model.prompt_suffix)
+    assert len(candidates) == len(pairs), "every example's audio is in the store (the eval set holds only those)"
+    likelihoods = []
+    with progress_bar() as progress:
+        task = progress.add_task("ranking answers", total=len(pairs))
+        for start in range(0, len(pairs), config.batch_size):
+            indices = list(range(start, min(start + config.batch_size, len(pairs))))
+            likelihoods.extend(model.answer_log_likelihood(move_to(candidates.batch(indices), device)).tolist())
+            progress.advance(task, len(indices))
+    chosen, start = [], 0
+    for allowed in options:
+        scores = likelihoods[start : start + len(allowed)]
+        chosen.append(allowed[scores.index(max(scores))])
+        start += len(allowed)
+    return chosen
+
+
 def write_outputs(output_dir: Path, examples: list[dict], predictions: list[str], checkpoint: Path,
-                  scorer: metrics.CaptionScorer, details: dict) -> dict:
-    scores = metrics.score(examples, predictions, scorer)
+                  scorer: metrics.CaptionScorer, details: dict, label_tasks: dict[str, list[str]]) -> dict:
+    scores = metrics.score(examples, predictions, scorer, label_tasks)
     rows = [{**example, "prediction": prediction,
-             **({"correct": metrics.is_correct(example, prediction)} if example["task"] in metrics.CLOSED_TASKS
-                else {})} for example, prediction in zip(examples, predictions)]
+             **({"correct": metrics.is_correct(example, prediction, label_tasks.get(example["task"]))}
+                if example["task"] in metrics.CLOSED_TASKS or example["task"] in label_tasks else {})}
+            for example, prediction in zip(examples, predictions)]
     write_jsonl_atomic(output_dir / "predictions.jsonl", rows)
     write_json_atomic(output_dir / "scores.json", {"checkpoint": str(checkpoint), **details, "scores": scores})
     write_text_atomic(output_dir / "summary.md", markdown_summary(scores, checkpoint))

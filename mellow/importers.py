@@ -12,6 +12,12 @@ Sources (the `--source` of `mellow prepare`):
                                 and audio files anywhere below the folder named by YouTube id (`<id>.wav` or
                                 `Y<id>.wav`, any format), each cut at start_time for 10 s when encoded; or
                                 already cut, named `<id>_<start_time>`.
+    meld:<folder>               MELD.Raw: {train,dev,test}_sent_emo.csv (Sr No., Utterance, Speaker, Emotion,
+                                Sentiment, Dialogue_ID, Utterance_ID, ...) beside train_splits/,
+                                dev_splits_complete/ and output_repeated_splits_test/ holding dia{D}_utt{U}.mp4
+                                (the audio track is decoded straight from the video). Two closed-label tasks per
+                                utterance: emotion (7 labels) and sentiment (3); --meld-text puts the transcript in
+                                the prompt. The CSVs' mixed encodings (cp1252 bytes, mojibake) are repaired.
     folder:<manifest>           Your own folder: a CSV or JSON-lines manifest whose rows name an audio file
                                 (`path`, or file_name / file / filename / audio) relative to the manifest's folder
                                 (or --audio-root), with captions (`caption`, `captions`, caption_1..N) and/or a
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from collections import defaultdict
@@ -50,9 +57,20 @@ class Imported:
     records: list[dict] = field(default_factory=list)
     examples: dict[str, list[dict]] = field(default_factory=lambda: {split: [] for split in SPLITS})
     failures: list[dict] = field(default_factory=list)
+    label_tasks: dict[str, list[str]] = field(default_factory=dict)  # closed-label task -> its labels
+    labelled: list[tuple[str, str, str, list[str]]] = field(default_factory=list)  # (split, clip, task, labels)
 
     def add(self, split: str, example: dict) -> None:
         self.examples[split].append({**example, "split": split})
+
+    def close_label_tasks(self) -> None:
+        """Turn the labels read per clip (`labelled`) into closed-label examples, once every clip is read: a
+        task's label set is every label its clips hold."""
+        tasks, examples = label_examples(self.labelled)
+        self.label_tasks.update(tasks)
+        for split, example in examples:
+            self.add(split, example)
+        self.labelled = []
 
     def add_captions(self, split: str, clip: str, captions: list[str]) -> None:
         """Training learns every caption (one example each); validation and test score one answer per clip
@@ -102,7 +120,7 @@ class ClipCatalog:
 
 
 def import_source(source: str, audio_root: Path | None, val_fraction: float, test_fraction: float,
-                  seed: int) -> Imported:
+                  seed: int, meld_text: bool = False, label_fields: dict[str, str] | None = None) -> Imported:
     """Run the importer that `source` (`kind:spec`) names."""
     kind, _, spec = source.partition(":")
     if kind == "mellow":
@@ -112,7 +130,9 @@ def import_source(source: str, audio_root: Path | None, val_fraction: float, tes
     if kind == "audiocaps":
         return import_audiocaps(_existing(Path(spec), source))
     if kind == "folder":
-        return import_folder(_existing(Path(spec), source), audio_root, val_fraction, test_fraction)
+        return import_folder(_existing(Path(spec), source), audio_root, val_fraction, test_fraction, label_fields)
+    if kind == "meld":
+        return import_meld(_existing(Path(spec), source), meld_text)
     raise ValueError(f"--source {source!r}: unknown kind {kind!r}")
 
 
@@ -155,6 +175,49 @@ MELLOW_EMOTION_QUESTIONS = ("What emotion does the speaker express?", "How does 
                             "Which emotion can be heard in the voice?")
 MELLOW_EMOTION_MARK = "emo_emo_emo"
 MELLOW_CAPTIONED = {"caption both audios": (1, 2), "caption first audio": (1,), "caption second audio": (2,)}
+
+
+RESERVED_TASKS = ("caption", "yes_no", "multiple_choice", "comparison", "difference", "qa")
+
+
+def parse_label_fields(fields: str, tasks: str) -> dict[str, str]:
+    """{field: task} from --label-field / --label-task (comma-separated, in the same order; a task defaults to
+    its field's name)."""
+    names = [name.strip() for name in fields.split(",") if name.strip()]
+    given = [name.strip() for name in tasks.split(",") if name.strip()]
+    if given and len(given) != len(names):
+        raise ValueError(f"--label-task {tasks!r} names {len(given)} task(s) for {len(names)} --label-field(s)")
+    mapping = dict(zip(names, given or names))
+    reserved = [task for task in mapping.values() if task in RESERVED_TASKS or not re.fullmatch(r"[\w+-]+", task)]
+    if reserved:
+        raise ValueError(f"--label-task {reserved[0]!r}: a closed-label task needs a name of letters, digits, _, + "
+                         f"or -, other than {', '.join(RESERVED_TASKS)}")
+    return mapping
+
+
+def label_values(value: object) -> list[str]:
+    """The labels of one field: a list, or a string of one label or several joined by ';' or '|'."""
+    values = value if isinstance(value, list) else re.split(r"[;|]", str(value)) if value not in (None, "") else []
+    return list(dict.fromkeys(str(label).strip().lower() for label in values if str(label).strip()))
+
+
+def label_prompt(task: str, labels: list[str]) -> str:
+    return f"Which {task.replace('_', ' ')} does the audio express? Answer with one of: {', '.join(labels)}."
+
+
+def label_examples(labelled: list[tuple[str, str, str, list[str]]]) -> tuple[dict[str, list[str]],
+                                                                               list[tuple[str, dict]]]:
+    """({task: sorted labels}, [(split, example)]) from (split, clip, task, labels) per clip and task. Training
+    gets one example per label of a clip; validation and test one per clip, right when it names any label."""
+    tasks = {task: sorted({label for _, _, name, labels in labelled if name == task for label in labels})
+             for task in sorted({task for _, _, task, _ in labelled})}
+    examples = []
+    for split, clip, task, labels in labelled:
+        for answer in labels if split == "train" else labels[:1]:
+            examples.append((split, {"task": task, "subtask": task, "audio1": clip, "audio2": None,
+                                     "prompt": label_prompt(task, tasks[task]), "answer": answer,
+                                     "references": labels}))
+    return tasks, examples
 
 
 def mellow_prompt_answer(row: dict, rng: Random) -> tuple[str, str, str]:
@@ -271,13 +334,7 @@ def import_clotho(root: Path) -> Imported:
 
 def _read_csv(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     """The rows of a CSV file with a header, checked to have the `required` columns."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in required if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no {', '.join(missing)} column (its header: {', '.join(reader.fieldnames or [])}"
-                             "); is it the right file?")
-        return list(reader)
+    return _read_csv_text(path, path.read_text(encoding="utf-8-sig"), required)
 
 
 # AudioCaps ---------------------------------------------------------------------------------------------------
@@ -336,7 +393,10 @@ PATH_COLUMNS = ("path", "file_name", "file", "filename", "audio")
 PROMPT_COLUMNS = ("prompt", "question")
 
 
-def import_folder(manifest: Path, audio_root: Path | None, val_fraction: float, test_fraction: float) -> Imported:
+def import_folder(manifest: Path, audio_root: Path | None, val_fraction: float, test_fraction: float,
+                  label_fields: dict[str, str] | None = None) -> Imported:
+    """A CSV / JSON-lines manifest (see the module docstring); `label_fields` ({column: task}) turns columns into
+    closed-label tasks."""
     imported = Imported()
     catalog = ClipCatalog(imported)
     rows = _read_csv(manifest) if manifest.suffix.lower() == ".csv" else _read_rows(manifest)
@@ -345,14 +405,18 @@ def import_folder(manifest: Path, audio_root: Path | None, val_fraction: float, 
     if column is None:
         raise ValueError(f"--source folder:{manifest}: its rows need an audio path column, one of "
                          f"{', '.join(PATH_COLUMNS)} (found: {', '.join(rows[0]) if rows else 'no rows'})")
+    absent = [name for name in label_fields or {} if rows and name not in rows[0]]
+    if absent:
+        raise ValueError(f"--label-field {absent[0]}: {manifest} has no such column (found: {', '.join(rows[0])})")
     for number, row in enumerate(rows):
         _import_folder_row(imported, catalog, row, column, root, f"{manifest.name} row {number}",
-                           lambda clip_id: hash_split(clip_id, val_fraction, test_fraction))
+                           lambda clip_id: hash_split(clip_id, val_fraction, test_fraction), label_fields or {})
+    imported.close_label_tasks()
     return imported
 
 
 def _import_folder_row(imported: Imported, catalog: ClipCatalog, row: dict, column: str, root: Path, where: str,
-                       draw_split: Callable[[str], str]) -> None:
+                       draw_split: Callable[[str], str], label_fields: dict[str, str]) -> None:
     name = str(row[column])
     split = SPLIT_NAMES.get(str(row.get("split") or "").lower()) or draw_split(name)
     start, duration = (_number(row.get(key)) for key in ("start", "duration"))
@@ -370,9 +434,90 @@ def _import_folder_row(imported: Imported, catalog: ClipCatalog, row: dict, colu
                 if str(text or "").strip()]
     if captions:
         imported.add_captions(split, clip, captions)
+    for name, task in label_fields.items():
+        labels = label_values(row.get(name))
+        if labels:
+            imported.labelled.append((split, clip, task, labels))
     prompt = next((row[key] for key in PROMPT_COLUMNS if row.get(key)), None)
     if prompt and row.get("answer") not in (None, ""):
         answer = str(row["answer"])
         task = row.get("task") or ("yes_no" if answer.strip(" .").lower() in ("yes", "no") else "qa")
         imported.add(split, {"task": task, "subtask": row.get("subtask") or task, "audio1": clip, "audio2": second,
                              "prompt": str(prompt), "answer": answer})
+
+
+# MELD ----------------------------------------------------------------------------------------------------------
+
+MELD_SPLITS = {"train": ("train_sent_emo.csv", "train_splits"), "val": ("dev_sent_emo.csv", "dev_splits_complete"),
+               "test": ("test_sent_emo.csv", "output_repeated_splits_test")}
+MELD_LABELS = {"emotion": ["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"],
+               "sentiment": ["negative", "neutral", "positive"]}
+MELD_QUESTIONS = {"emotion": "Which emotion does the speaker express?",
+                  "sentiment": "Is the speaker's sentiment negative, neutral or positive?"}
+
+
+def import_meld(root: Path, with_text: bool) -> Imported:
+    """MELD.Raw's layout (see the module docstring); every utterance gives an emotion and a sentiment example."""
+    imported = Imported(label_tasks=MELD_LABELS)
+    catalog = ClipCatalog(imported)
+    found = [split for split, (table, _) in MELD_SPLITS.items() if (root / table).is_file()]
+    if not found:
+        raise FileNotFoundError(f"--source meld:{root}: no train_sent_emo.csv, dev_sent_emo.csv or "
+                                "test_sent_emo.csv there; point it at the extracted MELD.Raw folder")
+    for split in found:
+        table, folder = MELD_SPLITS[split]
+        rows = _read_csv_text(root / table, repaired_text(root / table),
+                              ("Utterance", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"))
+        for number, row in enumerate(rows, start=2):  # line 1 is the header
+            where = f"{table} line {number}"
+            name = f"dia{row['Dialogue_ID'].strip()}_utt{row['Utterance_ID'].strip()}.mp4"
+            labels = {"emotion": row["Emotion"].strip().lower(), "sentiment": row["Sentiment"].strip().lower()}
+            wrong = [f"{task} {label!r}" for task, label in labels.items() if label not in MELD_LABELS[task]]
+            if wrong:
+                imported.failures.append({"where": where, "reason": f"{', '.join(wrong)} is not a MELD label"})
+                continue
+            clip = catalog.clip(root / folder / name, f"{folder}/{name}", split, where)
+            if clip is None:
+                continue
+            said = " ".join(row["Utterance"].split())
+            for task, label in labels.items():
+                context = f'The speaker says: "{said}". ' if with_text else ""
+                prompt = f"{context}{MELD_QUESTIONS[task]} Answer with one of: {', '.join(MELD_LABELS[task])}."
+                imported.add(split, {"task": task, "subtask": f"{task}+text" if with_text else task, "audio1": clip,
+                                     "audio2": None, "prompt": prompt, "answer": label, "speaker": row.get("Speaker"),
+                                     "transcript": said})
+    return imported
+
+
+MOJIBAKE = re.compile("[\u00c2\u00c3\u00e2][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e"
+                      "\u0192\u02c6\u02dc\u2013-\u203a\u20ac\u2122]+")
+
+
+def repaired_text(path: Path) -> str:
+    """A text file of mixed encodings as readable text: each line as UTF-8, or as cp1252 where it is not valid
+    UTF-8, then UTF-8 that was once misread as cp1252 ("â€™") read again as what it was ("’")."""
+    lines = []
+    for raw in path.read_bytes().splitlines(keepends=True):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = raw.decode("cp1252", errors="replace")
+        lines.append(MOJIBAKE.sub(_undo_mojibake, line))
+    return "".join(lines).removeprefix("\ufeff")
+
+
+def _undo_mojibake(match: re.Match) -> str:
+    try:
+        return match.group(0).encode("cp1252").decode("utf-8")
+    except UnicodeError:
+        return match.group(0)
+
+
+def _read_csv_text(path: Path, text: str, required: tuple[str, ...]) -> list[dict]:
+    """The rows of CSV `text` (read from `path`), checked to have the `required` columns."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [column for column in required if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} column (its header: {', '.join(reader.fieldnames or [])}"
+                         "); is it the right file?")
+    return list(reader)

@@ -103,3 +103,16 @@ def read_audio_records(dataset: Path, allow_pipes: bool = False) -> list[dict]:
                 raise ManifestError(f"{where}: {key!r} must be a number of seconds or null (got {value!r})")
         records.append(record)
     return records
+
+
+def label_tasks_of(dataset: Path) -> dict[str, list[str]]:
+    """The closed-label tasks a prepared dataset declares in its prepare.json ({task: labels}; empty if none)."""
+    path = Path(dataset) / "prepare.json"
+    if not path.is_file():
+        return {}
+    declared = json.loads(path.read_text()).get("label_tasks") or {}
+    if not isinstance(declared, dict) or not all(isinstance(labels, list) and labels and
+                                                 all(isinstance(label, str) for label in labels)
+                                                 for labels in declared.values()):
+        raise ManifestError(f"{path}: label_tasks must map each task to a list of label strings")
+    return declared

@@ -11,6 +11,15 @@ them: captions tokenised by the Stanford PTB tokenizer (Java), then each scorer.
     similarity                all-MiniLM-L6-v2 (bundled): cosine of prediction and each reference, averaged
 
 A metric whose prerequisite is missing is left out of the scores, with one line saying what to install.
+
+Closed-label tasks (an emotion, a sentiment, a sound kind: a dataset declares each task's labels in its
+prepare.json, `"label_tasks": {"emotion": ["anger", ...]}`) map a prediction to a label by normalised text
+("Joy." -> "joy"); anything else is an answer outside the label set, wrong and counted as such. They get the
+figures emotion and sentiment papers report, over the labels that occur in the expected answers (as
+scikit-learn does with `labels=` those labels; pinned to it in tests/test_metrics_pinned.py): accuracy,
+unweighted average recall (UAR), macro-F1, weighted-F1 (MELD's usual figure), per-class precision, recall and
+F1, the rate of answers outside the set, and a confusion table whose last column counts those answers. A clip
+with several labels lists them all as `references`: naming any of them is right.
 """
 
 from __future__ import annotations
@@ -61,7 +70,10 @@ def chosen_option(example: dict, text: str) -> int | None:
     return None
 
 
-def is_correct(example: dict, prediction: str) -> bool:
+def is_correct(example: dict, prediction: str, labels: list[str] | None = None) -> bool:
+    """Whether a closed question's answer is right; `labels`: the label set of a closed-label task."""
+    if labels is not None:
+        return is_label_correct(example, prediction, labels)
     if example["task"] == "multiple_choice":
         expected = chosen_option(example, example["answer"])
         return expected is not None and chosen_option(example, prediction) == expected
@@ -77,6 +89,67 @@ def chance_level(example: dict) -> float:
     if example["task"] == "multiple_choice":
         return 1.0 / len(example["options"])
     return 0.5
+
+
+OUTSIDE = "(outside the set)"
+
+
+def predicted_label(prediction: str, labels: list[str]) -> str | None:
+    """The label a prediction names (case, punctuation and a leading article do not matter), or None."""
+    by_text = {normalize(label): label for label in labels}
+    return by_text.get(normalize(prediction))
+
+
+def expected_label(example: dict, predicted: str | None) -> str:
+    """The example's label; for a clip with several, the one the prediction names if it names one of them."""
+    references = example.get("references") or [example["answer"]]
+    return predicted if predicted in references else example["answer"]
+
+
+def classification_scores(expected: list[str], predicted: list[str | None], labels: list[str]) -> dict:
+    """Accuracy, UAR, macro- and weighted-F1, per-class precision/recall/F1/support, the rate of answers
+    outside the label set, and the confusion table, over the labels that occur in `expected`."""
+    assert expected and len(expected) == len(predicted)
+    unknown = sorted(set(expected) - set(labels))
+    if unknown:
+        raise ValueError(f"expected answers {unknown[:5]} are not in the task's label set {labels}; fix the "
+                         "examples or the label_tasks of the dataset's prepare.json")
+    present = [label for label in labels if label in expected]
+    per_class = {}
+    for label in present:
+        support = sum(answer == label for answer in expected)
+        named = sum(answer == label for answer in predicted)
+        hits = sum(e == label and p == label for e, p in zip(expected, predicted))
+        precision = hits / named if named else 0.0
+        recall = hits / support
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    total = len(expected)
+    confusion = {label: {column: 0 for column in (*labels, OUTSIDE)} for label in present}
+    for answer, prediction in zip(expected, predicted):
+        confusion[answer][prediction if prediction is not None else OUTSIDE] += 1
+    return {
+        "accuracy": sum(e == p for e, p in zip(expected, predicted)) / total,
+        "uar": sum(values["recall"] for values in per_class.values()) / len(present),
+        "macro_f1": sum(values["f1"] for values in per_class.values()) / len(present),
+        "weighted_f1": sum(values["f1"] * values["support"] for values in per_class.values()) / total,
+        "outside_label_set": sum(prediction is None for prediction in predicted) / total,
+        "chance": 1.0 / len(labels),
+        "per_class": per_class,
+        "confusion": confusion,
+    }
+
+
+def score_label_task(examples: list[dict], predictions: list[str], labels: list[str]) -> dict:
+    """`classification_scores` of one closed-label task's examples and the model's answers."""
+    predicted = [predicted_label(prediction, labels) for prediction in predictions]
+    expected = [expected_label(example, label) for example, label in zip(examples, predicted)]
+    return classification_scores(expected, predicted, labels)
+
+
+def is_label_correct(example: dict, prediction: str, labels: list[str]) -> bool:
+    label = predicted_label(prediction, labels)
+    return label is not None and label in (example.get("references") or [example["answer"]])
 
 
 PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
@@ -213,10 +286,13 @@ class CaptionScorer:
         return float(np.mean(similarities))
 
 
-def score(examples: list[dict], predictions: list[str], scorer: CaptionScorer | None = None) -> dict[str, dict]:
+def score(examples: list[dict], predictions: list[str], scorer: CaptionScorer | None = None,
+          label_tasks: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """Scores per task and per task/subtask: accuracy + chance for closed tasks (and a confusion table for
-    binary ones), caption metrics otherwise."""
+    binary ones), classification figures for the closed-label tasks in `label_tasks` ({task: labels}),
+    caption metrics otherwise."""
     scorer = scorer or CaptionScorer()
+    label_tasks = label_tasks or {}
     computed: dict[tuple[int, ...], dict] = {}  # a task with one subtask is scored once
     groups: dict[str, list[int]] = defaultdict(list)
     for index, example in enumerate(examples):
@@ -225,7 +301,10 @@ def score(examples: list[dict], predictions: list[str], scorer: CaptionScorer | 
     results = {}
     for name, indices in sorted(groups.items()):
         task = name.split("/")[0]
-        if task in CLOSED_TASKS:
+        if task in label_tasks:
+            results[name] = {"count": len(indices), **score_label_task(
+                [examples[i] for i in indices], [predictions[i] for i in indices], label_tasks[task])}
+        elif task in CLOSED_TASKS:
             correct = sum(is_correct(examples[i], predictions[i]) for i in indices)
             chance = sum(chance_level(examples[i]) for i in indices) / len(indices)
             results[name] = {"count": len(indices), "accuracy": correct / len(indices), "chance": chance}

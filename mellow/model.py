@@ -136,6 +136,23 @@ class MellowModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy over answer (+EOS) tokens: mean per example, then over examples (or over all tokens)."""
+        token_losses, example_of_token, scored = self.answer_token_losses(batch)
+        weight = batch.get("loss_weight")  # (B,) class-balancing weights (--train.balance loss), or None
+        if self.loss_weighting == "token":
+            return (token_losses if weight is None else token_losses * weight[example_of_token]).mean()
+        per_example = torch.zeros(scored.shape[0], device=scored.device).index_add_(0, example_of_token, token_losses)
+        per_example = per_example / scored.sum(dim=1).clamp(min=1)  # (B,)
+        return (per_example if weight is None else per_example * weight).mean()
+
+    @torch.inference_mode()
+    def answer_log_likelihood(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) log-probability of each example's whole answer (+EOS) given its audio and prompt: how the model
+        ranks the allowed answers of a closed question (04_eval --closed rank)."""
+        token_losses, example_of_token, scored = self.answer_token_losses(batch)
+        return -torch.zeros(scored.shape[0], device=scored.device).index_add_(0, example_of_token, token_losses)
+
+    def answer_token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cross-entropy of each answer token (N,), the example each belongs to (N,), answer mask (B, L_text))."""
         embeds, mask, position_ids = self.build_inputs(batch)
         hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask,
                                                 position_ids=position_ids).last_hidden_state  # (B, L, H)
@@ -147,11 +164,7 @@ class MellowModel(nn.Module):
         scored = labels != -100
         logits = self.language_model.get_output_embeddings()(predicting[scored])  # (N, V)
         token_losses = F.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
-        if self.loss_weighting == "token":
-            return token_losses.mean()
-        example_of_token = scored.nonzero()[:, 0]  # (N,)
-        per_example = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, example_of_token, token_losses)
-        return (per_example / scored.sum(dim=1).clamp(min=1)).mean()
+        return token_losses, scored.nonzero()[:, 0], scored
 
     @torch.inference_mode()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,

@@ -33,7 +33,7 @@ from mellow.wds import import_webdataset
 
 FORMATS = (".wav", ".flac", ".mp3", ".ogg")
 SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
-SOURCE_KINDS = ("wds", "mellow", "clotho", "audiocaps", "folder")
+SOURCE_KINDS = ("wds", "mellow", "clotho", "audiocaps", "meld", "folder")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class PrepareConfig:
                                    "as part-{0000..0099}.tar, http(s):// URLs or pipe:<command>; several joined with "
                                    "::, as webdataset does), whose audio stays in the tars; `mellow:<json>[,...]` "
                                    "(Mellow/ReasonAQA release files; split from the file name or split=file); "
-                                   "`clotho:<folder>`; `audiocaps:<folder>`; `folder:<manifest.csv|jsonl>`. "
+                                   "`clotho:<folder>`; `audiocaps:<folder>`; `meld:<MELD.Raw folder>`; "
+                                   "`folder:<manifest.csv|jsonl>`. "
                                    "Imported audio stays where it is; see docs/datasets.md.")
     name: str = setting("synth", "Dataset name: the output folder is <root>/<name>.")
     root: Path = setting(Path("datasets"), "Folder that holds all datasets.")
@@ -55,6 +56,13 @@ class PrepareConfig:
     val_fraction: float = setting(0.1, "Fraction of clips in the validation split.")
     test_fraction: float = setting(0.15, "Fraction of clips in the test split.")
     comparisons_per_clip: int = setting(3, "Two-audio pairs drawn per clip of a split (synth only).")
+    label_field: str = setting("", "wds: and folder: sources: json fields / CSV columns (comma-separated) that hold "
+                                   "a clip's label, or labels (a list, or joined by ; or |), each made a "
+                                   "closed-label task; its label set is every label found.")
+    label_task: str = setting("", "The task name of each --label-field, in the same order (default: the field's "
+                                  "name), e.g. --label-field emo --label-task emotion.")
+    meld_text: bool = setting(False, "MELD: put each utterance's transcript in the prompt (its subtasks are then "
+                                     "emotion+text and sentiment+text).")
     workers: int = setting(0, "Parallel workers writing audio files (0: one per CPU core).")
     overwrite: bool = setting(False, "Replace an existing dataset made with a different config.")
 
@@ -74,6 +82,12 @@ class PrepareConfig:
             raise ValueError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
         if self.workers < 0:
             raise ValueError(f"--workers {self.workers} must be >= 0")
+        if self.label_fields() and kind not in ("wds", "folder"):
+            raise ValueError(f"--label-field reads wds: and folder: sources, not {self.source!r}")
+
+    def label_fields(self) -> dict[str, str]:
+        """{field: closed-label task} from --label-field / --label-task."""
+        return importers.parse_label_fields(self.label_field, self.label_task)
 
     @property
     def dataset_dir(self) -> Path:
@@ -115,6 +129,9 @@ def _fingerprint(config: PrepareConfig) -> dict:
         values.pop(key)
     if values["audio_root"] is None:  # datasets prepared before the option existed stay valid
         values.pop("audio_root")
+    for key in ("meld_text", "label_field", "label_task"):  # unset: as datasets prepared before they existed
+        if not values[key]:
+            values.pop(key)
     return values
 
 
@@ -142,7 +159,7 @@ def process(config: PrepareConfig) -> dict[str, int]:
             record["split"] = clip_split[scene.id]
             records.append(record)
             progress.advance(task)
-    return _write_manifests(config, records, examples, failures=[])
+    return _write_manifests(config, records, examples, failures=[], label_tasks=synth.LABEL_TASKS)
 
 
 def _process_webdataset(config: PrepareConfig) -> dict[str, int]:
@@ -150,19 +167,22 @@ def _process_webdataset(config: PrepareConfig) -> dict[str, int]:
     urls = [url for pattern in config.source[4:].split("::") for url in braceexpand(pattern.strip())]
     with progress_bar() as progress:
         task = progress.add_task("reading tars", total=None)
-        records, examples, failures = import_webdataset(urls, config.val_fraction, config.test_fraction,
-                                                        on_sample=lambda: progress.advance(task))
+        records, examples, failures, label_tasks = import_webdataset(
+            urls, config.val_fraction, config.test_fraction, on_sample=lambda: progress.advance(task),
+            label_fields=config.label_fields())
     _report_failures(failures)
     if not records:
         raise ValueError(f"--source {config.source}: no usable audio in {len(urls)} tar(s); "
                          + (failures[0]["reason"] if failures else "the tars are empty"))
-    return _write_manifests(config, records, examples, failures)
+    _check_labels_found(config, label_tasks)
+    return _write_manifests(config, records, examples, failures, label_tasks)
 
 
 def _process_import(config: PrepareConfig) -> dict[str, int]:
     """Read a published layout; hash every audio file it names (a store refuses a clip whose file changed)."""
     imported = importers.import_source(config.source, config.audio_root, config.val_fraction, config.test_fraction,
-                                       config.seed)
+                                       config.seed, config.meld_text, config.label_fields())
+    _check_labels_found(config, imported.label_tasks)
     _report_failures(imported.failures)
     if not imported.records:
         raise ValueError(f"--source {config.source}: no audio file found of those its manifests name"
@@ -177,7 +197,14 @@ def _process_import(config: PrepareConfig) -> dict[str, int]:
             progress.advance(task)
     for record in imported.records:
         record["sha256"] = hashes[record["path"]]
-    return _write_manifests(config, imported.records, imported.examples, imported.failures)
+    return _write_manifests(config, imported.records, imported.examples, imported.failures, imported.label_tasks)
+
+
+def _check_labels_found(config: PrepareConfig, label_tasks: dict[str, list[str]]) -> None:
+    """A --label-field that no clip holds is a mistyped name, not an empty task."""
+    for field_name, task in config.label_fields().items():
+        if task not in label_tasks:
+            raise ValueError(f"--label-field {field_name}: no clip of {config.source} has a label in that field")
 
 
 def _report_failures(failures: list[dict]) -> None:
@@ -190,8 +217,17 @@ def _report_failures(failures: list[dict]) -> None:
 
 
 def _write_manifests(config: PrepareConfig, records: list[dict], examples: dict[str, list[dict]],
-                     failures: list[dict]) -> dict[str, int]:
-    """audio.jsonl, <split>.jsonl, and prepare.json last (it marks the dataset complete)."""
+                     failures: list[dict], label_tasks: dict[str, list[str]] | None = None) -> dict[str, int]:
+    """audio.jsonl, <split>.jsonl, and prepare.json last (it marks the dataset complete); `label_tasks`
+    ({task: labels}) declares the closed-label tasks, whose every answer must be one of its labels."""
+    label_tasks = label_tasks or {}
+    for split, rows in examples.items():
+        for example in rows:
+            labels = label_tasks.get(example["task"])
+            if labels is not None and any(label not in labels for label in example.get("references") or
+                                          [example["answer"]]):
+                raise ValueError(f"a {split} example of the closed-label task {example['task']!r} is labelled "
+                                 f"{example['answer']!r}, which is not one of {labels}")
     config.dataset_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(config.dataset_dir / "audio.jsonl", records)
     for split, rows in examples.items():
@@ -199,7 +235,8 @@ def _write_manifests(config: PrepareConfig, records: list[dict], examples: dict[
     counts = {"clips": len(records), **{f"{split}_examples": len(rows) for split, rows in examples.items()},
               **({"skipped": len(failures)} if failures else {})}
     write_json_atomic(config.dataset_dir / "prepare.json", {"config": _fingerprint(config), "counts": counts,
-                                                            "failures": failures})
+                                                            "failures": failures,
+                                                            **({"label_tasks": label_tasks} if label_tasks else {})})
     return counts
 
 

@@ -43,6 +43,15 @@ def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed:
         newest = rows[-1]
         lines += [f"## {newest['checkpoint']} (update {newest['update']}) per task and subtask", "",
                   detail_markdown(newest["scores"]), ""]
+        labelled = {task: values for task, values in newest["scores"].items() if "per_class" in values}
+        if labelled:
+            lines += ["## Closed-label tasks", "", classification_markdown(labelled), ""]
+            for task, values in labelled.items():
+                if "/" not in task:
+                    lines += [f"**{task}** per class", "", per_class_markdown(values["per_class"]), ""]
+                    lines += [f"![{name}]({name})" for name in plot_confusion(
+                        values["confusion"], f"{task}: {newest['checkpoint']}", out / f"confusion-{task}.png")]
+                    lines += [""]
         confusions = {task: values["confusion"] for task, values in newest["scores"].items() if "confusion" in values}
         if confusions:
             lines += ["## Confusion tables (rows: expected answer, columns: predicted)", ""]
@@ -99,8 +108,25 @@ def detail_markdown(scores: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def classification_markdown(scores: dict[str, dict]) -> str:
+    """One row per closed-label task (and subtask): the figures emotion and sentiment papers report."""
+    lines = ["| task | n | accuracy | UAR | macro-F1 | weighted-F1 | outside the label set | chance |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {task} | {values['count']} | " + " | ".join(f"{values[key]:.3f}" for key in (
+        "accuracy", "uar", "macro_f1", "weighted_f1", "outside_label_set", "chance")) + " |"
+        for task, values in scores.items()]
+    return "\n".join(lines)
+
+
+def per_class_markdown(per_class: dict[str, dict]) -> str:
+    lines = ["| label | support | precision | recall | F1 |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {values['support']} | {values['precision']:.3f} | {values['recall']:.3f} | "
+              f"{values['f1']:.3f} |" for label, values in per_class.items()]
+    return "\n".join(lines)
+
+
 def confusion_markdown(table: dict[str, dict[str, int]]) -> str:
-    columns = sorted(column for column in next(iter(table.values())) if column != "other") + ["other"]
+    columns = list(next(iter(table.values())))  # the label order, answers outside the set last
     lines = ["| expected \\ predicted | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     lines += [f"| {expected} | " + " | ".join(str(counts[c]) for c in columns) + " |"
               for expected, counts in table.items()]
@@ -133,6 +159,30 @@ def plot_scores(rows: list[dict], tasks: list[str], path: Path) -> list[str]:
         axis.set_xlabel("update")
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path.name]
+
+
+def plot_confusion(table: dict[str, dict[str, int]], title: str, path: Path) -> list[str]:
+    """The confusion matrix as a picture: rows the expected label, columns the predicted one (answers outside
+    the label set last), each cell's count written in it, shaded by the share of its row."""
+    plt = _pyplot()
+    rows, columns = list(table), list(next(iter(table.values())))
+    counts = [[table[row][column] for column in columns] for row in rows]
+    shares = [[count / max(sum(line), 1) for count in line] for line in counts]
+    figure, axis = plt.subplots(figsize=(1.0 + 0.7 * len(columns), 1.2 + 0.55 * len(rows)))
+    axis.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    for i, line in enumerate(counts):
+        for j, count in enumerate(line):
+            axis.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                      color="white" if shares[i][j] > 0.6 else "black")
+    axis.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(range(len(rows)), rows, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("expected")
+    axis.set_title(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -2,7 +2,8 @@
 
 A scene is a short clip holding zero to four events (tone, chord, noise burst, chirp, clicks), each with a
 loudness level and, for tonal events, a pitch class; events may overlap (mixtures). Because every property is
-known, captions, yes/no and multiple-choice answers and two-audio comparisons are exact.
+known, captions, yes/no and multiple-choice answers, the kind of a one-event clip (a closed-label task of six
+labels) and two-audio comparisons are exact.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from random import Random
 import numpy as np
 
 KINDS = ("tone", "chord", "noise burst", "chirp", "clicks")
+# the closed-label task of the set: the kind of a clip with one event, or silence (declared in prepare.json)
+LABEL_TASKS = {"sound_kind": [*KINDS, "silence"]}
+SOUND_KIND_PROMPT = f"What kind of sound is in the audio? Answer with one of: {', '.join(LABEL_TASKS['sound_kind'])}."
 TONAL_KINDS = ("tone", "chord")
 LEVELS_DBFS = {"quiet": -32.0, "moderate": -22.0, "loud": -12.0}
 PITCH_HZ = {"low": 220.0, "medium": 550.0, "high": 1400.0}
@@ -213,6 +217,9 @@ def single_clip_examples(scene: Scene, rng: Random) -> list[dict]:
             distractors = rng.sample([k for k in KINDS if k != loudest.kind], 3)
             examples.append(_multiple_choice(rng, "Which kind of sound is the loudest?", loudest.kind,
                                              distractors, "loudest_kind", scene))
+    if len(scene.events) <= 1:  # draws nothing from rng: the other tasks stay as they were
+        answer = scene.events[0].kind if scene.events else "silence"
+        examples.append(_example("sound_kind", "sound_kind", scene, None, SOUND_KIND_PROMPT, answer))
     return examples
 
 

@@ -42,6 +42,7 @@ from mellow.data import ExampleSet, batch_loader, embedding_rows, move_to, worke
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
 from mellow.files import read_json, sha256_file, write_text_atomic
+from mellow.manifests import label_tasks_of
 from mellow.model import MellowModel, ModelConfig, build_model, embedding_rms
 from mellow.progress import console, progress_bar
 from mellow.stopping import StopControl, requeue_slurm_job
@@ -116,6 +117,11 @@ class TrainConfig:
                 "the Zarr store per batch, by the data workers), auto (ram if it fits in ram_cache_gb).")
     ram_cache_gb: float = setting(16.0, "Largest store (uncompressed) that data_cache auto keeps in RAM, per "
                                         "process.")
+    balance: Literal["off", "sampler", "loss"] = setting(
+        "off", "Balance the classes of each closed-label task (the dataset's prepare.json declares them): sampler "
+               "draws each epoch's examples with probabilities that make every class equally frequent (with "
+               "replacement, from the seed: a resume continues exactly); loss weighs each example's loss by "
+               "the inverse frequency of its class. The task's share of the data stays as it is.")
     length_buckets: int = setting(1, "Micro-batches sorted by length together to cut padding (1: off). Faster "
                                      "per update, but the task-homogeneous batches learned slower here.")
 
@@ -135,6 +141,8 @@ class TrainConfig:
         if self.cooldown_updates and self.warmup_updates + self.cooldown_updates > self.max_updates:
             raise ValueError(f"--train.warmup_updates {self.warmup_updates} + --train.cooldown_updates "
                              f"{self.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
+        if self.balance not in ("off", "sampler", "loss"):
+            raise ValueError(f"--train.balance {self.balance!r} must be off, sampler or loss")
         if self.data_cache not in ("auto", "ram", "stream"):
             raise ValueError(f"--train.data_cache {self.data_cache!r} must be auto, ram or stream")
         if self.wandb not in ("auto", "on", "off"):
@@ -291,16 +299,23 @@ def _optimizer(model: MellowModel, train: TrainConfig) -> torch.optim.Optimizer:
                               for (part, decays), parameters in sorted(groups.items())], betas=(0.9, 0.98), fused=True)
 
 
-def epoch_micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int, bucket: int) -> np.ndarray:
+def epoch_micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int, bucket: int,
+                        weights: np.ndarray | None = None) -> np.ndarray:
     """The global micro-batches of one epoch, (batches, micro_batch) example indices, a pure function of
     (seed, epoch). An array, not lists: at a million examples the epoch's order must not be a million objects.
+    With `weights` (--train.balance sampler) the epoch draws as many examples, with replacement, each with a
+    probability proportional to its weight.
 
     With `bucket` > 1, each run of `bucket` micro-batches of a random permutation is sorted by text length
     before it is cut, and the cut micro-batches are shuffled again: batches hold similar lengths, so far less
     padding is computed, while the epoch stays a random order.
     """
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).numpy()
+    if weights is None:
+        order = torch.randperm(len(lengths), generator=generator).numpy()
+    else:
+        order = torch.multinomial(torch.from_numpy(weights), len(lengths), replacement=True,
+                                  generator=generator).numpy()
     per_epoch = len(lengths) // micro_batch
     order = order[: per_epoch * micro_batch]
     if bucket <= 1:
@@ -317,7 +332,7 @@ def epoch_micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch:
 
 
 def micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, start: int, context: DistributedContext,
-                  bucket: int) -> Iterator[tuple[int, list[int]]]:
+                  bucket: int, weights: np.ndarray | None = None) -> Iterator[tuple[int, list[int]]]:
     """Yield (epoch, this rank's example indices) for every global micro-batch from number `start` on, forever."""
     per_epoch = len(lengths) // micro_batch
     if per_epoch == 0:
@@ -325,9 +340,21 @@ def micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, start: int, 
                          f"({micro_batch}); lower --train.batch_size")
     epoch, offset = divmod(start, per_epoch)
     while True:
-        for batch in epoch_micro_batches(lengths, micro_batch, seed, epoch, bucket)[offset:]:
+        for batch in epoch_micro_batches(lengths, micro_batch, seed, epoch, bucket, weights)[offset:]:
             yield epoch, batch[context.rank :: context.world_size].tolist()
         epoch, offset = epoch + 1, 0
+
+
+def balancing_weights(train: TrainConfig, train_set: ExampleSet) -> np.ndarray:
+    """Per-example class weights of the training split's closed-label tasks, said in one line per task."""
+    label_tasks = label_tasks_of(train.dataset)
+    if not label_tasks:
+        raise ValueError(f"--train.balance {train.balance}: {train.dataset} declares no closed-label task (its "
+                         "prepare.json has no label_tasks); use --train.balance off")
+    weights = train_set.class_weights(label_tasks)
+    for task, labels in label_tasks.items():
+        console.print(f"balancing the {len(labels)} classes of {task} by {train.balance}", highlight=False)
+    return weights
 
 
 def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, initial: Path | None,
@@ -376,8 +403,11 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
     autocast = mixed_precision(train.precision, device)
     lengths = train_set.lengths()
+    weights = balancing_weights(train, train_set) if train.balance != "off" else None
+    if train.balance == "loss":
+        train_set.loss_weights = weights / weights.mean()  # the average example still weighs 1
     order = micro_batches(lengths, train.batch_size // train.grad_accum, train.seed, state.micro_batches, context,
-                          train.length_buckets)
+                          train.length_buckets, weights if train.balance == "sampler" else None)
     batches = batch_loader(train_set, order, train.data_workers, train.prefetch, pin_memory=device.type == "cuda")
     stop_at = min(train.max_updates, state.update + train.stop_after) if train.stop_after else train.max_updates
     meta = {"store_fingerprint": store.fingerprint, "store": str(train.store), "config": resolved,

@@ -26,7 +26,7 @@ from webdataset.gopen import Pipe
 from webdataset.tariterators import tar_file_expander, url_opener
 
 from mellow.files import write_json_atomic
-from mellow.importers import CAPTION_PROMPT, hash_split
+from mellow.importers import CAPTION_PROMPT, hash_split, label_examples, label_values
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore
 
@@ -163,29 +163,35 @@ AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a", "aac", "webm", "
 
 
 def import_webdataset(urls: list[str], val_fraction: float, test_fraction: float,
-                      on_sample: Callable[[], None] = lambda: None) -> tuple[list[dict], dict[str, list[dict]],
-                                                                            list[dict]]:
-    """Read WebDataset tars of audio + json (stock reader, one tar at a time) into audio records, caption
-    examples per split, and failures (unreadable tars, samples without audio, repeated ids).
+                      on_sample: Callable[[], None] = lambda: None, label_fields: dict[str, str] | None = None,
+                      ) -> tuple[list[dict], dict[str, list[dict]], list[dict], dict[str, list[str]]]:
+    """Read WebDataset tars of audio + json (stock reader, one tar at a time) into audio records, examples per
+    split, failures (unreadable tars, samples without audio, repeated ids) and the closed-label tasks.
 
     The audio stays in the tars: a record names its tar and member, and 01_precompute streams them. Per sample,
     the json may give `id` (default: the sample key), `duration`, `split` (train/val/test; default: drawn from
-    a hash of the id), and captions as `captions` (list), `caption` or `text`."""
+    a hash of the id), captions as `captions` (list), `caption` or `text`, and the fields of `label_fields`
+    ({json field: task}: a label, or a list of them), which become closed-label tasks."""
     records: list[dict] = []
     examples: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     failures: list[dict] = []
     seen: set[str] = set()
+    labelled: list[tuple[str, str, str, list[str]]] = []
     for url in urls:
         location = url if is_remote(url) else str(Path(url).resolve())
         try:
             for sample in webdataset.WebDataset(location, shardshuffle=False, empty_check=False):
                 on_sample()
-                record, captions, problem = _sample_record(sample, location, seen, val_fraction, test_fraction)
+                record, meta, captions, problem = _sample_record(sample, location, seen, val_fraction,
+                                                                 test_fraction)
                 if problem:
                     failures.append({"tar": url, "key": sample["__key__"], "reason": problem})
                     continue
                 seen.add(record["id"])
                 records.append(record)
+                for name, task in (label_fields or {}).items():
+                    if label_values(meta.get(name)):
+                        labelled.append((record["split"], record["id"], task, label_values(meta[name])))
                 if captions:
                     examples[record["split"]].append({
                         "task": "caption", "subtask": "caption", "audio1": record["id"], "audio2": None,
@@ -193,22 +199,28 @@ def import_webdataset(urls: list[str], val_fraction: float, test_fraction: float
                         "split": record["split"]})
         except Exception as error:  # a dead URL, a failing pipe, a corrupt tar: report it, read the others
             failures.append({"tar": url, "key": None, "reason": f"reading the tar failed: {error}"})
-    return records, examples, failures
+    label_tasks, labelled_examples = label_examples(labelled)
+    for split, example in labelled_examples:
+        examples[split].append({**example, "split": split})
+    return records, examples, failures, label_tasks
 
 
 def _sample_record(sample: dict, tar: str, seen: set[str], val_fraction: float,
-                   test_fraction: float) -> tuple[dict, list[str], str | None]:
-    """(audio record, captions, None) for one WebDataset sample, or ({}, [], reason) if it cannot be used."""
+                   test_fraction: float) -> tuple[dict, dict, list[str], str | None]:
+    """(audio record, its json, captions, None) for one WebDataset sample, or ({}, {}, [], reason) if it cannot
+    be used."""
     extension = next((ext for ext in AUDIO_EXTENSIONS if ext in sample), None)
     if extension is None:
-        return {}, [], f"no audio member ({', '.join(AUDIO_EXTENSIONS)}) among {sorted(sample)}"
+        return {}, {}, [], f"no audio member ({', '.join(AUDIO_EXTENSIONS)}) among {sorted(sample)}"
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except json.JSONDecodeError as error:
-        return {}, [], f"its json does not parse: {error}"
+        return {}, {}, [], f"its json does not parse: {error}"
+    if not isinstance(meta, dict):
+        return {}, {}, [], f"its json is a {type(meta).__name__}, not an object"
     clip_id = str(meta.get("id", sample["__key__"]))
     if clip_id in seen:
-        return {}, [], f"id {clip_id!r} was already used by another sample"
+        return {}, {}, [], f"id {clip_id!r} was already used by another sample"
     split = meta.get("split")
     if split not in ("train", "val", "test"):
         split = hash_split(clip_id, val_fraction, test_fraction)
@@ -218,4 +230,4 @@ def _sample_record(sample: dict, tar: str, seen: set[str], val_fraction: float,
     data = sample[extension]
     record = {"id": clip_id, "path": f"{tar}#{member}", "tar": tar, "member": member,
               "duration": meta.get("duration"), "sha256": hashlib.sha256(data).hexdigest(), "split": split}
-    return record, captions, None
+    return record, meta, captions, None

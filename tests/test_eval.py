@@ -159,8 +159,71 @@ def test_eval_bad_inputs_get_clear_messages(three_checkpoints, tmp_path, monkeyp
         evaluate.run(EvalConfig(run=moved, similarity=False))
     run_dir = tmp_path / "run"
     shutil.copytree(three_checkpoints, run_dir)
-    monkeypatch.setattr(evaluate, "generate_all", lambda model, tokenizer, examples, config, device:
+    monkeypatch.setattr(evaluate, "generate_all", lambda model, tokenizer, examples, config, device, indices:
                         ["" if i % 2 else "yes" for i in range(len(examples))])
     result = evaluate.run(EvalConfig(run=run_dir, which="latest", max_examples=6, similarity=False))
     assert "3 of 6 predictions are empty" in capsys.readouterr().out.replace("\n", " ")
     assert read_json(result.output_dir / "scores.json")["empty_predictions"] == 3
+
+
+def test_a_closed_label_task_gets_classification_figures_and_a_confusion_matrix(three_checkpoints, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run_dir)
+    evaluate.run(EvalConfig(run=run_dir, which="latest", max_new_tokens=8, similarity=False))
+    scores = read_json(run_dir / "step-000006" / "eval-test" / "scores.json")["scores"]["sound_kind"]
+    assert {"accuracy", "uar", "macro_f1", "weighted_f1", "outside_label_set", "per_class", "confusion"} <= set(scores)
+    assert scores["chance"] == pytest.approx(1 / 6)
+    report = (run_dir / "eval-test" / "report.md").read_text()
+    assert "## Closed-label tasks" in report and "![confusion-sound_kind.png](confusion-sound_kind.png)" in report
+    png = run_dir / "eval-test" / "confusion-sound_kind.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 3000
+
+
+def test_rank_mode_answers_every_closed_question_inside_its_set_by_log_likelihood(three_checkpoints, tmp_path,
+                                                                                   monkeypatch):
+    import torch
+
+    from mellow.checkpoint import load_trained_model
+    from mellow.data import ExampleSet, RowsFromZarr, move_to
+    from mellow.store import EmbeddingStore
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run_dir)
+    generated = []  # the examples that went through generation: the free-text ones alone
+    generate_all = evaluate.generate_all
+    monkeypatch.setattr(evaluate, "generate_all", lambda *args: generated.extend(args[-1]) or generate_all(*args))
+    result = evaluate.run(EvalConfig(run=run_dir, which="latest", max_new_tokens=8, similarity=False,
+                                     closed="rank"))
+    assert result.output_dir == run_dir / "step-000006" / "eval-test-rank"
+    saved = read_json(result.output_dir / "scores.json")
+    assert saved["settings"]["closed"] == "rank" and saved["examples_per_s"] > 0
+    assert saved["scores"]["sound_kind"]["outside_label_set"] == 0.0
+    dataset = Path(read_json(run_dir / "step-000006" / "trainer.json")["config"]["train"]["dataset"])
+    label_tasks = read_json(dataset / "prepare.json")["label_tasks"]
+    rows = read_jsonl(result.output_dir / "predictions.jsonl")
+    closed = [row for row in rows if evaluate.closed_options(row, label_tasks)]
+    assert closed and all(row["prediction"] in evaluate.closed_options(row, label_tasks) for row in closed)
+    assert sorted(generated) == [i for i, row in enumerate(rows) if not evaluate.closed_options(row, label_tasks)]
+    assert {rows[i]["task"] for i in generated} == {"caption", "difference"}
+    assert (run_dir / "eval-test-rank" / "leaderboard.json").exists()
+
+    # the chosen answer is the one whose tokens the model finds most likely, computed here from the logits
+    model, tokenizer, _ = load_trained_model(run_dir / "step-000006", torch.device("cpu"))
+    store = EmbeddingStore(Path(read_json(run_dir / "step-000006" / "trainer.json")["store"]))
+    row = next(row for row in closed if row["task"] == "sound_kind")
+    options = evaluate.closed_options(row, label_tasks)
+    pairs = ExampleSet([{**row, "answer": option} for option in options], store, tokenizer, 256,
+                       rows=RowsFromZarr(store), prompt_suffix=model.prompt_suffix)
+    by_hand = []
+    for index in range(len(options)):
+        batch = move_to(pairs.batch([index]), torch.device("cpu"))
+        embeds, mask, positions = model.build_inputs(batch)
+        with torch.no_grad():
+            logits = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        answer = pairs.answer_ids(index)
+        start = embeds.shape[1] - len(answer)  # the answer (+EOS) ends the sequence: no padding in a batch of one
+        log_probs = torch.log_softmax(logits[0, start - 1 : -1].float(), dim=-1)
+        by_hand.append(float(log_probs[torch.arange(len(answer)), torch.tensor(answer)].sum()))
+    assert row["prediction"] == options[by_hand.index(max(by_hand))]
+    ranked = model.answer_log_likelihood(move_to(pairs.batch(list(range(len(options)))), torch.device("cpu")))
+    assert ranked.tolist() == pytest.approx(by_hand, abs=1e-4)

@@ -260,3 +260,31 @@ def test_folder_with_csv_and_jsonl(tmp_path):
 def test_unknown_source_kind_is_refused(tmp_path):
     result = invoke("prepare", "--source", "kaggle:something", "--root", tmp_path, code=2)
     assert "mellow:<path>" in result.output and "audiocaps:<path>" in result.output
+
+
+def test_label_columns_of_a_folder_manifest_become_closed_label_tasks(tmp_path):
+    folder = tmp_path / "speech"
+    for name, hertz in (("a", 300), ("b", 500), ("c", 700), ("d", 900)):
+        tone(folder / f"{name}.wav", 1.5, hertz)
+    (folder / "labels.csv").write_text("path,emo,split\n"
+                                       "a.wav,Joy,train\n"
+                                       "b.wav,anger;Surprise,train\n"
+                                       "c.wav,neutral,test\n"
+                                       "d.wav,,test\n")  # no label: no emotion example for it
+    dataset, report = prepare(f"folder:{folder / 'labels.csv'}", tmp_path / "datasets", "--label-field", "emo",
+                              "--label-task", "emotion")
+    assert report["label_tasks"] == {"emotion": ["anger", "joy", "neutral", "surprise"]}
+    assert report["config"]["label_field"] == "emo" and report["config"]["label_task"] == "emotion"
+    found = examples(dataset)
+    assert [(e["audio1"], e["answer"], e["references"]) for e in found["train"]] == [
+        ("a", "joy", ["joy"]), ("b", "anger", ["anger", "surprise"]), ("b", "surprise", ["anger", "surprise"])]
+    assert [(e["audio1"], e["answer"]) for e in found["test"]] == [("c", "neutral")]
+    assert found["test"][0]["prompt"] == ("Which emotion does the audio express? Answer with one of: anger, joy, "
+                                          "neutral, surprise.")
+
+    for options, message in ((["--label-field", "emotion"], "--label-field emotion: "),
+                             (["--label-field", "emo", "--label-task", "caption"], "--label-task 'caption'"),
+                             (["--label-field", "emo", "--label-task", "a,b"], "names 2 task(s) for 1")):
+        result = CliRunner().invoke(app, ["prepare", "--source", f"folder:{folder / 'labels.csv'}", "--name", "x",
+                                          "--root", str(tmp_path / "bad"), *options])
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -99,3 +99,56 @@ def test_closed_task_scores_are_pinned():
     assert scores["multiple_choice"]["accuracy"] == pytest.approx(2 / 3, abs=1e-6)
     assert scores["multiple_choice"]["chance"] == pytest.approx((1 / 4 + 1 / 3 + 1 / 2) / 3, abs=1e-6)
     assert "confusion" not in scores["multiple_choice"]
+
+
+EMOTIONS = ["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"]
+# (expected, answer as generated): a skewed set, a class never predicted, answers outside the set, and a label
+# ("surprise") that no example expects, which the figures leave out as scikit-learn does with labels=present
+LABELLED = [("neutral", "neutral"), ("neutral", "Neutral."), ("neutral", "joy"), ("neutral", "neutral"),
+            ("joy", "joy"), ("joy", "the joy"), ("joy", "happiness"), ("anger", "anger"), ("anger", "disgust"),
+            ("sadness", "neutral"), ("sadness", "sadness"), ("fear", "I am not sure"), ("disgust", "anger"),
+            ("neutral", "sadness"), ("joy", "neutral")]
+
+
+def test_closed_label_figures_equal_scikit_learns():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    examples = [{"task": "emotion", "answer": expected} for expected, _ in LABELLED]
+    predictions = [answer for _, answer in LABELLED]
+    scores = metrics.score(examples, predictions, label_tasks={"emotion": EMOTIONS})["emotion"]
+
+    truth = [expected for expected, _ in LABELLED]
+    named = [metrics.predicted_label(answer, EMOTIONS) or "<outside>" for answer in predictions]
+    present = [label for label in EMOTIONS if label in truth]
+    assert "surprise" not in present and named.count("<outside>") == 2
+    assert scores["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(truth, named), abs=1e-12)
+    assert scores["uar"] == pytest.approx(
+        sklearn_metrics.recall_score(truth, named, labels=present, average="macro", zero_division=0), abs=1e-12)
+    assert scores["macro_f1"] == pytest.approx(
+        sklearn_metrics.f1_score(truth, named, labels=present, average="macro", zero_division=0), abs=1e-12)
+    assert scores["weighted_f1"] == pytest.approx(
+        sklearn_metrics.f1_score(truth, named, labels=present, average="weighted", zero_division=0), abs=1e-12)
+    precision, recall, f1, support = sklearn_metrics.precision_recall_fscore_support(
+        truth, named, labels=present, zero_division=0)
+    for index, label in enumerate(present):
+        assert scores["per_class"][label] == pytest.approx(
+            {"precision": precision[index], "recall": recall[index], "f1": f1[index], "support": support[index]})
+    matrix = sklearn_metrics.confusion_matrix(truth, named, labels=[*EMOTIONS, "<outside>"])
+    for index, label in enumerate(present):
+        assert list(scores["confusion"][label].values()) == list(matrix[EMOTIONS.index(label)])
+    assert scores["outside_label_set"] == pytest.approx(2 / 15) and scores["chance"] == pytest.approx(1 / 7)
+    # by hand, so the comparison above cannot pass by both sides being wrong the same way
+    assert scores["accuracy"] == pytest.approx(7 / 15) and scores["per_class"]["neutral"]["recall"] == 3 / 5
+
+
+def test_a_clip_with_several_labels_is_right_when_any_is_named():
+    examples = [{"task": "emotion", "answer": "joy", "references": ["joy", "surprise"]},
+                {"task": "emotion", "answer": "anger", "references": ["anger"]}]
+    scores = metrics.score(examples, ["Surprise", "joy"], label_tasks={"emotion": EMOTIONS})["emotion"]
+    assert scores["accuracy"] == 0.5 and scores["confusion"]["surprise"]["surprise"] == 1
+    assert metrics.is_correct(examples[0], "surprise", EMOTIONS) and not metrics.is_correct(examples[1], "joy",
+                                                                                            EMOTIONS)
+
+
+def test_an_expected_label_outside_the_declared_set_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"expected answers \['happy'\] are not in the task's label set"):
+        metrics.score([{"task": "emotion", "answer": "happy"}], ["joy"], label_tasks={"emotion": EMOTIONS})

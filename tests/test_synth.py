@@ -30,7 +30,8 @@ def test_every_task_appears_and_answers_match_ground_truth():
     scenes, examples, _ = synth.generate(200, 2, 6.0, SPLITS)
     by_id = {scene.id: scene for scene in scenes}
     rows = [row for split in examples.values() for row in split]
-    assert {row["task"] for row in rows} == {"caption", "yes_no", "multiple_choice", "comparison", "difference"}
+    assert {row["task"] for row in rows} == {"caption", "yes_no", "multiple_choice", "comparison", "difference",
+                                             "sound_kind"}
     for row in rows:
         first, second = by_id[row["audio1"]], by_id.get(row["audio2"])
         if row["subtask"] == "louder":
@@ -47,6 +48,10 @@ def test_every_task_appears_and_answers_match_ground_truth():
             assert f") {row['answer']}" in row["prompt"]
         elif row["task"] == "caption":
             assert len(row["references"]) >= 2 and row["answer"] == row["references"][0]
+        elif row["task"] == "sound_kind":
+            assert len(first.events) <= 1 and row["answer"] == (first.events[0].kind if first.events else "silence")
+    kinds = {row["answer"] for row in rows if row["task"] == "sound_kind"}
+    assert kinds == set(synth.LABEL_TASKS["sound_kind"])  # every label of the closed-label task occurs
 
 
 def test_binary_answers_are_balanced():

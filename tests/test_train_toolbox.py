@@ -215,3 +215,54 @@ def test_init_from_starts_a_new_run_from_trained_weights(mel_store, tiny_dataset
     assert logged_losses(second)[1] < logged_losses(first)[1]
     with pytest.raises(ValueError, match="trained with decoder"):
         train.run(train_config(mel_store, tiny_dataset, tmp_path / "third", init_from=first), ModelConfig(**TINY_MODEL))
+
+
+def _sound_kind_classes(dataset: Path) -> list:
+    return [(e["task"], e["answer"]) if e["task"] == "sound_kind" else None
+            for e in read_jsonl(dataset / "train.jsonl")]
+
+
+def test_class_weights_give_every_class_of_a_label_task_the_same_total_and_keep_the_tasks_share(
+        mel_store, tiny_dataset):
+    from mellow.decoders import load_tokenizer
+    from mellow.manifests import label_tasks_of
+
+    store = EmbeddingStore(mel_store)
+    examples = ExampleSet.from_split(tiny_dataset, "train", store, load_tokenizer("tiny"), 256)
+    weights = examples.class_weights(label_tasks_of(tiny_dataset))
+    classes = [_sound_kind_classes(tiny_dataset)[line] for line in examples.tokenized.line]
+    labelled = [key for key in classes if key is not None]
+    assert len(set(labelled)) >= 3 and len(labelled) < len(classes)  # several kinds, beside other tasks
+    totals = {key: sum(w for w, k in zip(weights, classes) if k == key) for key in set(labelled)}
+    assert max(totals.values()) == pytest.approx(min(totals.values()))
+    assert sum(totals.values()) == pytest.approx(len(labelled))  # the task's share of the data is kept
+    assert all(w == 1.0 for w, key in zip(weights, classes) if key is None)
+    # the sampler draws an epoch with those weights: every class about as often
+    drawn = [classes[i] for epoch in range(40) for i in
+             train.epoch_micro_batches(examples.lengths(), 1, 3, epoch, 1, weights).ravel()]
+    counts = [drawn.count(key) for key in set(labelled)]
+    assert max(counts) < 1.5 * min(counts), counts
+
+
+@pytest.mark.parametrize("balance", ["sampler", "loss"])
+def test_balanced_training_changes_the_training_and_resumes_exactly(mel_store, tiny_dataset, tmp_path, balance):
+    straight, _ = _stop_and_resume_equals_straight(mel_store, tiny_dataset, tmp_path, ModelConfig(**TINY_MODEL),
+                                                   balance=balance)
+    plain = tmp_path / "plain"
+    train.run(train_config(mel_store, tiny_dataset, plain), ModelConfig(**TINY_MODEL))
+    assert logged_losses(plain) != logged_losses(straight)
+    with pytest.raises(ValueError, match="balance"):  # a resume cannot switch it: that changes the training
+        train.run(train_config(mel_store, tiny_dataset, straight, max_updates=10), ModelConfig(**TINY_MODEL),
+                  resume=True)
+
+
+def test_balance_without_label_tasks_is_a_clear_error(mel_store, tiny_dataset, tmp_path):
+    import shutil
+
+    dataset = tmp_path / "synth"
+    shutil.copytree(tiny_dataset, dataset, ignore=shutil.ignore_patterns(".cache"))
+    prepared = read_json(dataset / "prepare.json")
+    prepared.pop("label_tasks")
+    (dataset / "prepare.json").write_text(__import__("json").dumps(prepared))
+    with pytest.raises(ValueError, match="declares no closed-label task"):
+        train.run(train_config(mel_store, dataset, tmp_path / "run", balance="sampler"), ModelConfig(**TINY_MODEL))

@@ -140,3 +140,23 @@ def test_a_bad_source_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["prepare", "--source", f"wds:{tmp_path}/none-{{0..1}}.tar", "--name", "x",
                                       "--root", str(tmp_path)])
     assert result.exit_code == 2 and "no usable audio in 2 tar(s)" in result.output
+
+
+def test_a_json_field_of_labelled_tars_becomes_a_closed_label_task(tiny_dataset, tmp_path):
+    records = read_jsonl(tiny_dataset / "audio.jsonl")[:6]
+    emotions = ["joy", ["anger", "fear"], "neutral", "joy", None, "sadness"]
+    with webdataset.TarWriter(str(tmp_path / "speech-000000.tar")) as writer:
+        for record, emotion, split in zip(records, emotions, ["train"] * 3 + ["test"] * 3):
+            meta = {"split": split, **({"emotion": emotion} if emotion else {})}
+            writer.write({"__key__": record["id"], record["path"].rsplit(".", 1)[1]:
+                          (tiny_dataset / record["path"]).read_bytes(), "json": json.dumps(meta).encode()})
+    _invoke("prepare", "--source", f"wds:{tmp_path / 'speech-000000.tar'}", "--name", "speech", "--root",
+            str(tmp_path / "datasets"), "--label-field", "emotion")
+    dataset = tmp_path / "datasets" / "speech"
+    assert read_json(dataset / "prepare.json")["label_tasks"] == {"emotion": ["anger", "fear", "joy", "neutral",
+                                                                              "sadness"]}
+    train = [(e["audio1"], e["answer"]) for e in read_jsonl(dataset / "train.jsonl") if e["task"] == "emotion"]
+    ids = [record["id"] for record in records]
+    assert train == [(ids[0], "joy"), (ids[1], "anger"), (ids[1], "fear"), (ids[2], "neutral")]
+    test = [(e["audio1"], e["answer"]) for e in read_jsonl(dataset / "test.jsonl") if e["task"] == "emotion"]
+    assert test == [(ids[3], "joy"), (ids[5], "sadness")]
