@@ -264,6 +264,25 @@ def eval_command(
     evaluate.run(EvalConfig(**{k: v for k, v in locals().items() if k != "evaluate"}))
 
 
+@app.command("leaderboard")
+@friendly_errors
+def leaderboard_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders of a chain's stages, in order: 02_align runs and "
+                                                "03_train runs scored by 04_eval."),
+    split: str = typer.Option("test", help="The split the training runs were scored on (with --closed rank: "
+                                           "<split>-rank)."),
+    output: Path = typer.Option(Path("leaderboard"), help="Writes <output>.md and <output>.json."),
+) -> None:
+    """One leaderboard for a chain of stages (align -> train -> fine-tune): a row per stage with its retrieval
+    figures or its newest scored checkpoint's scores, the classification figures of closed-label tasks included."""
+    from mellow.report import write_chain_leaderboard
+
+    rows = write_chain_leaderboard(runs, split, output)
+    console.print((output.with_suffix(".md")).read_text(), highlight=False)
+    console.print(f"[bold green]leaderboard[/] of {len(rows)} stage(s): {output.with_suffix('.md')}, "
+                  f"{output.with_suffix('.json')}")
+
+
 @app.command("ask")
 @friendly_errors
 def ask_command(

@@ -291,14 +291,17 @@ def markdown_summary(scores: dict[str, dict], checkpoint: Path) -> str:
 
 
 def scores_table(scores: dict[str, dict], title: str) -> Table:
+    """The scores as a terminal table; closed-label tasks add their macro-F1 and UAR."""
     table = Table(title=title)
-    for column in ("task", "n", "metric", "score", "chance"):
+    labelled = any("macro_f1" in values for values in scores.values())
+    for column in ("task", "n", "metric", "score", "chance", *(("macro-F1", "UAR") if labelled else ())):
         table.add_column(column, justify="left" if column == "task" else "right")
     for name, values in scores.items():
         metric, value, chance = _main_metric(values)
         style = "bold" if "/" not in name else "dim"
+        extra = [f"{values[key]:.3f}" if key in values else "" for key in ("macro_f1", "uar")] if labelled else []
         table.add_row(name, str(values["count"]), metric, f"{value:.3f}", "" if chance is None else f"{chance:.3f}",
-                      style=style)
+                      *extra, style=style)
     return table
 
 

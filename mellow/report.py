@@ -213,3 +213,50 @@ def plot_losses(metrics_path: Path, path: Path) -> list[str]:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return [path.name]
+
+
+ALIGN_FIGURES = ("audio_to_text_R@1", "text_to_audio_R@1", "audio_to_text_mAP@10")
+LABEL_FIGURES = ("accuracy", "uar", "macro_f1", "weighted_f1")
+
+
+def stage_rows(runs: list[Path], tag: str) -> list[dict]:
+    """One row per stage of a chain (an align run, training runs scored by 04_eval): its kind and figures. A
+    training run gives its newest scored checkpoint's main score per task, and every classification figure of
+    its closed-label tasks; an align run its retrieval figures on its eval split."""
+    rows = []
+    for run in runs:
+        if (run / "align.json").is_file():
+            align = read_json(run / "align.json")
+            split, retrieval = next(iter(align["retrieval"].items()))
+            rows.append({"run": str(run), "stage": "align", "split": split,
+                         "figures": {f"retrieval {key}": retrieval[key] for key in ALIGN_FIGURES}})
+            continue
+        scored = scored_checkpoints(run, tag)
+        if not scored:
+            raise FileNotFoundError(f"{run}: neither an align run (align.json) nor a training run scored on {tag} "
+                                    f"(<run>/step-*/eval-{tag}/scores.json); run 04_eval on it first")
+        newest = scored[-1]
+        figures = {}
+        for task, values in newest["scores"].items():
+            if "/" in task:
+                continue
+            keys = [key for key in LABEL_FIGURES if key in values] if "per_class" in values else [
+                main_metric(values)[0]]
+            figures.update({f"{task} {key}": values[key] for key in keys})
+        rows.append({"run": str(run), "stage": "train", "split": tag, "checkpoint": newest["checkpoint"],
+                     "update": newest["update"], "figures": figures})
+    return rows
+
+
+def write_chain_leaderboard(runs: list[Path], tag: str, output: Path) -> list[dict]:
+    """stage_rows of `runs` as <output>.json and <output>.md (one table: a row per stage, a column per figure)."""
+    rows = stage_rows(runs, tag)
+    columns = list(dict.fromkeys(key for row in rows for key in row["figures"]))
+    lines = [f"# Leaderboard of {len(rows)} stage(s) ({tag})", "",
+             "| stage | run | checkpoint | " + " | ".join(columns) + " |", "|" + "---|" * (3 + len(columns))]
+    for row in rows:
+        cells = [f"{row['figures'][key]:.3f}" if key in row["figures"] else "" for key in columns]
+        lines.append(f"| {row['stage']} | {row['run']} | {row.get('checkpoint', '')} | " + " | ".join(cells) + " |")
+    write_json_atomic(output.with_suffix(".json"), rows)
+    write_text_atomic(output.with_suffix(".md"), "\n".join(lines) + "\n")
+    return rows
