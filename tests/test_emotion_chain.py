@@ -2,13 +2,16 @@
 layouts: a labelled WebDataset tar set (audio + json with an emotion and a caption) and MELD.Raw (mp4 videos
 with an AAC track, CSVs of mixed encodings). Stage 1 precomputes both with one encoder, stage 2 aligns, stage 3
 trains (stopped and resumed), stage 4 fine-tunes on MELD from stage 3, class-balanced; each is evaluated, and
-`mellow leaderboard` puts the three in one table. The recipe's own YAML files are used, with tiny models."""
+`mellow leaderboard` puts the three in one table. The recipe's own YAML files are used, with tiny models.
+
+In the slow tier (`uv run pytest -m slow`, run by .ci/run): ~25 s that the default suite's budget cannot spare."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import webdataset
 from conftest import TINY_ARGS
 from test_meld import meld_folder  # noqa: F401 - the MELD.Raw fixture
@@ -45,6 +48,7 @@ def labelled_tars(dataset: Path, folder: Path) -> Path:
     return tar
 
 
+@pytest.mark.slow
 def test_the_emotion_recipe_runs_its_four_stages_and_one_leaderboard(tiny_dataset, meld_folder,  # noqa: F811
                                                                       tmp_path):
     datasets, shards, runs = tmp_path / "datasets", tmp_path / "shards", tmp_path / "checkpoints"
