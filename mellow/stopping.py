@@ -1,8 +1,9 @@
 """When a training run stops early: preemption signals, time limits, and SLURM requeue.
 
 A signal handler only sets a flag (SIGTERM, SIGUSR1; SLURM's `--signal=USR1@120` sends one before the time
-limit). At every update boundary all ranks agree on stopping (one all-reduce of the flag), so they save the
-same checkpoint together and exit cleanly. The time limit (`--train.time_limit`, and the SLURM job's end time
+limit; where the job's end time is known, USR1 is left to the deadline check, see StopControl). At every update
+boundary all ranks agree on stopping (one all-reduce of the flag), so they save the same checkpoint together
+and exit cleanly. The time limit (`--train.time_limit`, and the SLURM job's end time
 when there is one) stops the run early enough to save: before each update, the time an update takes (a
 running average) plus the time a save takes (measured) plus a margin must still fit.
 """
@@ -55,6 +56,10 @@ class StopControl:
         if slurm_end is not None:
             deadlines.append(slurm_end)
         self.deadline = min(deadlines) if deadlines else None
+        # SIGUSR1 is SLURM's warning before the time limit (--signal=USR1@N). Where the job's end time is known,
+        # the deadline check already stops in time, and the warning is redundant: for a job shorter than N
+        # seconds SLURM sends it at every start, which would stop every start at its first update.
+        self.usr1_is_warning_only = slurm_end is not None
         self.margin = margin
         self.device = device
         self.signal_name: str | None = None
@@ -73,6 +78,8 @@ class StopControl:
             signal.signal(number, handler)
 
     def _on_signal(self, number: int, frame) -> None:
+        if number == signal.SIGUSR1 and self.usr1_is_warning_only:
+            return
         self.signal_name = signal.Signals(number).name  # only a flag: the loop saves at the next boundary
 
     def update_took(self, seconds: float) -> None:

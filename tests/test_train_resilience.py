@@ -219,3 +219,21 @@ def test_validation_with_uneven_or_empty_rank_shares_matches_one_process(mel_sto
     assert losses[2, 5] == pytest.approx(losses[1, 5], rel=1e-4)
     assert losses[2, 1] == pytest.approx(losses[1, 1], rel=1e-4)
     assert losses[1, 1] != pytest.approx(losses[1, 5], rel=1e-3)  # really a different set of examples
+
+
+def test_usr1_is_left_to_the_deadline_where_the_slurm_end_time_is_known(monkeypatch):
+    # a job shorter than the sbatch's --signal=USR1@300 gets USR1 at every start: it must not stop every start
+    from mellow.stopping import StopControl
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(time.time() + 3600))
+    with StopControl(time.time(), 0, True, 5.0, torch.device("cpu")) as stopper:
+        stopper.update_took(0.1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stopper.reason_to_stop() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopper.reason_to_stop() == "received SIGTERM"
+    monkeypatch.delenv("SLURM_JOB_END_TIME")  # no end time known: USR1 is the warning to act on
+    with StopControl(time.time(), 0, True, 5.0, torch.device("cpu")) as stopper:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stopper.reason_to_stop() == "received SIGUSR1"
