@@ -442,8 +442,10 @@ def main() -> None:
 
 
 def run_stage(command: str) -> None:
-    """Entry point of the stage scripts: `stages/03_train.py ARGS` is `mellow train ARGS`."""
-    app([command, *sys.argv[1:]], prog_name=f"{Path(sys.argv[0]).name}")
+    """Entry point of the stage scripts: `stages/03_train.py ARGS` is `mellow train ARGS`, and its usage line
+    names the script as typed (`03_train.py [OPTIONS]`), without the subcommand the script does not take."""
+    stage = typer.main.get_command(app).commands[command]
+    stage.main(args=sys.argv[1:], prog_name=Path(sys.argv[0]).name)
 
 
 if __name__ == "__main__":

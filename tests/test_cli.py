@@ -75,9 +75,13 @@ def test_stage_scripts_show_help():
     assert completed.returncode == 0, completed.stderr
     sections = completed.stdout.split("EXIT ")
     assert len(sections) == len(scripts) + 1
-    for script, section, ending in zip(scripts, sections, sections[1:]):
+    commands = ("prepare", "precompute", "precompute-captions", "align", "train", "eval")
+    for script, command, section, ending in zip(scripts, commands, sections, sections[1:]):
         assert ending.startswith(f"{script} 0"), ending
         assert "Usage" in section and "Stage 0" in section, section
+        usage = " ".join(section[section.index("Usage:"):].split()[:3])  # the script as typed, no subcommand
+        assert usage.startswith(f"Usage: {Path(script).name} [OPTIONS]"), usage
+        assert f"{Path(script).name} {command} " not in section, section
 
 
 def test_train_help_lists_every_option():
