@@ -171,10 +171,9 @@ def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.Capti
     predictions = generate_all(model, tokenizer, example_set, config, device,
                                sorted(set(range(len(example_set))) - set(ranked)))
     if ranked:
-        rows = RowsFromZarr(store)
         for index, answer in zip(ranked, rank_options(model, [example_set.examples[i] for i in ranked],
-                                                      [options[i] for i in ranked], store, tokenizer, rows,
-                                                      config, device)):
+                                                      [options[i] for i in ranked], store, tokenizer,
+                                                      example_set.rows, config, device)):
             predictions[index] = answer
     empty = sum(not prediction.strip() for prediction in predictions)
     if empty:

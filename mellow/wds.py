@@ -190,8 +190,9 @@ def import_webdataset(urls: list[str], val_fraction: float, test_fraction: float
                 seen.add(record["id"])
                 records.append(record)
                 for name, task in (label_fields or {}).items():
-                    if label_values(meta.get(name)):
-                        labelled.append((record["split"], record["id"], task, label_values(meta[name])))
+                    labels = label_values(meta.get(name))
+                    if labels:
+                        labelled.append((record["split"], record["id"], task, labels))
                 if captions:
                     examples[record["split"]].append({
                         "task": "caption", "subtask": "caption", "audio1": record["id"], "audio2": None,
