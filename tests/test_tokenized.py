@@ -57,6 +57,27 @@ def test_the_cache_holds_what_in_memory_tokenising_gives_and_is_built_once(datas
         ExampleSet.from_split(dataset, "train", store, tokenizer, 32)
 
 
+def test_repeated_texts_are_tokenised_once_and_give_what_the_tokenizer_gives():
+    tokenizer = load_tokenizer("tiny")
+    texts = ["yes", "Is a dog barking?", "no", "yes", "yes", "Is a dog barking?", ""]
+    assert tokenized.token_ids(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    seen = []
+    backend = tokenizer.backend_tokenizer
+    encode = backend.encode_batch
+
+    class Counting:  # the Rust tokenizer's attributes are read-only: wrap it
+        def encode_batch(self, batch, **kwargs):
+            seen.extend(batch)
+            return encode(batch, **kwargs)
+
+    tokenizer._tokenizer = Counting()
+    try:
+        tokenized.token_ids(tokenizer, texts)
+    finally:
+        tokenizer._tokenizer = backend
+    assert sorted(seen) == sorted(set(texts))
+
+
 def test_an_edited_split_and_a_flipped_byte_are_rebuilt_not_trusted(dataset, mel_store):
     store, tokenizer = EmbeddingStore(mel_store), load_tokenizer("tiny")
     first = ExampleSet.from_split(dataset, "train", store, tokenizer, 64)
