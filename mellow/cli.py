@@ -74,6 +74,7 @@ def prepare_command(
     val_fraction: float = cli_option(PrepareConfig, "val_fraction"),
     test_fraction: float = cli_option(PrepareConfig, "test_fraction"),
     comparisons_per_clip: int = cli_option(PrepareConfig, "comparisons_per_clip"),
+    columns: str = cli_option(PrepareConfig, "columns"),
     label_field: str = cli_option(PrepareConfig, "label_field"),
     label_task: str = cli_option(PrepareConfig, "label_task"),
     meld_text: bool = cli_option(PrepareConfig, "meld_text"),

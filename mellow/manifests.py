@@ -77,7 +77,8 @@ def check_location(value: object, where: str, key: str, allowed_pipes: set[str] 
 
 def read_audio_records(dataset: Path, allow_pipes: bool = False) -> list[dict]:
     """The records of `dataset/audio.jsonl`, each checked: an `id` string met once, and a `path` that
-    check_location accepts, or a `tar` it accepts with a `member` (and a `path` naming both); `duration` and
+    check_location accepts, or a `tar` it accepts with a `member` (and a `path` naming both), or a local `parquet`
+    shard with a `row` and a `column`; `duration` and
     `start` numbers or null."""
     path = dataset / "audio.jsonl"
     allowed = None if allow_pipes else recorded_pipes(dataset)
@@ -95,6 +96,14 @@ def read_audio_records(dataset: Path, allow_pipes: bool = False) -> list[dict]:
             if not isinstance(record.get("member"), str) or not isinstance(record.get("path"), str):
                 raise ManifestError(f"{where}: a record with 'tar' needs 'member' and 'path' strings (got "
                                     f"{record.get('member')!r}, {record.get('path')!r})")
+        elif "parquet" in record:  # a row of an hf: shard; its path, <file>#<row>, only names it
+            if (not isinstance(record["parquet"], str) or not record["parquet"] or "://" in record["parquet"]
+                    or record["parquet"].startswith("pipe:")):
+                raise ManifestError(f"{where}: 'parquet' must be a local file path (got {record['parquet']!r})")
+            row, column = record.get("row"), record.get("column")
+            if isinstance(row, bool) or not isinstance(row, int) or row < 0 or not isinstance(column, str):
+                raise ManifestError(f"{where}: a record with 'parquet' needs a 'row' number >= 0 and a 'column' "
+                                    f"string (got {row!r}, {column!r})")
         else:
             check_location(record.get("path"), where, "path", allowed)
         for key in ("duration", "start"):

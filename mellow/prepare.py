@@ -24,7 +24,7 @@ from random import Random
 from braceexpand import braceexpand
 from rich.markup import escape
 
-from mellow import importers, synth
+from mellow import hfdata, importers, synth
 from mellow.audio import encode_audio_file, find_ffmpeg
 from mellow.config import describe_differences, setting, to_dict
 from mellow.files import read_json, sha256_file, write_json_atomic, write_jsonl_atomic
@@ -33,7 +33,7 @@ from mellow.wds import import_webdataset
 
 FORMATS = (".wav", ".flac", ".mp3", ".ogg")
 SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
-SOURCE_KINDS = ("wds", "mellow", "clotho", "audiocaps", "meld", "folder")
+SOURCE_KINDS = ("wds", "hf", "mellow", "clotho", "audiocaps", "meld", "folder")
 
 
 @dataclass
@@ -41,7 +41,10 @@ class PrepareConfig:
     source: str = setting("synth", "Where the data comes from: `synth` (the built-in synthetic sound scenes); "
                                    "`wds:<tars>`: WebDataset tars of audio + json (local paths, brace patterns such "
                                    "as part-{0000..0099}.tar, http(s):// URLs or pipe:<command>; several joined with "
-                                   "::, as webdataset does), whose audio stays in the tars; `mellow:<json>[,...]` "
+                                   "::, as webdataset does), whose audio stays in the tars; `hf:<folder|owner/name>`: "
+                                   "a dataset in the Hugging Face datasets layout (Parquet or save_to_disk Arrow "
+                                   "shards; a Hub id is read from the HF cache), whose audio stays in the shards "
+                                   "(see --columns); `mellow:<json>[,...]` "
                                    "(Mellow/ReasonAQA release files; split from the file name or split=file); "
                                    "`clotho:<folder>`; `audiocaps:<folder>`; `meld:<MELD.Raw folder>`; "
                                    "`folder:<manifest.csv|jsonl>`. "
@@ -56,7 +59,12 @@ class PrepareConfig:
     val_fraction: float = setting(0.1, "Fraction of clips in the validation split.")
     test_fraction: float = setting(0.15, "Fraction of clips in the test split.")
     comparisons_per_clip: int = setting(3, "Two-audio pairs drawn per clip of a split (synth only).")
-    label_field: str = setting("", "wds: and folder: sources: json fields / CSV columns (comma-separated) that hold "
+    columns: str = setting("", "hf: sources: the column of each role, as role=column pairs (comma-separated); "
+                               "roles: audio (default: the Audio feature), id (default: id, else the audio's file "
+                               "name), caption (default: captions, or caption / caption_N), question, answer "
+                               "(default: question or prompt, and answer) and task, e.g. "
+                               "--columns audio=speech,caption=text.")
+    label_field: str = setting("", "wds:, hf: and folder: sources: json fields / columns (comma-separated) that hold "
                                    "a clip's label, or labels (a list, or joined by ; or |), each made a "
                                    "closed-label task; its label set is every label found.")
     label_task: str = setting("", "The task name of each --label-field, in the same order (default: the field's "
@@ -82,8 +90,11 @@ class PrepareConfig:
             raise ValueError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
         if self.workers < 0:
             raise ValueError(f"--workers {self.workers} must be >= 0")
-        if self.label_fields() and kind not in ("wds", "folder"):
-            raise ValueError(f"--label-field reads wds: and folder: sources, not {self.source!r}")
+        if self.label_fields() and kind not in ("wds", "hf", "folder"):
+            raise ValueError(f"--label-field reads wds:, hf: and folder: sources, not {self.source!r}")
+        if self.columns and kind != "hf":
+            raise ValueError(f"--columns names the columns of an hf: source, not of {self.source!r}")
+        hfdata.parse_columns(self.columns)
 
     def label_fields(self) -> dict[str, str]:
         """{field: closed-label task} from --label-field / --label-task."""
@@ -129,7 +140,7 @@ def _fingerprint(config: PrepareConfig) -> dict:
         values.pop(key)
     if values["audio_root"] is None:  # datasets prepared before the option existed stay valid
         values.pop("audio_root")
-    for key in ("meld_text", "label_field", "label_task"):  # unset: as datasets prepared before they existed
+    for key in ("meld_text", "label_field", "label_task", "columns"):  # unset: as datasets made before they existed
         if not values[key]:
             values.pop(key)
     return values
@@ -138,6 +149,8 @@ def _fingerprint(config: PrepareConfig) -> dict:
 def process(config: PrepareConfig) -> dict[str, int]:
     if config.source.startswith("wds:"):
         return _process_webdataset(config)
+    if config.source.startswith("hf:"):
+        return _process_hub(config)
     if config.source != "synth":
         return _process_import(config)
     splits = {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction,
@@ -176,6 +189,21 @@ def _process_webdataset(config: PrepareConfig) -> dict[str, int]:
                          + (failures[0]["reason"] if failures else "the tars are empty"))
     _check_labels_found(config, label_tasks)
     return _write_manifests(config, records, examples, failures, label_tasks)
+
+
+def _process_hub(config: PrepareConfig) -> dict[str, int]:
+    """Index a dataset in the Hugging Face layout: the audio stays in its Parquet / Arrow shards."""
+    with progress_bar() as progress:
+        task = progress.add_task("reading rows", total=None)
+        imported = hfdata.import_hub_dataset(config.source[3:], hfdata.parse_columns(config.columns),
+                                             config.label_fields(), config.val_fraction, config.test_fraction,
+                                             on_row=lambda: progress.advance(task))
+    _report_failures(imported.failures)
+    if not imported.records:
+        raise ValueError(f"--source {config.source}: no usable audio in its rows; "
+                         + (imported.failures[0]["reason"] if imported.failures else "its shards hold no rows"))
+    _check_labels_found(config, imported.label_tasks)
+    return _write_manifests(config, imported.records, imported.examples, imported.failures, imported.label_tasks)
 
 
 def _process_import(config: PrepareConfig) -> dict[str, int]:

@@ -64,15 +64,23 @@ def resolve(location: str, root: Path) -> str:
 
 def sources_of(records: list[dict], root: Path) -> Iterator[tuple[int, dict, Source]]:
     """(position, record, source) for every record. Plain files and URLs come first, in order; then each tar's
-    members in the order the tar holds them (each tar is read once, front to back, in a background thread)."""
+    members in the order the tar holds them (each tar is read once, front to back, in a background thread); then
+    the rows of Parquet / Arrow shards, the same way."""
     by_tar: dict[str, list[int]] = {}
+    in_shards: list[int] = []  # rows of hf: Parquet / Arrow shards
     for position, record in enumerate(records):
         if "tar" in record:
             by_tar.setdefault(record["tar"], []).append(position)
+        elif "parquet" in record:
+            in_shards.append(position)
         else:
             yield position, record, resolve(record["path"], root)
     if by_tar:
         yield from in_background(_tar_sources(records, by_tar, root), depth=256)
+    if in_shards:
+        from mellow.hfdata import parquet_sources
+
+        yield from in_background(parquet_sources(records, in_shards, root), depth=256)
 
 
 def _tar_sources(records: list[dict], by_tar: dict[str, list[int]],
