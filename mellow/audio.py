@@ -221,11 +221,13 @@ def _cut(frame, first: int, last: int):
     return cut
 
 
-def encode_audio_file(waveform: np.ndarray, sample_rate: int, path: Path, channels: int = 1) -> None:
-    """Write a mono float waveform to `path` in the format its suffix names (wav, flac, mp3, ogg, ...)."""
+def encode_audio_file(waveform: np.ndarray, sample_rate: int, path: Path, channels: int = 1,
+                      bitrate: str | None = None) -> None:
+    """Write a mono float waveform to `path` in the format its suffix names (wav, flac, mp3, ogg, ...), at
+    `bitrate` (e.g. "48k") for a lossy one if given."""
     data = np.ascontiguousarray(np.repeat(waveform[:, None], channels, axis=1), dtype=np.float32)
     codec = {".wav": "pcm_s16le", ".flac": "flac", ".mp3": "libmp3lame", ".ogg": "libvorbis"}.get(path.suffix)
-    output_options = {"acodec": codec} if codec else {}
+    output_options = ({"acodec": codec} if codec else {}) | ({"audio_bitrate": bitrate} if bitrate else {})
     process = (
         ffmpeg.input("pipe:", format="f32le", ac=channels, ar=sample_rate)
         .output(str(path), **output_options)

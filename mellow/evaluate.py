@@ -2,7 +2,8 @@
 checkpoint of a run that is not scored yet.
 
 Per checkpoint (`<run>/step-NNNNNN/eval-<split>/`):
-    predictions.jsonl   one line per example: the example, the prediction, correct (closed tasks)
+    predictions.jsonl   one line per example: the example, the prediction, correct (closed tasks) or its own
+                        CIDEr-D (free text)
     scores.json         the settings, and per task and task/subtask: accuracy with chance level and a confusion
                         table (binary tasks), or caption metrics
     summary.md          the same as a Markdown table
@@ -10,6 +11,8 @@ Per run (`<run>/eval-<split>/`), over every scored checkpoint:
     leaderboard.json, leaderboard.md   each task's main score per checkpoint
     report.md, scores.png, loss.png    the report: leaderboard, scores and losses vs update, the latest
                                        checkpoint per subtask with chance levels, confusion tables
+    report.html, audio/                the same report as a page that opens from disk, with a sample of the
+                                       newest checkpoint's examples to listen to and filter
 
 A checkpoint that cannot be loaded is reported and skipped; the others are scored, and the command ends with
 exit code 2 naming it.
@@ -130,7 +133,8 @@ def run(config: EvalConfig) -> EvalResult:
         result.scored.append(checkpoint)
         result.output_dir, result.scores, result.examples = output_dir, scores, count
     if is_run:
-        result.report = run_report.write_run_report(config.run, config.tag, scorer.skipped, result.failed)
+        result.report = run_report.write_run_report(config.run, config.tag, scorer.skipped, result.failed,
+                                                    config.dataset)
     result.seconds = time.time() - started
     report(result)
     if result.failed:
@@ -260,11 +264,13 @@ def rank_options(model, examples: list[dict], options: list[list[str]], store: E
 
 def write_outputs(output_dir: Path, examples: list[dict], predictions: list[str], checkpoint: Path,
                   scorer: metrics.CaptionScorer, details: dict, label_tasks: dict[str, list[str]]) -> dict:
-    scores = metrics.score(examples, predictions, scorer, label_tasks)
+    example_cider: dict[int, float] = {}
+    scores = metrics.score(examples, predictions, scorer, label_tasks, example_cider)
     rows = [{**example, "prediction": prediction,
              **({"correct": metrics.is_correct(example, prediction, label_tasks.get(example["task"]))}
-                if example["task"] in metrics.CLOSED_TASKS or example["task"] in label_tasks else {})}
-            for example, prediction in zip(examples, predictions)]
+                if example["task"] in metrics.CLOSED_TASKS or example["task"] in label_tasks else {}),
+             **({"cider_d": round(example_cider[index], 4)} if index in example_cider else {})}
+            for index, (example, prediction) in enumerate(zip(examples, predictions))]
     write_jsonl_atomic(output_dir / "predictions.jsonl", rows)
     write_json_atomic(output_dir / "scores.json", {"checkpoint": str(checkpoint), **details, "scores": scores})
     write_text_atomic(output_dir / "summary.md", markdown_summary(scores, checkpoint))
@@ -313,4 +319,5 @@ def report(result: EvalResult) -> None:
     if result.failed:
         done += f", [red]{len(result.failed)} could not be scored[/]"
     console.print(f"[bold green]evaluated[/]: {done} in {result.seconds:.1f} s; newest in {result.output_dir}"
-                  + (f"; report {result.report}" if result.report else ""), highlight=False)
+                  + (f"; report {result.report} (open {result.report.with_suffix('.html')} in a browser to "
+                     "listen to examples)" if result.report else ""), highlight=False)

@@ -236,8 +236,10 @@ class CaptionScorer:
             return PTBTokenizer().tokenize({key: [{"caption": text} for text in texts]
                                             for key, texts in captions.items()})
 
-    def scores(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-        """Corpus scores of `predictions` against their reference lists, as coco-caption computes them."""
+    def scores(self, predictions: list[str], references: list[list[str]],
+               per_example: list[float] | None = None) -> dict[str, float]:
+        """Corpus scores of `predictions` against their reference lists, as coco-caption computes them; each
+        prediction's own CIDEr-D is appended to `per_example` if given."""
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
@@ -257,7 +259,10 @@ class CaptionScorer:
             finally:
                 del meteor  # its __del__ ends the Java process
         results["rouge_l"] = float(Rouge().compute_score(ground_truth, hypotheses)[0])
-        results["cider_d"] = float(Cider().compute_score(ground_truth, hypotheses)[0])
+        cider, each = Cider().compute_score(ground_truth, hypotheses)
+        results["cider_d"] = float(cider)
+        if per_example is not None:
+            per_example.extend(float(value) for value in each)
         if not self.spice:
             from pycocoevalcap.spice.spice import Spice
 
@@ -287,10 +292,12 @@ class CaptionScorer:
 
 
 def score(examples: list[dict], predictions: list[str], scorer: CaptionScorer | None = None,
-          label_tasks: dict[str, list[str]] | None = None) -> dict[str, dict]:
+          label_tasks: dict[str, list[str]] | None = None,
+          example_cider: dict[int, float] | None = None) -> dict[str, dict]:
     """Scores per task and per task/subtask: accuracy + chance for closed tasks (and a confusion table for
     binary ones), classification figures for the closed-label tasks in `label_tasks` ({task: labels}),
-    caption metrics otherwise."""
+    caption metrics otherwise; `example_cider`, if given, gets each free-text example's own CIDEr-D (within
+    its task)."""
     scorer = scorer or CaptionScorer()
     label_tasks = label_tasks or {}
     computed: dict[tuple[int, ...], dict] = {}  # a task with one subtask is scored once
@@ -314,7 +321,10 @@ def score(examples: list[dict], predictions: list[str], scorer: CaptionScorer | 
         else:
             if tuple(indices) not in computed:
                 references = [examples[i].get("references") or [examples[i]["answer"]] for i in indices]
-                computed[tuple(indices)] = scorer.scores([predictions[i] for i in indices], references)
+                each: list[float] = []
+                computed[tuple(indices)] = scorer.scores([predictions[i] for i in indices], references, each)
+                if example_cider is not None and name == task:  # the task's, not a subtask's, document counts
+                    example_cider.update(zip(indices, each))
             results[name] = {"count": len(indices), **computed[tuple(indices)]}
     return results
 

@@ -1,12 +1,14 @@
 """The evaluation report of a training run: a leaderboard over its scored checkpoints, PNG plots of each task's
 score and of the losses against the update, and the newest checkpoint's scores per subtask with chance levels
-and confusion tables. Written by 04_eval into `<run>/eval-<split>/`."""
+and confusion tables, as report.md and as report.html (which also lets one listen to a sample of the examples).
+Written by 04_eval into `<run>/eval-<split>/`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from mellow.files import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from mellow.html_report import write_html_report
 from mellow.metrics import main_metric
 
 
@@ -21,8 +23,10 @@ def scored_checkpoints(run_dir: Path, split: str) -> list[dict]:
     return sorted(rows, key=lambda row: row["update"])
 
 
-def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed: dict[str, str]) -> Path:
-    """Write leaderboard.json/.md, report.md, scores.png and loss.png; returns the report's path."""
+def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed: dict[str, str],
+                     dataset: Path | None = None) -> Path:
+    """Write leaderboard.json/.md, report.md, scores.png, loss.png and report.html (with copies of the sampled
+    examples' audio from `dataset`, by default the newest scored checkpoint's); returns report.md's path."""
     out = run_dir / f"eval-{split}"
     rows = scored_checkpoints(run_dir, split)
     tasks = sorted({task for row in rows for task in row["scores"] if "/" not in task})
@@ -63,6 +67,11 @@ def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed:
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
+    newest_folder = run_dir / rows[-1]["checkpoint"] if rows else None
+    if newest_folder is not None and dataset is None and (newest_folder / "trainer.json").is_file():
+        dataset = Path(read_json(newest_folder / "trainer.json")["config"]["train"]["dataset"])
+    write_html_report(out, f"{run_dir.name}: {split}", "\n".join(lines),
+                      newest_folder / f"eval-{split}" / "predictions.jsonl" if newest_folder else None, dataset)
     return out / "report.md"
 
 
