@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +14,7 @@ import typer
 import yaml
 from rich.markup import escape
 
+from mellow import runs
 from mellow.align import AlignConfig
 from mellow.ask import AskConfig
 from mellow.audio import AudioDecodeError, FfmpegNotFoundError
@@ -44,21 +48,42 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except (TooManyFailuresError, PeerLostError, DiskFullError) as error:
-            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
-            raise typer.Exit(code=1) from None
+            fail(str(error), 1)
         except (ValueError, FileNotFoundError, TimeoutError, FfmpegNotFoundError, StoreMismatchError,
                 AudioDecodeError) as error:
-            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
-            raise typer.Exit(code=2) from None
+            fail(str(error), 2)
         except OSError as error:
             if error.errno not in DISK_FULL:
                 raise
             # a write mellow does not measure itself (e.g. a library's cache): at least the folder and the fix
             where = f" writing {error.filename}" if error.filename else ""
-            console.print(f"[bold red]error:[/] no space left on the device{where} ({escape(str(error))}); free "
-                          "some space and run the same command again", highlight=False)
-            raise typer.Exit(code=1) from None
+            fail(f"no space left on the device{where} ({error}); free some space and run the same command again", 1)
     return wrapper
+
+
+def needs(what: str, example: str, script: str) -> str:
+    """The message of a stage run without what it needs: what, an example command, the datasets and stores
+    that are here, and where every option is listed."""
+    datasets = sorted(str(p.parent) for p in Path("datasets").glob("*/prepare.json"))
+    stores = sorted(str(p.parent) for p in Path("shards").glob("*/*/meta.json"))
+    here = "".join(f"; {kind} here: {', '.join(found[:5])}" for kind, found in (("datasets", datasets),
+                                                                                ("stores", stores)) if found)
+    return f"{what}, e.g. {example}{here} (`uv run stages/{script} --help` lists every option)"
+
+
+def fail(message: str, code: int) -> None:
+    """Print `message` as the command's error and exit with `code`. Under torchrun, where every process meets
+    the same error, only rank 0 prints it; every failing process also writes it to torchrun's error file, so
+    that torchrun's closing report names it as the root cause instead of a link about tracebacks."""
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            Path(error_file).write_text(json.dumps({"message": f"error: {message}", "timestamp": int(time.time())}))
+        except OSError:
+            pass  # the report then shows torchrun's default line; the error was printed above
+    raise typer.Exit(code=code) from None
 
 
 @app.command("prepare")
@@ -90,7 +115,8 @@ def prepare_command(
 @app.command("precompute")
 @friendly_errors
 def precompute_command(
-    dataset: Path = typer.Argument(..., help="Dataset folder made by 00_prepare (holds audio.jsonl)."),
+    dataset: Optional[Path] = typer.Argument(None, help="Dataset folder made by 00_prepare (holds audio.jsonl).",
+                                             show_default=False),
     encoder: str = cli_option(EncoderConfig, "name", "--encoder"),
     clip_seconds: float = cli_option(EncoderConfig, "clip_seconds"),
     crop: str = cli_option(EncoderConfig, "crop"),
@@ -118,6 +144,10 @@ def precompute_command(
     a SLURM job array, or explicit --rank/--world-size; the last one to finish writes the index."""
     from mellow import precompute
 
+    if dataset is None:
+        raise ValueError(needs("01_precompute needs the dataset folder that 00_prepare wrote",
+                               "uv run stages/01_precompute.py datasets/synth --encoder whisper-tiny --tokens 16",
+                               "01_precompute.py"))
     config = PrecomputeConfig(
         dataset=dataset,
         encoder=EncoderConfig(name=encoder, clip_seconds=clip_seconds, crop=crop, tokens=tokens, views=views,
@@ -132,7 +162,8 @@ def precompute_command(
 @app.command("precompute-captions")
 @friendly_errors
 def precompute_captions_command(
-    dataset: Path = typer.Argument(..., help="Dataset folder made by 00_prepare (with caption examples)."),
+    dataset: Optional[Path] = typer.Argument(None, help="Dataset folder made by 00_prepare (with caption "
+                                                        "examples).", show_default=False),
     text_encoder: str = cli_option(TextEncoderConfig, "name", "--text-encoder"),
     batch_size: int = cli_option(TextEncoderConfig, "batch_size"),
     device: str = cli_option(TextEncoderConfig, "device"),
@@ -148,6 +179,10 @@ def precompute_captions_command(
     02_align reads it. One row per (clip, caption); the same shards, resume, growth and rank split as audio."""
     from mellow import text
 
+    if dataset is None:
+        raise ValueError(needs("01_precompute_captions needs the dataset folder that 00_prepare wrote (its caption "
+                               "examples are encoded)", "uv run stages/01_precompute_captions.py datasets/synth",
+                               "01_precompute_captions.py"))
     text.run(CaptionsConfig(
         dataset=dataset, encoder=TextEncoderConfig(name=text_encoder, batch_size=batch_size, device=device),
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips),
@@ -168,8 +203,12 @@ def load_train_configs(config_file: Path | None, overrides: list[str],
             raise ValueError(f"--{section}.*: unknown section; use {', '.join(TRAIN_SECTIONS)}")
     layers = [from_file, from_command_line]
     if resume:
-        run_dir = {**from_file.get("train", {}), **from_command_line.get("train", {})}.get("run_dir",
-                                                                                           TrainConfig.run_dir)
+        run_dir = {**from_file.get("train", {}), **from_command_line.get("train", {})}.get("run_dir")
+        if run_dir is None:  # --resume alone: the most recent run under checkpoints/
+            run_dir = runs.most_recent_run("--train.run_dir <run folder>", "uv run stages/03_train.py --resume "
+                                           "--train.run_dir checkpoints/<run>")
+            runs.announce(run_dir, "resuming", "--train.run_dir <run folder>")
+            from_command_line.setdefault("train", {})["run_dir"] = str(run_dir)
         if (Path(run_dir) / "config.yaml").is_file():
             layers.insert(0, load_yaml(Path(run_dir) / "config.yaml"))
     values: dict[str, dict] = {section: {} for section in TRAIN_SECTIONS}
@@ -206,6 +245,12 @@ def align_command(
     reports audio-text retrieval. Then: 03_train --train.align_from <run-dir>."""
     from mellow import align
 
+    if store == Path("") or captions == Path(""):
+        raise ValueError(needs("02_align needs the audio store that 01_precompute wrote (--store) and the caption "
+                               "store that 01_precompute_captions wrote from the same dataset (--captions)",
+                               "uv run stages/01_precompute_captions.py datasets/synth, then uv run "
+                               "stages/02_align.py --store shards/synth/<encoder-tag> --captions "
+                               "shards/synth/<captions-tag>", "02_align.py"))
     align.run(AlignConfig(**{k: v for k, v in locals().items() if k != "align"}))
 
 
@@ -244,7 +289,8 @@ def train_command(
 @app.command("eval")
 @friendly_errors
 def eval_command(
-    run: Path = typer.Argument(..., help="A training run folder, or one checkpoint folder inside it."),
+    run: Optional[Path] = typer.Argument(None, help="A training run folder, or one checkpoint folder inside it "
+                                                    "(default: the most recent run under checkpoints/)."),
     which: str = cli_option(EvalConfig, "which"),
     split: str = cli_option(EvalConfig, "split"),
     store: Optional[Path] = cli_option(EvalConfig, "store"),
@@ -262,6 +308,9 @@ def eval_command(
     a run not scored yet; then the run's leaderboard and report (Markdown + PNG plots) in <run>/eval-<split>/."""
     from mellow import evaluate
 
+    if run is None:
+        run = runs.most_recent_run("a run folder", "uv run stages/04_eval.py checkpoints/<run>")
+        runs.announce(run, "scoring", "a run folder (uv run stages/04_eval.py checkpoints/<run>)")
     evaluate.run(EvalConfig(**{k: v for k, v in locals().items() if k != "evaluate"}))
 
 

@@ -1,0 +1,45 @@
+"""Finding the run a user means when they name none: `03_train --resume` and `04_eval` without a run folder take
+the most recent run under checkpoints/, the one whose latest.json (written at every checkpoint) is newest."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+RUNS_ROOT = Path("checkpoints")
+AMBIGUOUS_SECONDS = 60.0  # two runs saved closer than this: the newest is a guess, so ask
+
+
+def most_recent_run(flag: str, example: str, root: Path = RUNS_ROOT) -> Path:
+    """The run folder under `root` (or one folder deeper) with the newest latest.json. None found, or two
+    saved within AMBIGUOUS_SECONDS of each other, is a ValueError naming what was found and `flag` to pass."""
+    pointers = [*root.glob("*/latest.json"), *root.glob("*/*/latest.json")] if root.is_dir() else []
+    found = sorted(((pointer.stat().st_mtime, pointer.parent) for pointer in pointers), reverse=True)
+    if not found:
+        raise ValueError(f"no run found: {root.absolute()} holds no run with a checkpoint (latest.json); "
+                         f"pass {flag}, e.g. {example}")
+    if len(found) > 1 and found[0][0] - found[1][0] < AMBIGUOUS_SECONDS:
+        raise ValueError(f"the most recent run is ambiguous: {found[0][1]} ({_when(found[0][0])}) and "
+                         f"{found[1][1]} ({_when(found[1][0])}) were saved within a minute of each other; pass "
+                         f"{flag} to pick one, e.g. {example}")
+    return found[0][1]
+
+
+def announce(run: Path, what: str, flag: str) -> None:
+    """Say which run was picked and how to pick another (once, by rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        from mellow.progress import console
+
+        saved = _when((run / "latest.json").stat().st_mtime)
+        console.print(f"{what} the most recent run [bold]{run}[/] (checkpoint saved {saved}); pass {flag} to pick "
+                      "another", highlight=False)
+
+
+def _when(mtime: float) -> str:
+    minutes = (time.time() - mtime) / 60
+    if minutes < 1:
+        return "just now"
+    ago = f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h" if minutes < 48 * 60 else \
+        f"{minutes / 1440:.0f} days"
+    return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(mtime))}, {ago} ago"
