@@ -265,6 +265,10 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --train.run_dir exactly, with its "
                                                          "saved config (options given here may change where "
                                                          "things are and when this invocation stops)."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Continue the run from this checkpoint: "
+                                              "latest, best or step-N (= --resume --train.resume_from); an "
+                                              "earlier one branches the run, keeping the newer checkpoints in "
+                                              "<run_dir>/branches/."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from the trained weights "
                                              "of this run or checkpoint folder (= --train.init_from)."),
@@ -277,7 +281,9 @@ def train_command(
     a store made otherwise is refused, with what differs."""
     from mellow import train
 
+    resume = resume or resume_from is not None
     overrides = [*context.args, *(["--train.init_from", str(init_from)] if init_from else []),
+                 *(["--train.resume_from", resume_from] if resume_from else []),
                  *(["--train.align_from", str(align_from)] if align_from else [])]
     train_config, model_config, expected = load_train_configs(config, overrides, resume)
     if print_config:

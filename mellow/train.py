@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from mellow.config import describe_differences, setting, to_dict
 from mellow.data import ExampleSet, batch_loader, embedding_rows, move_to, workers_ended
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
-from mellow.files import read_json, sha256_file, write_text_atomic
+from mellow.files import read_json, sha256_file, write_json_atomic, write_text_atomic
 from mellow.manifests import label_tasks_of
 from mellow.model import MellowModel, ModelConfig, build_model, embedding_rms
 from mellow.progress import console, progress_bar
@@ -64,6 +65,10 @@ class TrainConfig:
     val_split: str = setting("val", "Split for validation loss.")
     max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
     stop_after: int = setting(0, "Stop this invocation after this many updates (saving); 0 runs to max_updates.")
+    resume_from: str = setting("latest", "With --resume: the checkpoint to continue from: latest, best, or step-N "
+                                         "(an update number). An earlier one than latest branches the run: the "
+                                         "newer checkpoints and metrics move to <run_dir>/branches/, and "
+                                         "<run_dir>/branches.json records the branch point.")
     time_limit: float = setting(0.0, "Stop this invocation, saving first, before this many seconds have passed "
                                      "(0: no limit). The SLURM job's end time counts too (slurm_time_limit).")
     slurm_time_limit: bool = setting(True, "Under SLURM, stop (saving first) before the job's end time.")
@@ -162,8 +167,8 @@ class TrainConfig:
 # Options that may differ when a run resumes: where things are, how often to log/validate/save, and when this
 # invocation stops. Any other difference would change the training itself, so resuming with it is refused.
 CHANGEABLE_ON_RESUME = {
-    "train": {"store", "dataset", "run_dir", "stop_after", "time_limit", "slurm_time_limit", "stop_margin",
-              "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
+    "train": {"store", "dataset", "run_dir", "stop_after", "resume_from", "time_limit", "slurm_time_limit",
+              "stop_margin", "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
               "dist_timeout", "compile", "tensorboard", "wandb", "wandb_project", "data_workers", "prefetch",
               "data_cache", "ram_cache_gb"},
     "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
@@ -223,6 +228,9 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
         raise ValueError(f"--train.batch_size {train.batch_size} must be divisible by world size "
                          f"{context.world_size} x --train.grad_accum {train.grad_accum}")
     latest = train.run_dir / "latest.json"
+    if train.resume_from != "latest" and not resume:
+        raise ValueError(f"--train.resume_from {train.resume_from} continues a run: pass --resume too (or "
+                         "--resume-from, which is both)")
     if latest.exists() and not resume:
         raise ValueError(f"{train.run_dir} already holds a run; pass --resume to continue it, or choose another "
                          "--train.run_dir")
@@ -232,7 +240,7 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
         if train.align_from is not None:
             read_alignment(train.align_from)  # before any work: the folder holds a finished alignment
         return None, check_init_from(train, model_config) if train.init_from else None
-    checkpoint = train.run_dir / read_json(latest)["path"]
+    checkpoint = chosen_checkpoint(train)
     saved = read_json(checkpoint / "trainer.json")
     EmbeddingStore(train.store).check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
     check_resumable_config(saved["config"], resolved, checkpoint)
@@ -240,6 +248,56 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
         raise ValueError(f"{split_path(train)} changed since {checkpoint} was saved: resuming would train on other "
                          "examples. Restore it, or start a new run (--train.run_dir)")
     return checkpoint, None
+
+
+def chosen_checkpoint(train: TrainConfig) -> Path:
+    """The checkpoint --train.resume_from names in the run: latest, best, or step-N."""
+    which = train.resume_from.strip()
+    if which in ("latest", "best"):
+        pointer = train.run_dir / f"{which}.json"
+        if not pointer.is_file():
+            raise FileNotFoundError(f"--train.resume_from {which}: {train.run_dir} has no {pointer.name} (no "
+                                    f"{which} checkpoint yet)")
+        checkpoint = train.run_dir / read_json(pointer)["path"]
+    else:
+        number = which.removeprefix("step-").lstrip("0") or "0"
+        if not number.isdigit():
+            raise ValueError(f"--train.resume_from {which!r} must be latest, best or step-N (e.g. step-500)")
+        checkpoint = train.run_dir / f"step-{int(number):06d}"
+    if not (checkpoint / "trainer.json").is_file():
+        found = sorted(p.name for p in train.run_dir.glob("step-*") if (p / "trainer.json").is_file())
+        raise FileNotFoundError(f"--train.resume_from {which}: {checkpoint} is not a complete checkpoint; the run "
+                                f"has {', '.join(found) or 'none'}")
+    return checkpoint
+
+
+def branch_from(run_dir: Path, checkpoint: Path) -> Path | None:
+    """Make `checkpoint` the run's latest before continuing from it: the checkpoints newer than it, and the
+    metrics logged past it, move to <run_dir>/branches/<from>-<time>/, and branches.json records the branch
+    point. Returns that folder, or None when the checkpoint is already the newest (rank 0 only)."""
+    update = read_json(checkpoint / "trainer.json")["update"]
+    newer = sorted(p for p in run_dir.glob("step-*") if (p / "trainer.json").is_file()
+                   and read_json(p / "trainer.json")["update"] > update)
+    if not newer:
+        return None
+    kept = run_dir / "branches" / f"{checkpoint.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    kept.mkdir(parents=True)
+    latest_before = read_json(run_dir / "latest.json")
+    for folder in newer:
+        folder.rename(kept / folder.name)
+    for pointer in ("latest.json", "best.json", "metrics.jsonl"):
+        if (run_dir / pointer).is_file():
+            shutil.copy2(run_dir / pointer, kept / pointer)
+    best = run_dir / "best.json"
+    if best.is_file() and not (run_dir / read_json(best)["path"]).is_dir():
+        best.unlink()  # it was one of the newer checkpoints; validation finds the new branch's best again
+    write_json_atomic(run_dir / "latest.json", {"path": checkpoint.name, "update": update})
+    history = read_json(run_dir / "branches.json") if (run_dir / "branches.json").is_file() else []
+    write_json_atomic(run_dir / "branches.json", history + [{
+        "from": checkpoint.name, "update": update, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "previous_latest": latest_before["path"], "kept_in": str(kept.relative_to(run_dir)),
+        "moved": [folder.name for folder in newer]}])
+    return kept
 
 
 def check_init_from(train: TrainConfig, model_config: ModelConfig) -> Path:
@@ -387,6 +445,10 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     torch.manual_seed(train.seed + context.rank)  # dropout differs across ranks, reproducibly
     state = TrainingState()
     if checkpoint is not None:
+        if context.is_main and (kept := branch_from(train.run_dir, checkpoint)) is not None:
+            console.print(f"continuing from {checkpoint.name}, an earlier checkpoint: the newer ones and their "
+                          f"metrics are kept in {kept} (branches.json records the branch point)")
+        distributed.barrier()
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, context, train.seed)
         saved_world = read_json(checkpoint / "trainer.json")["world_size"]
         if saved_world != context.world_size:
