@@ -34,6 +34,7 @@ from mellow.distributed import resolve_device
 from mellow.files import disk_space, read_json, write_json_atomic, write_jsonl_atomic
 from mellow.model import AudioProjector
 from mellow.progress import console, progress_bar
+from mellow.runs import RUNS_ROOT
 from mellow.store import EmbeddingStore, StoreMismatchError
 
 
@@ -43,7 +44,7 @@ class AlignConfig:
     captions: Path = setting(Path(""), "Caption store made by 01_precompute_captions from the same dataset.")
     dataset: Path = setting(Path("datasets/synth"), "Dataset folder: its <split>.jsonl caption examples say which "
                                                     "clips are in which split.")
-    run_dir: Path = setting(Path("checkpoints/align"), "Where align.pt, align.json and the scores go.")
+    run_dir: Path = setting(RUNS_ROOT / "align", "Where align.pt, align.json and the scores go.")
     decoder: str = setting("tiny", "Decoder 03_train will use (as --model.decoder): the projector's output width "
                                    "is its embedding width.")
     tiny_hidden: int = setting(256, "Width of the tiny decoder (decoder tiny).")

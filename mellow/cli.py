@@ -14,6 +14,14 @@ import typer
 import yaml
 from rich.markup import escape
 
+from mellow import envfile
+
+try:  # the machine's .env first: it sets the defaults of the settings below (roots, caches, keys)
+    envfile.load_env_file()
+except (ValueError, OSError, UnicodeDecodeError) as env_error:
+    print(f"error: {env_error}", file=sys.stderr)
+    sys.exit(2)
+
 from mellow import runs
 from mellow.align import AlignConfig
 from mellow.ask import AskConfig

@@ -25,10 +25,13 @@ import torch.distributed as dist
 from rich.markup import escape
 
 from mellow.audio import AudioDecodeError, FfmpegNotFoundError, decode_audio, encode_audio_file, find_ffmpeg
+from mellow import envfile
 from mellow.config import setting
 from mellow.encoders import EncoderConfig, build_encoder
 from mellow.files import read_jsonl
 from mellow.progress import console
+from mellow.runs import RUNS_ROOT
+from mellow.store import StoreConfig
 from mellow.stopping import slurm_end_time
 
 Status = Literal["ok", "warn", "fail"]
@@ -37,9 +40,9 @@ MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"
 
 @dataclass
 class DoctorConfig:
-    store_root: Path = setting(Path("shards"), "Folder stores will be written to: checked writable, and for room "
+    store_root: Path = setting(StoreConfig.root, "Folder stores will be written to: checked writable, and for room "
                                                "for --dataset's store.")
-    checkpoints: Path = setting(Path("checkpoints"), "Folder training runs will be written to: checked writable.")
+    checkpoints: Path = setting(RUNS_ROOT, "Folder training runs will be written to: checked writable.")
     dataset: Path | None = setting(None, "A dataset folder (00_prepare's output) to be precomputed: its store's "
                                          "size (with --encoder, --tokens, --views) is checked against free disk.")
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -59,12 +62,24 @@ class Check:
 
 def run(config: DoctorConfig) -> list[Check]:
     """Run every check and print the report; returns the checks (the CLI exits 1 if one failed)."""
-    checks = [check_python_and_torch(), *check_gpus(), check_ffmpeg(), *check_bundled_models(),
+    checks = [check_python_and_torch(), *check_environment(), *check_gpus(), check_ffmpeg(), *check_bundled_models(),
               *check_rank_variables(os.environ), *check_slurm(os.environ),
               *check_writable({"--store-root": config.store_root, "--checkpoints": config.checkpoints,
                                "MELLOW_CACHE": mellow_cache(), "temporary files": Path(tempfile.gettempdir())}),
               check_disk(config)]
     report(checks)
+    return checks
+
+
+def check_environment() -> list[Check]:
+    """The machine's settings: the .env file read (if any), and each documented variable that is set, with where
+    its value came from (the environment wins over .env); secrets masked."""
+    path = envfile.ENV_FILE
+    checks = [Check("env file", "ok", f"{path} ({len(envfile.loaded)} variable(s) taken from it)" if path else
+                    f"none ({envfile.env_file_path()} absent; .env.example lists the variables)")]
+    for name, value, origin in envfile.sources():
+        if origin != "unset":
+            checks.append(Check(f"  {name}", "ok", f"{value}   (from {origin})"))
     return checks
 
 

@@ -50,7 +50,8 @@ class PrepareConfig:
                                    "`folder:<manifest.csv|jsonl>`. "
                                    "Imported audio stays where it is; see docs/datasets.md.")
     name: str = setting("synth", "Dataset name: the output folder is <root>/<name>.")
-    root: Path = setting(Path("datasets"), "Folder that holds all datasets.")
+    root: Path = setting(Path(os.environ.get("MELLOW_DATASETS") or "datasets"), "Folder that holds all datasets "
+                                                                                "($MELLOW_DATASETS).")
     audio_root: Path | None = setting(None, "Folder that relative audio paths of a mellow: or folder: manifest "
                                             "start from (default: the manifest's folder).")
     num_clips: int = setting(800, "Number of synthetic clips to generate (synth only).")

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-RUNS_ROOT = Path("checkpoints")
+RUNS_ROOT = Path(os.environ.get("MELLOW_CHECKPOINTS") or "checkpoints")  # $MELLOW_CHECKPOINTS
 AMBIGUOUS_SECONDS = 60.0  # two runs saved closer than this: the newest is a guess, so ask
 
 

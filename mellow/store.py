@@ -54,7 +54,9 @@ class StoreMismatchError(ValueError):
 
 @dataclass
 class StoreConfig:
-    root: Path = setting(Path("shards"), "Folder that holds all stores: <root>/<dataset>/<encoder-tag>/.")
+    root: Path = setting(Path(os.environ.get("MELLOW_SHARDS") or "shards"), "Folder that holds all stores: "
+                                                                            "<root>/<dataset>/<encoder-tag>/ "
+                                                                            "($MELLOW_SHARDS).")
     shard_megabytes: int = setting(128, "Target size of one shard file before compression, in MB.")
     shard_clips: int = setting(0, "Clips per shard; overrides shard_megabytes when > 0.")
     zstd_level: int = setting(3, "zstd compression level of the embeddings (1 fast .. 19 small).")

@@ -46,6 +46,7 @@ from mellow.files import read_json, sha256_file, write_json_atomic, write_text_a
 from mellow.manifests import label_tasks_of
 from mellow.model import MellowModel, ModelConfig, build_model, embedding_rms
 from mellow.progress import console, progress_bar
+from mellow.runs import RUNS_ROOT
 from mellow.stopping import StopControl, requeue_slurm_job
 from mellow.tracking import Tracker, peak_memory_mb
 from mellow.store import EmbeddingStore, EncoderExpectation
@@ -55,7 +56,8 @@ from mellow.store import EmbeddingStore, EncoderExpectation
 class TrainConfig:
     store: Path = setting(Path(""), "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>).")
     dataset: Path = setting(Path("datasets/synth"), "Dataset folder with the <split>.jsonl example files.")
-    run_dir: Path = setting(Path("checkpoints/run"), "Where checkpoints, metrics and the resolved config go.")
+    run_dir: Path = setting(RUNS_ROOT / "run", "Where checkpoints, metrics and the resolved config go (default: "
+                                                "$MELLOW_CHECKPOINTS/run).")
     init_from: Path | None = setting(None, "Start a new run from the trained weights of this run or checkpoint "
                                            "folder (fine-tuning on a new task or dataset): only weights, with a new "
                                            "optimizer, schedule and data order. --resume continues a run instead.")
