@@ -109,6 +109,22 @@ class MellowModel(nn.Module):
         self.frozen_overrides: set[str] = set()  # frozen weights loaded by --init-from, saved in checkpoints
         self.audio_separator = nn.Parameter(torch.randn(hidden) * 0.02)
 
+    def checkpoint_layers(self, share: float) -> int:
+        """Recompute the activations of `share` of the decoder's layers in the backward pass instead of keeping
+        them (gradient checkpointing, non-reentrant: the same dropout, the same gradients); returns how many."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        decoder = self.language_model
+        if hasattr(decoder, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+            decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = [module for module in decoder.modules() if isinstance(module, GradientCheckpointingLayer)]
+        count = round(share * len(layers))
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < count
+        return count
+
     def get_audio_features(self, audio: torch.Tensor) -> torch.Tensor:
         """Encoder tokens (B, T, D_audio) -> decoder-width embeddings (B, T, H)."""
         return self.audio_projector(audio)

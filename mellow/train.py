@@ -95,6 +95,11 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, or fp16 (with a gradient scaler). "
                 "Weights and optimizer state stay float32.")
+    mem_budget: float = setting(1.0, "Activation memory budget, 0 to 1: 1 keeps every activation for the backward "
+                                     "pass; below 1 recomputes some in the backward instead (less memory, more "
+                                     "time; the same loss and gradients): with --train.compile through "
+                                     "torch.compile's activation memory budget, else by checkpointing that share "
+                                     "of the decoder's layers (0: every layer).")
     compile: bool = setting(False, "Compile the model with torch.compile (the first updates are slow while it "
                                    "compiles; numbers differ from eager in rounding).")
     val_every: int = setting(250, "Validate every this many updates (0 disables).")
@@ -156,6 +161,8 @@ class TrainConfig:
             raise ValueError(f"--train.wandb {self.wandb!r} must be auto, on or off")
         if self.best_metric not in ("val_loss", "val_accuracy"):
             raise ValueError(f"--train.best_metric {self.best_metric!r} must be val_loss or val_accuracy")
+        if not 0.0 <= self.mem_budget <= 1.0:
+            raise ValueError(f"--train.mem_budget {self.mem_budget} must be in [0, 1] (1: keep every activation)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"--train.precision {self.precision!r} must be fp32, bf16 or fp16")
         if self.dist_timeout <= 0:
@@ -171,7 +178,7 @@ class TrainConfig:
 CHANGEABLE_ON_RESUME = {
     "train": {"store", "dataset", "run_dir", "stop_after", "resume_from", "time_limit", "slurm_time_limit",
               "stop_margin", "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
-              "dist_timeout", "compile", "tensorboard", "wandb", "wandb_project", "data_workers", "prefetch",
+              "dist_timeout", "compile", "mem_budget", "tensorboard", "wandb", "wandb_project", "data_workers", "prefetch",
               "data_cache", "ram_cache_gb"},
     "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
 }
@@ -421,6 +428,10 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
         context: DistributedContext, device: torch.device, resolved: dict, stopper: StopControl) -> TrainResult:
     store = EmbeddingStore(train.store)
     model, tokenizer = build_model(model_config, store.dim, train.seed)
+    if train.mem_budget < 1.0 and not train.compile:
+        checkpointed = model.checkpoint_layers(1.0 - train.mem_budget)
+        console.print(f"--train.mem_budget {train.mem_budget:g}: {checkpointed} decoder layer(s) recompute their "
+                      "activations in the backward pass")
     if initial is not None:
         loaded = initialise_from(initial, model)
         console.print(f"initialised from {initial} ({loaded} tensors): a new run, with a new optimizer, schedule "
@@ -464,6 +475,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     tracker = Tracker(train.run_dir, resolved, context.is_main, state.update if checkpoint else None,
                       train.tensorboard, train.wandb, train.wandb_project)
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
+    if train.compile:  # the partitioner keeps activations up to this share of the memory, recomputes the rest
+        torch._functorch.config.activation_memory_budget = train.mem_budget
     forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
     autocast = mixed_precision(train.precision, device)
     lengths = train_set.lengths()
