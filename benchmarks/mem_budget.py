@@ -70,8 +70,9 @@ def main() -> None:
     print("| mem_budget | peak memory | vs 1.0 | samples/s | vs 1.0 |")
     print("|---|---|---|---|---|")
     for row in results:
-        print(f"| {row['budget']:g} | {row['peak_memory_mb']:.0f} MB | {row['peak_memory_mb'] / base['peak_memory_mb']:.2f}× "
-              f"| {row['samples_per_s']:.2f} | {row['samples_per_s'] / base['samples_per_s']:.2f}× |")
+        memory, speed = row["peak_memory_mb"] / base["peak_memory_mb"], row["samples_per_s"] / base["samples_per_s"]
+        print(f"| {row['budget']:g} | {row['peak_memory_mb']:.0f} MB | {memory:.2f}× | {row['samples_per_s']:.2f} "
+              f"| {speed:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -178,8 +178,8 @@ class TrainConfig:
 CHANGEABLE_ON_RESUME = {
     "train": {"store", "dataset", "run_dir", "stop_after", "resume_from", "time_limit", "slurm_time_limit",
               "stop_margin", "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
-              "dist_timeout", "compile", "mem_budget", "tensorboard", "wandb", "wandb_project", "data_workers", "prefetch",
-              "data_cache", "ram_cache_gb"},
+              "dist_timeout", "compile", "mem_budget", "tensorboard", "wandb", "wandb_project", "data_workers",
+              "prefetch", "data_cache", "ram_cache_gb"},
     "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
 }
 
