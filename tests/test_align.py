@@ -101,7 +101,8 @@ def test_a_finished_alignment_is_skipped_and_another_config_is_refused(aligned, 
     result = CliRunner().invoke(app, ["align", "--store", str(captions_store), "--captions", str(mel_store)])
     assert result.exit_code == 2 and "--store must be an audio store" in result.output
     result = CliRunner().invoke(app, ["align", "--captions", str(captions_store)])
-    assert result.exit_code == 2 and "--store '.' is not a store" in result.output
+    assert result.exit_code == 2 and "02_align needs the audio store that 01_precompute wrote" in result.output
+    assert "e.g. uv run stages/01_precompute_captions.py" in result.output
 
 
 def test_train_starts_from_the_aligned_projector(aligned, mel_store, tiny_dataset, tmp_path):

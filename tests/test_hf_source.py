@@ -4,12 +4,10 @@ the shards."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -98,25 +96,19 @@ def test_parquet_written_by_datasets_prepares_and_precomputes_like_the_plain_fil
         assert from_shards[clip][1] == valid
 
 
-def test_save_to_disk_shards_and_the_hf_cache_give_the_same_dataset(hub_dataset, tmp_path):
+def test_save_to_disk_shards_and_the_hf_cache_give_the_same_dataset(hub_dataset, tmp_path, monkeypatch):
     _invoke("prepare", "--source", f"hf:{hub_dataset / 'parquet'}", "--name", "parquet", "--root",
             str(tmp_path / "datasets"))
     _invoke("prepare", "--source", f"hf:{hub_dataset / 'saved'}", "--name", "saved", "--root",
             str(tmp_path / "datasets"))
-    cache = tmp_path / "hub-cache"  # a Hub dataset id, read from the HF cache offline, by a process started
-    snapshot = cache / "datasets--someone--tiny-clips" / "snapshots" / ("a" * 40)  # with that environment
+    cache = tmp_path / "hub-cache"  # a Hub dataset id, read from the HF cache offline
+    snapshot = cache / "datasets--someone--tiny-clips" / "snapshots" / ("a" * 40)
     shutil.copytree(hub_dataset / "parquet", snapshot)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
-    environment = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-
-    def prepare(source: str, name: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mellow.cli", "prepare", "--source", source, "--name", name,
-                               "--root", str(tmp_path / "datasets")], env=environment, capture_output=True,
-                              text=True, timeout=300)
-
-    completed = prepare("hf:someone/tiny-clips", "cached")
-    assert completed.returncode == 0, completed.stdout + completed.stderr
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # what HF_HUB_CACHE sets at start
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _invoke("prepare", "--source", "hf:someone/tiny-clips", "--name", "cached", "--root", str(tmp_path / "datasets"))
 
     def content(name: str) -> tuple[list, dict]:
         folder = tmp_path / "datasets" / name
@@ -128,9 +120,9 @@ def test_save_to_disk_shards_and_the_hf_cache_give_the_same_dataset(hub_dataset,
     _invoke("precompute", str(tmp_path / "datasets" / "saved"), *PRECOMPUTE, "--store-root", str(tmp_path / "shards"))
     assert read_json(next((tmp_path / "shards" / "saved").iterdir()) / "meta.json")["counts"]["ok"] == 24
 
-    completed = prepare("hf:someone/not-there", "absent")
-    assert completed.returncode == 2 and "HF_HUB_OFFLINE" in completed.stdout, completed.stdout + completed.stderr
-    assert "hf download someone/not-there --repo-type dataset" in completed.stdout
+    absent = CliRunner().invoke(app, ["prepare", "--source", "hf:someone/not-there", "--root", str(tmp_path)])
+    assert absent.exit_code == 2 and "HF_HUB_OFFLINE" in absent.output, absent.output
+    assert "hf download someone/not-there --repo-type dataset" in absent.output
 
 
 def test_plain_pyarrow_shards_with_paths_questions_repeated_rows_and_bad_rows(tiny_dataset, tmp_path):

@@ -26,7 +26,7 @@ from conftest import TINY_MODEL
 @pytest.fixture(scope="module")
 def evaluated_run(mel_store, tiny_dataset, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("html-run") / "run"
-    train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=4, batch_size=4,
+    train.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=2, batch_size=4,
                           val_every=0, save_every=2), ModelConfig(**TINY_MODEL))
     evaluate.run(EvalConfig(run=run_dir, max_new_tokens=4, similarity=False))
     return run_dir
@@ -41,7 +41,7 @@ def test_the_page_holds_the_report_and_a_sample_with_audio_copies_and_escapes_th
     assert links and all("://" not in link and not link.startswith("/") for link in links)  # opens from disk
     for link in links:
         assert (out / link).is_file(), link
-    rows = read_jsonl(evaluated_run / "step-000004" / "eval-test" / "predictions.jsonl")
+    rows = read_jsonl(evaluated_run / "step-000002" / "eval-test" / "predictions.jsonl")
     sample = example_sample(rows)
     assert page.count('<tr class="') == len(sample) and len(sample) < len(rows)
     assert {row["task"] for row in sample} == {row["task"] for row in rows}

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from conftest import TINY_MODEL, logged_losses
 from mellow import train
+from mellow.cli import app
 from mellow.files import read_json
 from mellow.model import ModelConfig
 from mellow.train import TrainConfig
@@ -50,7 +52,24 @@ def _stage(cwd: Path, *arguments: str, torchrun: bool = False) -> subprocess.Com
                           timeout=600)
 
 
-def test_resume_alone_continues_the_most_recent_run_and_eval_alone_scores_it(two_runs, tmp_path):
+def test_resume_alone_continues_the_most_recent_run_and_eval_alone_scores_it(two_runs, tmp_path, monkeypatch):
+    project = _project(two_runs, tmp_path)
+    done = _in_process(project, monkeypatch, "train", "--resume")
+    assert done.exit_code == 0, done.output
+    assert "resuming the most recent run checkpoints/newer" in done.output
+    assert "pass --train.run_dir <run folder> to pick another" in done.output
+    assert max(logged_losses(project / "checkpoints" / "newer")) == 4  # continued to the end
+    assert read_json(project / "checkpoints" / "older" / "latest.json")["path"] == "step-000002"  # untouched
+    scored = _in_process(project, monkeypatch, "eval", "--max-examples", "4", "--max-new-tokens", "2",
+                         "--no-similarity")
+    assert scored.exit_code == 0, scored.output
+    assert "scoring the most recent run checkpoints/newer" in scored.output
+    assert (project / "checkpoints" / "newer" / "eval-test" / "report.md").is_file()
+    assert not (project / "checkpoints" / "older" / "eval-test").exists()
+
+
+@pytest.mark.slow
+def test_the_stage_scripts_as_typed_resume_and_score_the_most_recent_run(two_runs, tmp_path):
     project = _project(two_runs, tmp_path)
     done = _stage(project, str(ROOT / "stages" / "03_train.py"), "--resume")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -67,34 +86,43 @@ def test_resume_alone_continues_the_most_recent_run_and_eval_alone_scores_it(two
     assert not (project / "checkpoints" / "older" / "eval-test").exists()
 
 
-def test_no_run_or_two_runs_saved_together_is_one_line_naming_the_flag(two_runs, tmp_path):
+def _in_process(cwd: Path, monkeypatch, *arguments: str):
+    """A command run in this process (the messages are the same as a stage script's; faster than a process)."""
+    monkeypatch.chdir(cwd)
+    return CliRunner().invoke(app, list(arguments))
+
+
+def test_no_run_or_two_runs_saved_together_is_one_line_naming_the_flag(two_runs, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for script, flag in (("03_train.py", "--train.run_dir"), ("04_eval.py", "a run folder")):
-        arguments = [str(ROOT / "stages" / script)] + (["--resume"] if script == "03_train.py" else [])
-        failed = _stage(empty, *arguments)
-        assert failed.returncode == 2 and failed.stdout.startswith("error: no run found: "), failed.stdout
-        assert flag in failed.stdout and len(failed.stdout.strip().splitlines()) == 1 and not failed.stderr
+    for command, flag in ((["train", "--resume"], "--train.run_dir"), (["eval"], "a run folder")):
+        failed = _in_process(empty, monkeypatch, *command)
+        assert failed.exit_code == 2 and failed.output.startswith("error: no run found: "), failed.output
+        assert flag in failed.output and len(failed.output.strip().splitlines()) == 1
 
     project = _project(two_runs, tmp_path)
     now = time.time()
     for name in ("older", "newer"):
         os.utime(project / "checkpoints" / name / "latest.json", (now - 20, now - 20))
-    failed = _stage(project, str(ROOT / "stages" / "03_train.py"), "--resume")
-    assert failed.returncode == 2 and failed.stdout.startswith("error: the most recent run is ambiguous: "), \
-        failed.stdout
-    assert "checkpoints/older" in failed.stdout and "checkpoints/newer" in failed.stdout
-    assert "--train.run_dir" in failed.stdout and len(failed.stdout.strip().splitlines()) == 1
+    failed = _in_process(project, monkeypatch, "train", "--resume")
+    assert failed.exit_code == 2 and failed.output.startswith("error: the most recent run is ambiguous: "), \
+        failed.output
+    assert "checkpoints/older" in failed.output and "checkpoints/newer" in failed.output
+    assert "--train.run_dir" in failed.output and len(failed.output.strip().splitlines()) == 1
 
 
-def test_stages_run_without_what_they_need_say_it_with_an_example(tmp_path):
-    for script, needs in (("01_precompute.py", "needs the dataset folder"), ("02_align.py", "needs the audio store"),
-                          ("01_precompute_captions.py", "needs the dataset folder")):
-        failed = _stage(tmp_path, str(ROOT / "stages" / script))
-        assert failed.returncode == 2 and failed.stdout.startswith(f"error: {script[:-3]} {needs}"), failed.stdout
-        example = failed.stdout.split("e.g. ", 1)[1]
+def test_stages_run_without_what_they_need_say_it_with_an_example(tmp_path, monkeypatch):
+    for command, script, needs in ((["precompute"], "01_precompute.py", "needs the dataset folder"),
+                                   (["align"], "02_align.py", "needs the audio store"),
+                                   (["precompute-captions"], "01_precompute_captions.py", "needs the dataset folder")):
+        failed = _in_process(tmp_path, monkeypatch, *command)
+        assert failed.exit_code == 2 and failed.output.startswith(f"error: {script[:-3]} {needs}"), failed.output
+        example = failed.output.split("e.g. ", 1)[1]
         assert example.startswith("uv run stages/") and f"uv run stages/{script} " in example
-        assert not failed.stderr
+    # the scripts themselves, as typed: one of them in a real process
+    failed = _stage(tmp_path, str(ROOT / "stages" / "01_precompute.py"))
+    assert failed.returncode == 2 and failed.stdout.startswith("error: 01_precompute needs the dataset folder")
+    assert not failed.stderr
 
 
 @pytest.mark.slow
