@@ -57,7 +57,8 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     console.print(f"[bold green]quickstart finished[/] in {time.time() - started:.0f} s ({spent}).\n"
                   f"dataset {dataset}\nstore   {stored.store_path}\nrun     {run_dir}\n"
-                  f"scores  {result.output_dir / 'summary.md'}\nreport  {result.report}"
+                  f"scores  {result.output_dir / 'summary.md'}\nreport  {result.report}\n"
+                  f"listen  {result.report.with_suffix('.html')} (open it in a browser: examples with their audio)"
                   + "".join(f"\nconfusion matrix of {path.stem.removeprefix('confusion-')}: {path}"
                             for path in sorted(result.report.parent.glob("confusion-*.png"))))
     return result.scores
