@@ -84,6 +84,15 @@ def process_memory(pid: int) -> dict[str, float]:
     return {"rss": fields.get("Rss", 0) / 1024, "private": private / 1024}
 
 
+def peak_rss(pid: int) -> float:
+    """The process's peak resident set so far (VmHWM), in MB; 0 when it is gone. Cheap: no walk of its mappings."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), 0.0)
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -97,7 +106,7 @@ def run_training(command: list[str], env: dict, run_dir: Path, first_update: int
     started = time.time()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics, startup, peak, workers, offset = run_dir / "metrics.jsonl", None, 0.0, {}, 0
-    update = first_update
+    update, memory_read = first_update, 0.0
     while process.poll() is None:
         if metrics.exists():
             with open(metrics) as handle:
@@ -108,12 +117,16 @@ def run_training(command: list[str], env: dict, run_dir: Path, first_update: int
                         update = json.loads(line).get("update", update)
             if startup is None and update > first_update:
                 startup = time.time() - started
-        peak = max(peak, process_memory(process.pid).get("rss", 0.0))
+        peak = max(peak, peak_rss(process.pid))
+        if time.time() - memory_read < 1.0:  # reading smaps takes the process's mmap lock: once a second only,
+            time.sleep(0.05)                  # or the watching slows the start-up it measures
+            continue
+        memory_read = time.time()
         for worker in children(process.pid):
             memory = process_memory(worker)
             if memory:
                 seen = workers.setdefault(worker, {"peak_rss": 0.0, "early_private": None, "last_private": 0.0})
-                seen["peak_rss"] = max(seen["peak_rss"], memory["rss"])
+                seen["peak_rss"] = max(seen["peak_rss"], memory["rss"], peak_rss(worker))
                 if seen["early_private"] is None and update >= first_update + 100:
                     seen["early_private"] = memory["private"]
                 seen["last_private"] = memory["private"]
