@@ -169,6 +169,21 @@ def test_torch_compile_trains(mel_store, tiny_dataset, tmp_path):
     assert result.updates == 4 and all(math.isfinite(loss) for loss in logged_losses(run_dir).values())
 
 
+@pytest.mark.slow
+def test_torch_compile_under_a_memory_budget_recomputes_and_trains_as_eager(mel_store, tiny_dataset, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)  # restored after the test
+    model = ModelConfig(**TINY_MODEL)
+    train.run(train_config(mel_store, tiny_dataset, tmp_path / "eager", max_updates=4), model)
+    compiled = tmp_path / "compiled"
+    train.run(train_config(mel_store, tiny_dataset, compiled, max_updates=4, compile=True, mem_budget=0.0), model)
+    assert torch._functorch.config.activation_memory_budget == 0.0  # what the partitioner was given
+    eager, under_budget = logged_losses(tmp_path / "eager"), logged_losses(compiled)
+    assert eager.keys() == under_budget.keys()
+    for update, loss in eager.items():  # compiled kernels round differently: close, not bitwise
+        assert abs(under_budget[update] - loss) <= 1e-3 * max(1.0, loss), (update, loss, under_budget[update])
+
+
 @pytest.mark.parametrize("metric", ["val_loss", "val_accuracy"])
 def test_best_checkpoint_follows_the_configured_metric(mel_store, tiny_dataset, tmp_path, metric):
     run_dir = tmp_path / "run"
