@@ -81,10 +81,10 @@ def needs(what: str, example: str, script: str) -> str:
 
 def fail(message: str, code: int) -> None:
     """Print `message` as the command's error and exit with `code`. Under torchrun, where every process meets
-    the same error, only rank 0 prints it; every failing process also writes it to torchrun's error file, so
-    that torchrun's closing report names it as the root cause instead of a link about tracebacks."""
-    if os.environ.get("RANK", "0") == "0":
-        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    the same error, only rank 0 prints it (the console is quiet on the others); every failing process also
+    writes it to torchrun's error file, so that torchrun's closing report names it as the root cause instead of
+    a link about tracebacks."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         try:

@@ -182,7 +182,7 @@ class HubImport:
         row = 0
         try:
             chosen = choose_columns(_schema(path), self.columns, self.label_fields, f"--source hf: {path}")
-            wanted = list(dict.fromkeys([chosen["audio"], *_flat(chosen.values()), *self.label_fields]))
+            wanted = list(dict.fromkeys([*_flat(chosen.values()), *self.label_fields]))
             split = split_of(path, self.folder)
             for batch in batches(path, wanted):
                 for values in batch.to_pylist():

@@ -184,12 +184,8 @@ def _process_webdataset(config: PrepareConfig) -> dict[str, int]:
         records, examples, failures, label_tasks = import_webdataset(
             urls, config.val_fraction, config.test_fraction, on_sample=lambda: progress.advance(task),
             label_fields=config.label_fields())
-    _report_failures(failures)
-    if not records:
-        raise ValueError(f"--source {config.source}: no usable audio in {len(urls)} tar(s); "
-                         + (failures[0]["reason"] if failures else "the tars are empty"))
-    _check_labels_found(config, label_tasks)
-    return _write_manifests(config, records, examples, failures, label_tasks)
+    return _write_contained(config, records, examples, failures, label_tasks, f"{len(urls)} tar(s)",
+                            "the tars are empty")
 
 
 def _process_hub(config: PrepareConfig) -> dict[str, int]:
@@ -199,12 +195,20 @@ def _process_hub(config: PrepareConfig) -> dict[str, int]:
         imported = hfdata.import_hub_dataset(config.source[3:], hfdata.parse_columns(config.columns),
                                              config.label_fields(), config.val_fraction, config.test_fraction,
                                              on_row=lambda: progress.advance(task))
-    _report_failures(imported.failures)
-    if not imported.records:
-        raise ValueError(f"--source {config.source}: no usable audio in its rows; "
-                         + (imported.failures[0]["reason"] if imported.failures else "its shards hold no rows"))
-    _check_labels_found(config, imported.label_tasks)
-    return _write_manifests(config, imported.records, imported.examples, imported.failures, imported.label_tasks)
+    return _write_contained(config, imported.records, imported.examples, imported.failures, imported.label_tasks,
+                            "its rows", "its shards hold no rows")
+
+
+def _write_contained(config: PrepareConfig, records: list[dict], examples: dict[str, list[dict]],
+                     failures: list[dict], label_tasks: dict[str, list[str]], read: str, empty: str) -> dict[str, int]:
+    """The end of a source whose audio stays in its containers (tars, shards): report what was skipped, refuse
+    one with no usable audio (`read`: what was read; `empty`: why, when nothing failed), write the manifests."""
+    _report_failures(failures)
+    if not records:
+        raise ValueError(f"--source {config.source}: no usable audio in {read}; "
+                         + (failures[0]["reason"] if failures else empty))
+    _check_labels_found(config, label_tasks)
+    return _write_manifests(config, records, examples, failures, label_tasks)
 
 
 def _process_import(config: PrepareConfig) -> dict[str, int]:

@@ -27,13 +27,12 @@ def most_recent_run(flag: str, example: str, root: Path = RUNS_ROOT) -> Path:
 
 
 def announce(run: Path, what: str, flag: str) -> None:
-    """Say which run was picked and how to pick another (once, by rank 0 under torchrun)."""
-    if os.environ.get("RANK", "0") == "0":
-        from mellow.progress import console
+    """Say which run was picked and how to pick another (once: the console is quiet on ranks other than 0)."""
+    from mellow.progress import console
 
-        saved = _when((run / "latest.json").stat().st_mtime)
-        console.print(f"{what} the most recent run [bold]{run}[/] (checkpoint saved {saved}); pass {flag} to pick "
-                      "another", highlight=False)
+    saved = _when((run / "latest.json").stat().st_mtime)
+    console.print(f"{what} the most recent run [bold]{run}[/] (checkpoint saved {saved}); pass {flag} to pick "
+                  "another", highlight=False)
 
 
 def _when(mtime: float) -> str:

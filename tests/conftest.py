@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from typer.testing import CliRunner
 
 from mellow import precompute, prepare
+from mellow.cli import app
 from mellow.encoders import EncoderConfig
 from mellow.files import read_json, read_jsonl
 from mellow.precompute import PrecomputeConfig
 from mellow.prepare import PrepareConfig
-from mellow.store import StoreConfig
+from mellow.store import EmbeddingStore, StoreConfig
 from mellow.train import TrainConfig
 
 # Training logs to W&B when the environment asks for it (a W&B API key or WANDB_MODE): "disabled" keeps it off
@@ -57,6 +59,20 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 def latest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The trainable weights of a run's latest checkpoint."""
     return torch.load(run_dir / read_json(run_dir / "latest.json")["path"] / "model.pt")
+
+
+def invoke_ok(*arguments: str):
+    """A `mellow` command run in this process; it must succeed (its output is the message if not)."""
+    result = CliRunner().invoke(app, list(arguments))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def rows_by_id(store_path: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """{clip id: (its embedding, its valid tokens)} of a store."""
+    store = EmbeddingStore(store_path)
+    emb, valid = store.load_all()
+    return {clip: (emb[row], int(valid[row, 0])) for clip, row in store.rows.items()}
 
 
 def assert_same_store(first: Path, second: Path) -> None:

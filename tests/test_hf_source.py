@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import invoke_ok, rows_by_id
 from typer.testing import CliRunner
 
 from mellow.cli import app
 from mellow.files import read_json, read_jsonl, write_jsonl_atomic
 from mellow.manifests import ManifestError, read_audio_records
-from mellow.store import EmbeddingStore
 
 datasets = pytest.importorskip("datasets")
 
@@ -43,9 +43,9 @@ def hub_dataset(tiny_dataset, tmp_path_factory) -> Path:
     """The tiny dataset written by `datasets`: Parquet shards in data/ (row groups of 3 rows) and the same
     splits with save_to_disk."""
     folder = tmp_path_factory.mktemp("hub")
-    splits = {}
+    splits, clips = {}, _clips(tiny_dataset)
     for split, name in HF_SPLITS.items():
-        rows = _clips(tiny_dataset)[split]
+        rows = clips[split]
         columns = {key: [row[key] for row in rows] for key in rows[0]}
         splits[name] = datasets.Dataset.from_dict(columns).cast_column("audio", datasets.Audio())
         (folder / "parquet" / "data").mkdir(parents=True, exist_ok=True)
@@ -54,22 +54,10 @@ def hub_dataset(tiny_dataset, tmp_path_factory) -> Path:
     return folder
 
 
-def _invoke(*arguments: str):
-    result = CliRunner().invoke(app, list(arguments))
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _rows_by_id(store_path: Path) -> dict[str, tuple[np.ndarray, int]]:
-    store = EmbeddingStore(store_path)
-    emb, valid = store.load_all()
-    return {clip: (emb[row], int(valid[row, 0])) for clip, row in store.rows.items()}
-
-
 def test_parquet_written_by_datasets_prepares_and_precomputes_like_the_plain_files(hub_dataset, tiny_dataset,
                                                                                   mel_store, tmp_path):
     assert pq.ParquetFile(hub_dataset / "parquet/data/train-00000-of-00001.parquet").metadata.num_row_groups > 2
-    _invoke("prepare", "--source", f"hf:{hub_dataset / 'parquet'}", "--name", "hub", "--root",
+    invoke_ok("prepare", "--source", f"hf:{hub_dataset / 'parquet'}", "--name", "hub", "--root",
             str(tmp_path / "datasets"), "--label-field", "mood")
     dataset = tmp_path / "datasets" / "hub"
     records = {r["id"]: r for r in read_jsonl(dataset / "audio.jsonl")}
@@ -87,9 +75,9 @@ def test_parquet_written_by_datasets_prepares_and_precomputes_like_the_plain_fil
                          if e["task"] == "caption"}
     assert test_captions == original_captions
 
-    _invoke("precompute", str(dataset), *PRECOMPUTE, "--store-root", str(tmp_path / "shards"))
+    invoke_ok("precompute", str(dataset), *PRECOMPUTE, "--store-root", str(tmp_path / "shards"))
     [store_path] = (tmp_path / "shards" / "hub").iterdir()
-    from_shards, from_files = _rows_by_id(store_path), _rows_by_id(mel_store)
+    from_shards, from_files = rows_by_id(store_path), rows_by_id(mel_store)
     assert from_shards.keys() == from_files.keys()
     for clip, (embedding, valid) in from_files.items():  # decoding bytes from the shard = decoding the file
         np.testing.assert_array_equal(from_shards[clip][0], embedding)
@@ -97,9 +85,9 @@ def test_parquet_written_by_datasets_prepares_and_precomputes_like_the_plain_fil
 
 
 def test_save_to_disk_shards_and_the_hf_cache_give_the_same_dataset(hub_dataset, tmp_path, monkeypatch):
-    _invoke("prepare", "--source", f"hf:{hub_dataset / 'parquet'}", "--name", "parquet", "--root",
+    invoke_ok("prepare", "--source", f"hf:{hub_dataset / 'parquet'}", "--name", "parquet", "--root",
             str(tmp_path / "datasets"))
-    _invoke("prepare", "--source", f"hf:{hub_dataset / 'saved'}", "--name", "saved", "--root",
+    invoke_ok("prepare", "--source", f"hf:{hub_dataset / 'saved'}", "--name", "saved", "--root",
             str(tmp_path / "datasets"))
     cache = tmp_path / "hub-cache"  # a Hub dataset id, read from the HF cache offline
     snapshot = cache / "datasets--someone--tiny-clips" / "snapshots" / ("a" * 40)
@@ -108,7 +96,7 @@ def test_save_to_disk_shards_and_the_hf_cache_give_the_same_dataset(hub_dataset,
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # what HF_HUB_CACHE sets at start
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _invoke("prepare", "--source", "hf:someone/tiny-clips", "--name", "cached", "--root", str(tmp_path / "datasets"))
+    invoke_ok("prepare", "--source", "hf:someone/tiny-clips", "--name", "cached", "--root", str(tmp_path / "datasets"))
 
     def content(name: str) -> tuple[list, dict]:
         folder = tmp_path / "datasets" / name
@@ -117,7 +105,7 @@ def test_save_to_disk_shards_and_the_hf_cache_give_the_same_dataset(hub_dataset,
 
     assert content("saved") == content("parquet") == content("cached")
     assert all(r["parquet"].endswith(".arrow") for r in read_jsonl(tmp_path / "datasets/saved/audio.jsonl"))
-    _invoke("precompute", str(tmp_path / "datasets" / "saved"), *PRECOMPUTE, "--store-root", str(tmp_path / "shards"))
+    invoke_ok("precompute", str(tmp_path / "datasets" / "saved"), *PRECOMPUTE, "--store-root", str(tmp_path / "shards"))
     assert read_json(next((tmp_path / "shards" / "saved").iterdir()) / "meta.json")["counts"]["ok"] == 24
 
     absent = CliRunner().invoke(app, ["prepare", "--source", "hf:someone/not-there", "--root", str(tmp_path)])
@@ -146,7 +134,7 @@ def test_plain_pyarrow_shards_with_paths_questions_repeated_rows_and_bad_rows(ti
     (folder / "train" / "part-1.parquet").write_bytes(
         (folder / "train" / "part-0.parquet").read_bytes()[:300])  # cut short: no footer
 
-    _invoke("prepare", "--source", f"hf:{folder}", "--columns", "audio=sound,id=clip,caption=text", "--root",
+    invoke_ok("prepare", "--source", f"hf:{folder}", "--columns", "audio=sound,id=clip,caption=text", "--root",
             str(tmp_path / "datasets"), "--name", "plain")
     dataset = tmp_path / "datasets" / "plain"
     clips = {r["id"]: r for r in read_jsonl(dataset / "audio.jsonl")}

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset
+from conftest import invoke_ok, rows_by_id
 from typer.testing import CliRunner
 
 from mellow.cli import app
 from mellow.files import read_json, read_jsonl, write_jsonl_atomic
-from mellow.store import EmbeddingStore
 
 PRECOMPUTE = ["--encoder", "mel", "--clip-seconds", "3", "--tokens", "4", "--shard-clips", "8"]
 
@@ -47,20 +47,8 @@ def tars(tiny_dataset, tmp_path_factory) -> Path:
     return folder
 
 
-def _invoke(*arguments: str):
-    result = CliRunner().invoke(app, list(arguments))
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _rows_by_id(store_path: Path) -> dict[str, tuple[np.ndarray, int]]:
-    store = EmbeddingStore(store_path)
-    emb, valid = store.load_all()
-    return {clip: (emb[row], int(valid[row, 0])) for clip, row in store.rows.items()}
-
-
 def test_local_tars_prepare_and_precompute_like_plain_files(tars, tiny_dataset, mel_store, tmp_path):
-    _invoke("prepare", "--source", f"wds:{tars}/part-{{000000..000001}}.tar", "--name", "fromtars",
+    invoke_ok("prepare", "--source", f"wds:{tars}/part-{{000000..000001}}.tar", "--name", "fromtars",
             "--root", str(tmp_path / "datasets"))
     dataset = tmp_path / "datasets" / "fromtars"
     records = read_jsonl(dataset / "audio.jsonl")
@@ -82,7 +70,7 @@ def test_local_tars_prepare_and_precompute_like_plain_files(tars, tiny_dataset, 
     [store_path] = (tmp_path / "shards" / "fromtars").iterdir()
     statuses = {r["id"]: r["status"] for r in read_jsonl(store_path / "index.jsonl")}
     assert statuses["corrupt"].startswith(f"failed: {tars / 'part-000001.tar'}#corrupt.flac: ")  # ffmpeg's reason
-    from_tars, from_files = _rows_by_id(store_path), _rows_by_id(mel_store)
+    from_tars, from_files = rows_by_id(store_path), rows_by_id(mel_store)
     assert from_tars.keys() == from_files.keys()
     for clip, (embedding, valid) in from_files.items():  # decoding from memory = decoding the file
         np.testing.assert_array_equal(from_tars[clip][0], embedding)
@@ -106,7 +94,7 @@ def test_pipe_and_http_tars_a_dead_url_and_a_stalled_server(tars, tmp_path, monk
     monkeypatch.setenv("MELLOW_HTTP_STALL_SECONDS", "2")
     monkeypatch.setenv("MELLOW_HTTP_RETRIES", "1")
     try:
-        _invoke("prepare", "--source", f"wds:pipe:cat {tars}/part-000001.tar::{url}::{dead}::{stalled}",
+        invoke_ok("prepare", "--source", f"wds:pipe:cat {tars}/part-000001.tar::{url}::{dead}::{stalled}",
                 "--name", "remote", "--root", str(tmp_path / "datasets"))
         dataset = tmp_path / "datasets" / "remote"
         records = read_jsonl(dataset / "audio.jsonl")
@@ -114,7 +102,7 @@ def test_pipe_and_http_tars_a_dead_url_and_a_stalled_server(tars, tmp_path, monk
         assert len(records) == 25
         failures = read_json(dataset / "prepare.json")["failures"]
         assert {f["tar"] for f in failures if "reading the tar failed" in f["reason"]} == {dead, stalled}
-        _invoke("precompute", str(dataset), *PRECOMPUTE, "--store-root", str(tmp_path / "shards"),
+        invoke_ok("precompute", str(dataset), *PRECOMPUTE, "--store-root", str(tmp_path / "shards"),
                 "--max-failures", "0.1")
         [store_path] = (tmp_path / "shards" / "remote").iterdir()
         assert read_json(store_path / "meta.json")["counts"] == {"rows": 25, "ok": 24, "failed": 1}
@@ -150,7 +138,7 @@ def test_a_json_field_of_labelled_tars_becomes_a_closed_label_task(tiny_dataset,
             meta = {"split": split, **({"emotion": emotion} if emotion else {})}
             writer.write({"__key__": record["id"], record["path"].rsplit(".", 1)[1]:
                           (tiny_dataset / record["path"]).read_bytes(), "json": json.dumps(meta).encode()})
-    _invoke("prepare", "--source", f"wds:{tmp_path / 'speech-000000.tar'}", "--name", "speech", "--root",
+    invoke_ok("prepare", "--source", f"wds:{tmp_path / 'speech-000000.tar'}", "--name", "speech", "--root",
             str(tmp_path / "datasets"), "--label-field", "emotion")
     dataset = tmp_path / "datasets" / "speech"
     assert read_json(dataset / "prepare.json")["label_tasks"] == {"emotion": ["anger", "fear", "joy", "neutral",
