@@ -1,5 +1,6 @@
 """Growth at the seeds' scale, in one run: start-up and memory of 03_train at 10 k / 100 k / 1 M examples, store
-reads against the machine's own limit, and the store's metadata paths at 1.2 M rows.
+reads against the machine's own limit, the store's metadata paths at 1.2 M rows, and tokenising a new split
+on one core against all of them.
 
     uv run python benchmarks/scale.py                                  # everything (~20 min on 2 cores)
     uv run python benchmarks/scale.py --parts reads --sizes 10000      # one part
@@ -323,9 +324,35 @@ def metadata_part(args: argparse.Namespace, codes: dict[str, Path]) -> list[dict
     return results
 
 
+def tokenize_part(args: argparse.Namespace) -> list[dict]:
+    """Tokenising a new split once (a first start's one-time cost): one process against one per core, same run."""
+    from mellow.decoders import load_tokenizer
+    from mellow.store import EmbeddingStore
+    from mellow.tokenized import tokenize_file
+
+    store = args.work / "startup-store"
+    write_store(store, args.clips, tokens=4, dim=64, shard_clips=8192)
+    rows_of, tokenizer = EmbeddingStore(store).rows.lookup, load_tokenizer("tiny")
+    cores, results = len(os.sched_getaffinity(0)), []
+    for size in args.sizes:
+        split = args.work / f"dataset-{size}" / "train.jsonl"
+        split.parent.mkdir(parents=True, exist_ok=True)
+        write_split(split, size, args.clips, seed=size)
+        seconds = {}
+        for processes in (1, cores):
+            started = time.time()
+            tokenize_file(split, rows_of, tokenizer, 96, "\n", processes=processes)  # 03_train's default
+            seconds[processes] = time.time() - started
+        results.append({"examples": size, "cores": cores, "seconds": seconds})
+        print(f"  {size:>9,} examples: one process {seconds[1]:.1f} s ({size / seconds[1]:,.0f} examples/s), "
+              f"{cores} processes {seconds[cores]:.1f} s: {seconds[1] / seconds[cores]:.2f}x", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="reads,metadata,startup", help="Comma-separated: reads, metadata, startup.")
+    parser.add_argument("--parts", default="reads,metadata,startup,tokenize",
+                        help="Comma-separated: reads, metadata, startup, tokenize.")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="Training examples of each start-up run.")
     parser.add_argument("--clips", type=int, default=50_000, help="Clips in the start-up runs' store.")
@@ -342,7 +369,7 @@ def main() -> None:
     for part in args.parts.split(","):
         print(f"{part}:", flush=True)
         results[part] = {"reads": lambda: reads_part(args), "metadata": lambda: metadata_part(args, codes),
-                         "startup": lambda: startup_part(args, codes)}[part]()
+                         "startup": lambda: startup_part(args, codes), "tokenize": lambda: tokenize_part(args)}[part]()
     if args.output:
         args.output.write_text(json.dumps(results, indent=1))
 

@@ -24,16 +24,19 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-empty line of a JSON-lines file, streamed."""
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ManifestError(f"{path}:{line_number}: not a JSON object ({error})") from None
-            if not isinstance(value, dict):
-                raise ManifestError(f"{path}:{line_number}: a record must be a JSON object, not "
-                                    f"{type(value).__name__}")
-            yield line_number, value
+            if line.strip():
+                yield line_number, parse_json_line(line, f"{path}:{line_number}")
+
+
+def parse_json_line(line: str | bytes, where: str) -> dict:
+    """The JSON object on one line of a JSON-lines file; a ManifestError naming `where` if it is not one."""
+    try:
+        value = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{where}: not a JSON object ({error})") from None
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: a record must be a JSON object, not {type(value).__name__}")
+    return value
 
 
 def check_example(example: dict, where: str) -> dict:

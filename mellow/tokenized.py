@@ -20,12 +20,17 @@ Python object.
 from __future__ import annotations
 
 import fcntl
+import gc
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +38,7 @@ import google_crc32c
 import numpy as np
 
 from mellow.files import cache_dir, sha256_file, short_hash, write_json_atomic
-from mellow.manifests import ManifestError, check_example, json_lines
+from mellow.manifests import ManifestError, check_example, json_lines, parse_json_line
 from mellow.progress import console
 
 ARRAYS = ("prompt_tokens", "prompt_offsets", "answer_tokens", "answer_offsets", "row1", "row2", "line")
@@ -83,12 +88,6 @@ def tokenizer_identity(tokenizer) -> str:
     return short_hash([type(tokenizer).__name__, definition, tokenizer.eos_token_id, tokenizer.pad_token_id], 16)
 
 
-def _examples_of(path: Path) -> Iterator[tuple[int, dict]]:
-    """(number among the example lines, example) of a split file, streamed; one clear error per bad line."""
-    for number, (line_number, example) in enumerate(json_lines(path)):
-        yield number, check_example(example, f"{path}:{line_number}")
-
-
 def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, each distinct text tokenised once (splits repeat
     answers such as "yes" and instruction prompts many times); for a fast tokenizer straight from its Rust
@@ -116,49 +115,137 @@ class UnknownClipError(ManifestError):
         super().__init__(f"{where or f'example {number}'}: {key} {clip_id!r} is not a clip of the dataset's "
                          "audio.jsonl (nor of the store made from it); fix the example, or add the clip to "
                          "audio.jsonl and rerun 01_precompute")
+        self.where = where
+
+    def __reduce__(self):  # raised in a tokenize_file worker, it crosses to the parent by pickle
+        return UnknownClipError, (self.number, self.key, self.clip_id, self.where)
 
 
 def tokenize(examples: Iterator[tuple[int, dict]], rows_of, tokenizer, max_text_tokens: int,
              prompt_suffix: str) -> TokenizedExamples:
     """Tokenise (line, example) pairs in chunks; `rows_of(ids)` gives store rows (-1: missing). Examples whose
     audio is missing are skipped. Answers keep at most max_text_tokens // 2 tokens plus EOS, prompts their end."""
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
+    chunks = iter(lambda: list(itertools.islice(examples, TOKENIZE_CHUNK)), [])
+    return concatenate([tokenize_chunk(chunk, rows_of, tokenizer, max_text_tokens, prompt_suffix)
+                        for chunk in chunks])
+
+
+def tokenize_chunk(chunk: list[tuple[int, dict]], rows_of, tokenizer, max_text_tokens: int,
+                   prompt_suffix: str) -> TokenizedExamples:
+    """`tokenize` of one chunk of (line, example) pairs."""
     eos = tokenizer.eos_token_id
-    prompt_end, answer_end, skipped = 0, 0, 0
-    while chunk := [pair for _, pair in zip(range(TOKENIZE_CHUNK), examples)]:
-        row1 = rows_of([example["audio1"] for _, example in chunk], absent=UNKNOWN_CLIP)
-        row2 = np.where([example.get("audio2") is None for _, example in chunk], -1,
-                        rows_of([example.get("audio2") or example["audio1"] for _, example in chunk],
-                                absent=UNKNOWN_CLIP))
-        for rows, key in ((row1, "audio1"), (row2, "audio2")):
-            if (rows == UNKNOWN_CLIP).any():
-                number, example = chunk[int(np.flatnonzero(rows == UNKNOWN_CLIP)[0])]
-                raise UnknownClipError(number, key, example[key])
-        has_audio2 = np.array([example.get("audio2") is not None for _, example in chunk])
-        keep = (row1 >= 0) & (~has_audio2 | (row2 >= 0))
-        skipped += int((~keep).sum())
-        chunk = [pair for pair, kept in zip(chunk, keep) if kept]
-        prompts = token_ids(tokenizer, [e["prompt"] + prompt_suffix for _, e in chunk])
-        answers = [answer[: max_text_tokens // 2] + [eos] for answer in token_ids(tokenizer, [e["answer"]
-                                                                                            for _, e in chunk])]
-        prompts = [prompt[max(len(prompt) - (max_text_tokens - len(answer)), 0) :] if max_text_tokens > len(answer)
-                   else [] for prompt, answer in zip(prompts, answers)]
-        for name, texts, end in (("prompt", prompts, prompt_end), ("answer", answers, answer_end)):
-            lengths = np.array([len(text) for text in texts], dtype=np.int64)
-            parts[f"{name}_tokens"].append(np.fromiter(itertools.chain.from_iterable(texts), dtype=np.int32,
-                                                       count=int(lengths.sum())))
-            parts[f"{name}_offsets"].append(end + np.cumsum(lengths))
-        prompt_end = int(parts["prompt_offsets"][-1][-1]) if chunk else prompt_end
-        answer_end = int(parts["answer_offsets"][-1][-1]) if chunk else answer_end
-        parts["row1"].append(row1[keep])
-        parts["row2"].append(row2[keep])
-        parts["line"].append(np.array([number for number, _ in chunk], dtype=np.int64))
-    arrays = {name: np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64) for name, pieces in parts.items()}
-    for name in ("prompt_tokens", "answer_tokens"):
-        arrays[name] = arrays[name].astype(np.int32)
-    for name in ("prompt_offsets", "answer_offsets"):
-        arrays[name] = np.concatenate([[0], arrays[name]]).astype(np.int64)
-    return TokenizedExamples(**arrays, skipped=skipped)
+    row1 = rows_of([example["audio1"] for _, example in chunk], absent=UNKNOWN_CLIP)
+    row2 = np.where([example.get("audio2") is None for _, example in chunk], -1,
+                    rows_of([example.get("audio2") or example["audio1"] for _, example in chunk], absent=UNKNOWN_CLIP))
+    for rows, key in ((row1, "audio1"), (row2, "audio2")):
+        if (rows == UNKNOWN_CLIP).any():
+            number, example = chunk[int(np.flatnonzero(rows == UNKNOWN_CLIP)[0])]
+            raise UnknownClipError(number, key, example[key])
+    has_audio2 = np.array([example.get("audio2") is not None for _, example in chunk], dtype=bool)
+    keep = (row1 >= 0) & (~has_audio2 | (row2 >= 0))
+    chunk = [pair for pair, kept in zip(chunk, keep) if kept]
+    prompts = token_ids(tokenizer, [e["prompt"] + prompt_suffix for _, e in chunk])
+    answers = [answer[: max_text_tokens // 2] + [eos] for answer in token_ids(tokenizer, [e["answer"]
+                                                                                        for _, e in chunk])]
+    prompts = [prompt[max(len(prompt) - (max_text_tokens - len(answer)), 0) :] if max_text_tokens > len(answer)
+               else [] for prompt, answer in zip(prompts, answers)]
+    arrays = {}
+    for name, texts in (("prompt", prompts), ("answer", answers)):
+        lengths = np.array([len(text) for text in texts], dtype=np.int64)
+        arrays[f"{name}_tokens"] = np.fromiter(itertools.chain.from_iterable(texts), dtype=np.int32,
+                                               count=int(lengths.sum()))
+        arrays[f"{name}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return TokenizedExamples(**arrays, row1=row1[keep], row2=row2[keep],
+                             line=np.array([number for number, _ in chunk], dtype=np.int64),
+                             skipped=int((~keep).sum()))
+
+
+def concatenate(parts: list[TokenizedExamples]) -> TokenizedExamples:
+    """The examples of `parts`, one after another, as one set of flat arrays."""
+    arrays = {}
+    for name in ("prompt", "answer"):
+        arrays[f"{name}_tokens"] = np.concatenate([np.zeros(0, np.int32)] + [getattr(part, f"{name}_tokens")
+                                                                            for part in parts])
+        ends = np.cumsum([0] + [len(getattr(part, f"{name}_tokens")) for part in parts])
+        arrays[f"{name}_offsets"] = np.concatenate([np.zeros(1, np.int64)] + [
+            getattr(part, f"{name}_offsets")[1:] + end for part, end in zip(parts, ends)])
+    for name in ("row1", "row2", "line"):
+        arrays[name] = np.concatenate([np.zeros(0, np.int64)] + [getattr(part, name) for part in parts])
+    return TokenizedExamples(**arrays, skipped=sum(part.skipped for part in parts))
+
+
+def tokenize_file(path: Path, rows_of, tokenizer, max_text_tokens: int, prompt_suffix: str,
+                  processes: int | None = None) -> TokenizedExamples:
+    """`tokenize` of a split file, its chunks spread over `processes` forked processes (default: one per core
+    this process may use): the Rust tokenizer alone already runs on every core, but the JSON parsing, the checks
+    and the conversion of its output, which take about as long again, run on one. The same result as
+    `tokenize`'s, errors included (a bad line or an unknown clip raises here, naming it)."""
+    processes = processes or len(os.sched_getaffinity(0))
+    if processes <= 1 or multiprocessing.current_process().daemon:  # a daemonic process may not start others
+        with garbage_collector_paused():
+            return concatenate([tokenize_chunk(_parsed(chunk, path), rows_of, tokenizer, max_text_tokens,
+                                               prompt_suffix) for chunk in _raw_chunks(path)])
+    context = multiprocessing.get_context("fork")  # the workers inherit the tokenizer and the store's index
+    with (garbage_collector_paused(),
+          ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                              initargs=(path, rows_of, tokenizer, max_text_tokens, prompt_suffix)) as pool):
+        pending, parts = deque(), []
+        for chunk in _raw_chunks(path):
+            pending.append(pool.submit(_tokenize_in_worker, chunk))
+            if len(pending) >= 2 * processes:  # a bounded number of chunks in flight
+                parts.append(pending.popleft().result())
+        parts.extend(future.result() for future in pending)
+    return concatenate(parts)
+
+
+def _raw_chunks(path: Path) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+    """(number of the first example, [(line number, line)] of TOKENIZE_CHUNK example lines) of a split file."""
+    number, chunk = 0, []
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if line.strip():
+                chunk.append((line_number, line))
+                if len(chunk) == TOKENIZE_CHUNK:
+                    yield number, chunk
+                    number, chunk = number + len(chunk), []
+    if chunk:
+        yield number, chunk
+
+
+_worker_inputs: tuple = ()  # what tokenize_file's worker processes were given (inherited by fork)
+
+
+def _start_worker(*inputs) -> None:
+    global _worker_inputs
+    _worker_inputs = inputs
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    gc.disable()  # as in the parent; here a collection would also write to every object inherited from it
+
+
+@contextmanager
+def garbage_collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while tokenising: the per-chunk lists and dicts hold no cycles (their
+    reference counts free them), and each collection walks every object of the process (torch's and
+    transformers' included) again: 18% of the tokenising time with it on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _tokenize_in_worker(chunk: tuple[int, list[tuple[int, bytes]]]) -> TokenizedExamples:
+    path, rows_of, tokenizer, max_text_tokens, prompt_suffix = _worker_inputs
+    return tokenize_chunk(_parsed(chunk, path), rows_of, tokenizer, max_text_tokens, prompt_suffix)
+
+
+def _parsed(chunk: tuple[int, list[tuple[int, bytes]]], path: Path) -> list[tuple[int, dict]]:
+    """(number among the example lines, example) of a chunk of `_raw_chunks`; one clear error per bad line."""
+    first, lines = chunk
+    return [(first + index, check_example(parse_json_line(line, f"{path}:{line_number}"), f"{path}:{line_number}"))
+            for index, (line_number, line) in enumerate(lines)]
 
 
 def cache_folder(dataset: Path, split: str, key: str) -> Path:
@@ -199,7 +286,7 @@ def load_split(dataset: Path, split: str, store, tokenizer, max_text_tokens: int
         shutil.rmtree(folder, ignore_errors=True)
         started = time.time()
         try:
-            built = tokenize(_examples_of(path), store.rows.lookup, tokenizer, max_text_tokens, prompt_suffix)
+            built = tokenize_file(path, store.rows.lookup, tokenizer, max_text_tokens, prompt_suffix)
         except UnknownClipError as error:  # name the line, as for any other bad line
             line = next(line for number, (line, _) in enumerate(json_lines(path)) if number == error.number)
             raise UnknownClipError(error.number, error.key, error.clip_id, f"{path}:{line}") from None

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mellow import distributed, metrics
 from mellow.align import load_aligned_projector, read_alignment
+from mellow.allocator import keep_freed_memory
 from mellow.checkpoint import (
     TrainingState,
     check_base_decoder,
@@ -500,6 +501,7 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                         context, meta)
         stopper.save_took(time.time() - started)
 
+    keep_freed_memory()  # every step reuses the last one's large blocks: ~5-10% faster on CPU (mellow/allocator.py)
     with tracker, progress_bar() as progress, workers_ended(batches):
         task = progress.add_task("training", total=train.max_updates, completed=state.update)
         while state.update < stop_at:

@@ -50,7 +50,7 @@ def test_the_cache_holds_what_in_memory_tokenising_gives_and_is_built_once(datas
     def fail(*args, **kwargs):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(tokenized, "tokenize", fail)
+    monkeypatch.setattr(tokenized, "tokenize_chunk", fail)  # also in the forked workers
     again = ExampleSet.from_split(dataset, "train", store, tokenizer, 64)  # a resume, another rank, eval
     np.testing.assert_array_equal(again.tokenized.answer_tokens, cached.tokenized.answer_tokens)
     with pytest.raises(AssertionError, match="tokenised again"):  # other settings are another cache
@@ -112,10 +112,41 @@ def test_a_bad_line_in_a_split_names_file_and_line(dataset, mel_store):
         ExampleSet.from_split(dataset, "train", store, tokenizer, 64)
 
 
+def test_tokenising_a_file_over_processes_gives_what_one_process_gives(dataset, mel_store, monkeypatch):
+    store, tokenizer = EmbeddingStore(mel_store), load_tokenizer("tiny")
+    split = dataset / "train.jsonl"
+    lines = split.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    split.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n\n")  # blank lines keep their line numbers
+    monkeypatch.setattr(tokenized, "TOKENIZE_CHUNK", 7)  # many chunks, the last one short (fork inherits it)
+    failed = records[5]["audio1"]  # as if this clip had failed to encode: its examples are skipped
+
+    def rows_of(ids, absent):
+        return np.where(np.asarray(ids) == failed, -1, store.rows.lookup(ids, absent))
+
+    one = tokenized.tokenize_file(split, rows_of, tokenizer, 24, "\n", processes=1)
+    three = tokenized.tokenize_file(split, rows_of, tokenizer, 24, "\n", processes=3)
+    skipped = sum(failed in (record["audio1"], record.get("audio2")) for record in records)
+    assert one.skipped == three.skipped == skipped > 0
+    assert len(one) == len(lines) - skipped > 7 * 3
+    for name in tokenized.ARRAYS:
+        np.testing.assert_array_equal(getattr(one, name), getattr(three, name))
+    kept = [number for number, record in enumerate(records) if failed not in (record["audio1"], record.get("audio2"))]
+    assert one.line.tolist() == kept  # numbers count example lines: the blank one is not one
+    bad = [json.dumps(record) for record in records]
+    for broken, error, message in (
+            ("{not json", ManifestError, r"train.jsonl:18: not a JSON object"),
+            (json.dumps({**records[16], "audio1": "no-such-clip"}), tokenized.UnknownClipError,
+             r"example 16: audio1 'no-such-clip' is not a clip")):
+        split.write_text("\n".join(bad[:3] + [""] + bad[3:16] + [broken] + bad[17:]) + "\n")
+        with pytest.raises(error, match=message):
+            tokenized.tokenize_file(split, store.rows.lookup, tokenizer, 24, "\n", processes=3)
+
+
 def _build_in_a_forked_process(dataset: Path, store_path: Path) -> tuple[bool, int]:
     built = []
-    original = tokenized.tokenize
-    tokenized.tokenize = lambda *args, **kwargs: built.append(1) or original(*args, **kwargs)
+    original = tokenized.tokenize_file
+    tokenized.tokenize_file = lambda *args, **kwargs: built.append(1) or original(*args, **kwargs)
     examples = tokenized.load_split(dataset, "train", EmbeddingStore(store_path), load_tokenizer("tiny"), 64, "\n")
     return bool(built), len(examples)
 
