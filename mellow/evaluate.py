@@ -104,12 +104,20 @@ class EvalResult:
 
 def run(config: EvalConfig) -> EvalResult:
     """Score the checkpoints `config` names, then (for a run folder) write its leaderboard and report."""
-    from mellow import report as run_report
-
     started = time.time()
     is_run = not (config.run / "trainer.json").exists()
     checkpoints = checkpoints_to_score(config)
     scorer = metrics.CaptionScorer(similarity=config.similarity)
+    try:
+        return _score_all(config, checkpoints, scorer, is_run, started)
+    finally:
+        scorer.close()
+
+
+def _score_all(config: EvalConfig, checkpoints: list[Path], scorer: metrics.CaptionScorer, is_run: bool,
+               started: float) -> EvalResult:
+    from mellow import report as run_report
+
     for line in scorer.skipped.values():
         console.print(f"[yellow]{line}", highlight=False)
     result = EvalResult(config.run, {}, 0, 0.0)

@@ -226,6 +226,22 @@ class CaptionScorer:
             self.skipped["spice"] = f"SPICE and SPIDEr skipped: SPICE {self.spice}"
         self.similarity = similarity
         self._sentence_model = None
+        self._meteor = None
+
+    def _meteor_server(self):
+        """METEOR's Java process, started on first use and kept for every later call: starting it (the JVM and
+        METEOR's paraphrase tables) takes seconds, and 04_eval scores every task of every checkpoint. Each call
+        is a self-contained EVAL of the statistics sent with it, so reusing it changes no score."""
+        if self._meteor is None:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            self._meteor = Meteor()
+        return self._meteor
+
+    def close(self) -> None:
+        """End the METEOR process, if one was started (a later call starts another)."""
+        meteor, self._meteor = self._meteor, None
+        del meteor  # its __del__ ends the Java process
 
     def tokenize(self, captions: dict[int, list[str]]) -> dict[int, list[str]]:
         if self.java:
@@ -251,13 +267,11 @@ class CaptionScorer:
             bleu, _ = Bleu(4).compute_score(ground_truth, hypotheses)
         results = {f"bleu_{n + 1}": float(bleu[n]) for n in range(4)}
         if not self.java:
-            from pycocoevalcap.meteor.meteor import Meteor
-
-            meteor = Meteor()
             try:
-                results["meteor"] = float(meteor.compute_score(ground_truth, hypotheses)[0])
-            finally:
-                del meteor  # its __del__ ends the Java process
+                results["meteor"] = float(self._meteor_server().compute_score(ground_truth, hypotheses)[0])
+            except Exception:
+                self.close()  # a server that failed once is not trusted with the next call
+                raise
         results["rouge_l"] = float(Rouge().compute_score(ground_truth, hypotheses)[0])
         cider, each = Cider().compute_score(ground_truth, hypotheses)
         results["cider_d"] = float(cider)

@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -177,10 +178,11 @@ def concatenate(parts: list[TokenizedExamples]) -> TokenizedExamples:
 def tokenize_file(path: Path, rows_of, tokenizer, max_text_tokens: int, prompt_suffix: str,
                   processes: int | None = None) -> TokenizedExamples:
     """`tokenize` of a split file, its chunks spread over `processes` forked processes (default: one per core
-    this process may use): the Rust tokenizer alone already runs on every core, but the JSON parsing, the checks
-    and the conversion of its output, which take about as long again, run on one. The same result as
-    `tokenize`'s, errors included (a bad line or an unknown clip raises here, naming it)."""
-    processes = processes or len(os.sched_getaffinity(0))
+    this process may use on Linux; one elsewhere, where forking a process that has loaded torch is unsafe).
+    The Rust tokenizer alone already runs on every core, but the JSON parsing, the checks and the conversion of
+    its output, which take about as long again, run on one. The same result as `tokenize`'s, errors included
+    (a bad line or an unknown clip raises here, naming it)."""
+    processes = processes or (len(os.sched_getaffinity(0)) if sys.platform.startswith("linux") else 1)
     if processes <= 1 or multiprocessing.current_process().daemon:  # a daemonic process may not start others
         with garbage_collector_paused():
             return concatenate([tokenize_chunk(_parsed(chunk, path), rows_of, tokenizer, max_text_tokens,

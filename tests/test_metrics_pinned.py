@@ -40,11 +40,24 @@ needs_java = pytest.mark.skipif(metrics.java_missing() is not None, reason=f"the
 
 
 @needs_java
-def test_caption_metrics_equal_the_reference_pipeline():
-    scores = metrics.CaptionScorer().scores(PREDICTIONS, REFERENCES)
+def test_caption_metrics_equal_the_reference_pipeline(monkeypatch):
+    from pycocoevalcap.meteor import meteor
+
+    started = []
+    monkeypatch.setattr(meteor.Meteor, "__init__", lambda self, init=meteor.Meteor.__init__: started.append(1)
+                        or init(self))
+    scorer = metrics.CaptionScorer()
+    scores = scorer.scores(PREDICTIONS, REFERENCES)
     for name, expected in REFERENCE_VALUES.items():
         assert scores[name] == pytest.approx(expected, abs=1e-6), name
     assert ("spice" in scores) == (metrics.spice_missing() is None)
+    # the METEOR process is kept between calls (eval scores every task of every checkpoint): the same scores
+    assert scorer.scores(PREDICTIONS[2:], REFERENCES[2:])["meteor"] != scores["meteor"]
+    assert scorer.scores(PREDICTIONS, REFERENCES) == scores
+    assert len(started) == 1
+    process = scorer._meteor.meteor_p
+    scorer.close()
+    assert process.wait(timeout=30) is not None and scorer._meteor is None
 
 
 def test_python_tokenizer_matches_the_ptb_tokenizer_on_plain_captions(monkeypatch):
