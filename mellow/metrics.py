@@ -312,7 +312,9 @@ def score(examples: list[dict], predictions: list[str], scorer: CaptionScorer | 
     binary ones), classification figures for the closed-label tasks in `label_tasks` ({task: labels}),
     caption metrics otherwise; `example_cider`, if given, gets each free-text example's own CIDEr-D (within
     its task)."""
-    scorer = scorer or CaptionScorer()
+    if scorer is None:  # a scorer made here ends its METEOR process here, as one passed in is ended by its owner
+        with contextlib.closing(CaptionScorer()) as own:
+            return score(examples, predictions, own, label_tasks, example_cider)
     label_tasks = label_tasks or {}
     computed: dict[tuple[int, ...], dict] = {}  # a task with one subtask is scored once
     groups: dict[str, list[int]] = defaultdict(list)
