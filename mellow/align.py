@@ -28,49 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mellow.checkpoint import save_file, tensor_bytes
-from mellow.config import describe_differences, setting, to_dict
+from mellow.config import describe_differences, to_dict
 from mellow.data import load_examples
 from mellow.distributed import resolve_device
 from mellow.files import disk_space, read_json, write_json_atomic, write_jsonl_atomic
 from mellow.model import AudioProjector
 from mellow.progress import console, progress_bar
-from mellow.runs import RUNS_ROOT
+from mellow.settings import AlignConfig  # noqa: F401 (re-exported)
 from mellow.store import EmbeddingStore, StoreMismatchError
-
-
-@dataclass
-class AlignConfig:
-    store: Path = setting(Path(""), "Audio embedding store made by 01_precompute.")
-    captions: Path = setting(Path(""), "Caption store made by 01_precompute_captions from the same dataset.")
-    dataset: Path = setting(Path("datasets/synth"), "Dataset folder: its <split>.jsonl caption examples say which "
-                                                    "clips are in which split.")
-    run_dir: Path = setting(RUNS_ROOT / "align", "Where align.pt, align.json and the scores go.")
-    decoder: str = setting("tiny", "Decoder 03_train will use (as --model.decoder): the projector's output width "
-                                   "is its embedding width.")
-    tiny_hidden: int = setting(256, "Width of the tiny decoder (decoder tiny).")
-    updates: int = setting(600, "Optimizer updates.")
-    batch_size: int = setting(128, "Clips per batch (each with one of its captions; the rest are negatives).")
-    lr: float = setting(1e-3, "Peak learning rate (linear warmup, cosine decay to 10%).")
-    warmup_updates: int = setting(30, "Warmup updates.")
-    weight_decay: float = setting(0.01, "AdamW weight decay (matrices only).")
-    temperature: float = setting(0.07, "Initial softmax temperature (learned, as in CLIP and CLAP).")
-    projector_dropout: float = setting(0.1, "Dropout inside the projector, as 03_train uses it.")
-    val_every: int = setting(100, "Validation retrieval every this many updates (0: only at the end).")
-    eval_split: str = setting("test", "Split whose retrieval scores are reported at the end.")
-    seed: int = setting(0, "Seed for initialisation and batches.")
-    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
-    overwrite: bool = setting(False, "Replace a finished run made with another config.")
-
-    def __post_init__(self) -> None:
-        for name in ("updates", "batch_size", "tiny_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if self.batch_size < 2:
-            raise ValueError("--batch-size must be at least 2: the other clips of a batch are the negatives")
-        if not 0 < self.temperature < 1:
-            raise ValueError(f"--temperature {self.temperature} must be in (0, 1)")
-        if self.lr <= 0 or self.warmup_updates < 0 or self.val_every < 0:
-            raise ValueError("--lr must be > 0, --warmup-updates and --val-every >= 0")
 
 
 class AlignmentModel(nn.Module):

@@ -7,44 +7,20 @@ must have the fingerprint the store recorded, so the model sees audio exactly as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mellow.checkpoint import find_checkpoint, load_trained_model
-from mellow.config import describe_differences, setting
+from mellow.config import describe_differences
 from mellow.distributed import resolve_device
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
 from mellow.files import read_json
 from mellow.precompute import decode_views
 from mellow.progress import console
+from mellow.settings import AskConfig  # noqa: F401 (re-exported)
 from mellow.store import StoreMismatchError
-
-
-@dataclass
-class AskConfig:
-    checkpoint: Path | None = setting(None, "A training run folder (its latest or best checkpoint) or one "
-                                            "checkpoint folder.")
-    model: Path | None = setting(None, "A model folder written by `mellow export` (instead of --checkpoint).")
-    which: str = setting("latest", "Checkpoint of a run folder to use: latest or best.")
-    beams: int = setting(1, "Beam width: 1 is greedy decoding.")
-    max_new_tokens: int = setting(48, "Longest answer, in tokens.")
-    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
-
-    def __post_init__(self) -> None:
-        if self.which not in ("latest", "best"):
-            raise ValueError(f"--which {self.which!r} must be latest or best")
-        if self.beams < 1 or self.max_new_tokens < 1:
-            raise ValueError("--beams and --max-new-tokens must be >= 1")
-        if (self.checkpoint is None) == (self.model is None):
-            raise ValueError("give --checkpoint (a training run or checkpoint folder) or --model (an exported "
-                             "model folder), one of the two")
-        if self.checkpoint is not None and not self.checkpoint.exists():
-            raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
-        if self.model is not None and not self.model.is_dir():
-            raise ValueError(f"--model {self.model}: no such folder; pass a folder written by `mellow export`")
 
 
 def encoder_of_store(fingerprint: dict, device: str) -> AudioEncoder:

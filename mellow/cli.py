@@ -23,23 +23,26 @@ except (ValueError, OSError, UnicodeDecodeError) as env_error:
     sys.exit(2)
 
 from mellow import runs
-from mellow.align import AlignConfig
-from mellow.ask import AskConfig
 from mellow.audio import AudioDecodeError, FfmpegNotFoundError
 from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted
-from mellow.distributed import PeerLostError
-from mellow.doctor import DoctorConfig
-from mellow.encoders import EncoderConfig
-from mellow.evaluate import EvalConfig
-from mellow.export import ExportConfig
+from mellow.errors import PeerLostError, TooManyFailuresError
 from mellow.files import DISK_FULL, DiskFullError, read_json
-from mellow.model import ModelConfig
-from mellow.precompute import PrecomputeConfig, TooManyFailuresError
-from mellow.prepare import PrepareConfig
 from mellow.progress import console
+from mellow.settings import (
+    AlignConfig,
+    AskConfig,
+    CaptionsConfig,
+    DoctorConfig,
+    EncoderConfig,
+    EvalConfig,
+    ExportConfig,
+    ModelConfig,
+    PrecomputeConfig,
+    PrepareConfig,
+    TextEncoderConfig,
+    TrainConfig,
+)
 from mellow.store import EncoderExpectation, StoreConfig, StoreMismatchError
-from mellow.text import CaptionsConfig, TextEncoderConfig
-from mellow.train import TrainConfig
 
 app = typer.Typer(help="mellow: a staged training pipeline for small audio-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -115,9 +118,10 @@ def prepare_command(
     overwrite: bool = cli_option(PrepareConfig, "overwrite"),
 ) -> None:
     """Stage 00: write a dataset folder (audio files + manifests) from a source."""
-    from mellow import prepare
+    config = PrepareConfig(**locals())
+    from mellow import prepare  # the heavy modules: only once the settings are known to be good
 
-    prepare.run(PrepareConfig(**{k: v for k, v in locals().items() if k != "prepare"}))
+    prepare.run(config)
 
 
 @app.command("precompute")
@@ -150,8 +154,6 @@ def precompute_command(
 
     Several processes split the work by whole shards: `torchrun --nproc_per_node=N stages/01_precompute.py`,
     a SLURM job array, or explicit --rank/--world-size; the last one to finish writes the index."""
-    from mellow import precompute
-
     if dataset is None:
         raise ValueError(needs("01_precompute needs the dataset folder that 00_prepare wrote",
                                "uv run stages/01_precompute.py datasets/synth --encoder whisper-tiny --tokens 16",
@@ -164,6 +166,8 @@ def precompute_command(
                           zstd_level=zstd_level),
         decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
         world_size=world_size, allow_pipes=allow_pipes)
+    from mellow import precompute
+
     precompute.run(config)
 
 
@@ -185,16 +189,17 @@ def precompute_captions_command(
     """Stage 01 for text: embed every caption once with a sentence encoder, into a store like the audio one.
 
     02_align reads it. One row per (clip, caption); the same shards, resume, growth and rank split as audio."""
-    from mellow import text
-
     if dataset is None:
         raise ValueError(needs("01_precompute_captions needs the dataset folder that 00_prepare wrote (its caption "
                                "examples are encoded)", "uv run stages/01_precompute_captions.py datasets/synth",
                                "01_precompute_captions.py"))
-    text.run(CaptionsConfig(
+    config = CaptionsConfig(
         dataset=dataset, encoder=TextEncoderConfig(name=text_encoder, batch_size=batch_size, device=device),
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips),
-        max_failures=max_failures, rank=rank, world_size=world_size))
+        max_failures=max_failures, rank=rank, world_size=world_size)
+    from mellow import text
+
+    text.run(config)
 
 
 def load_train_configs(config_file: Path | None, overrides: list[str],
@@ -251,15 +256,16 @@ def align_command(
 ) -> None:
     """Stage 02 (optional): warm-start the audio projector by contrastive training against the caption store;
     reports audio-text retrieval. Then: 03_train --train.align_from <run-dir>."""
-    from mellow import align
-
     if store == Path("") or captions == Path(""):
         raise ValueError(needs("02_align needs the audio store that 01_precompute wrote (--store) and the caption "
                                "store that 01_precompute_captions wrote from the same dataset (--captions)",
                                "uv run stages/01_precompute_captions.py datasets/synth, then uv run "
                                "stages/02_align.py --store shards/synth/<encoder-tag> --captions "
                                "shards/synth/<captions-tag>", "02_align.py"))
-    align.run(AlignConfig(**{k: v for k, v in locals().items() if k != "align"}))
+    config = AlignConfig(**locals())
+    from mellow import align
+
+    align.run(config)
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -287,13 +293,13 @@ def train_command(
 
     The encoder: section says what the store must be (e.g. --encoder.name whisper-tiny --encoder.tokens 16);
     a store made otherwise is refused, with what differs."""
-    from mellow import train
-
     resume = resume or resume_from is not None
     overrides = [*context.args, *(["--train.init_from", str(init_from)] if init_from else []),
                  *(["--train.resume_from", resume_from] if resume_from else []),
                  *(["--train.align_from", str(align_from)] if align_from else [])]
     train_config, model_config, expected = load_train_configs(config, overrides, resume)
+    from mellow import train  # torch and transformers: only once the settings are known to be good
+
     if print_config:
         console.print(yaml.safe_dump(train.resolved_config(train_config, model_config, expected)))
         return
@@ -320,12 +326,13 @@ def eval_command(
 ) -> None:
     """Stage 04: generate answers for a split from the store and score them per task, for every checkpoint of
     a run not scored yet; then the run's leaderboard and report (Markdown + PNG plots) in <run>/eval-<split>/."""
-    from mellow import evaluate
-
     if run is None:
         run = runs.most_recent_run("a run folder", "uv run stages/04_eval.py checkpoints/<run>")
         runs.announce(run, "scoring", "a run folder (uv run stages/04_eval.py checkpoints/<run>)")
-    evaluate.run(EvalConfig(**{k: v for k, v in locals().items() if k != "evaluate"}))
+    config = EvalConfig(**locals())
+    from mellow import evaluate
+
+    evaluate.run(config)
 
 
 @app.command("leaderboard")
@@ -364,13 +371,13 @@ def ask_command(
     The audio is decoded and encoded on the fly with the encoder and preprocessing of the checkpoint's store
     (checked by fingerprint). Example: mellow ask a.wav b.wav "Which one is louder?" --checkpoint checkpoints/run
     """
-    from mellow import ask
-
     if len(inputs) < 2:
         raise ValueError("give one or two audio files and then the prompt, e.g. mellow ask clip.wav "
                          "\"Describe the audio.\" --checkpoint checkpoints/<run>")
     config = AskConfig(checkpoint=checkpoint, model=model, which=which, beams=beams, max_new_tokens=max_new_tokens,
                        device=device)
+    from mellow import ask
+
     answer = ask.ask(config, [Path(path) for path in inputs[:-1]], inputs[-1])
     print(answer)
 
@@ -387,9 +394,10 @@ def export_command(
     """Write a checkpoint as a self-contained model folder: the decoder and tokenizer (save_pretrained, LoRA
     merged), the projector (safetensors), the encoder's spec and fingerprint, settings, and a model card with
     its eval scores. `mellow ask --model OUT` runs it; transformers loads OUT/decoder alone."""
+    config = ExportConfig(checkpoint=checkpoint, which=which, out=out, overwrite=overwrite)
     from mellow import export
 
-    export.export(ExportConfig(checkpoint=checkpoint, which=which, out=out, overwrite=overwrite))
+    export.export(config)
 
 
 store_app = typer.Typer(help="Inspect and check embedding stores.", no_args_is_help=True)
@@ -479,10 +487,10 @@ def doctor_command(
     """Check this machine for a mellow job: torch, GPUs and NCCL, ffmpeg, bundled models, rank variables and
     the rendezvous port, SLURM, writable output folders, disk space for a planned store. Prints what is wrong
     and how to fix it; exits 1 if a check failed. Run it where the job will run (inside the sbatch/srun)."""
-    from mellow import doctor
-
     config = DoctorConfig(store_root=store_root, checkpoints=checkpoints, dataset=dataset,
                           encoder=EncoderConfig(name=encoder, tokens=tokens, views=views, output=output))
+    from mellow import doctor
+
     if any(check.status == "fail" for check in doctor.run(config)):
         raise typer.Exit(1)
 

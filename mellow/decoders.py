@@ -24,10 +24,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from mellow.files import cache_dir, hash_model_weights, replace_directory, sha256_file
-from mellow.hub import HUB_ID, model_folder
+from mellow.hub import model_folder
+from mellow.settings import BUILTIN_DECODERS, validate_decoder_name  # noqa: F401 (re-exported)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_DECODERS = ("tiny", "smollm2-135m")
 
 
 def _smollm2_gguf_dir() -> Path:
@@ -119,19 +119,3 @@ def decoder_reference(name: str, seed: int) -> dict:
     return {"decoder": name, "weights_hash": hash_model_weights(decoder_folder(name))}
 
 
-def validate_decoder_name(name: str) -> None:
-    if name in BUILTIN_DECODERS:
-        return
-    kinds = f"use {', '.join(BUILTIN_DECODERS)}, hf:<dir or org/name> or gguf:<file>"
-    if name.startswith("gguf:"):
-        if not Path(name[5:]).is_file():
-            raise ValueError(f"--model.decoder {name!r}: no such file; {kinds}")
-        return
-    if not name.startswith("hf:"):
-        raise ValueError(f"--model.decoder {name!r} is unknown; {kinds}")
-    location = Path(name[3:])
-    if location.is_dir() and not (location / "config.json").is_file():
-        raise ValueError(f"--model.decoder {name!r}: no config.json in {name[3:]}; pass a folder saved with "
-                         "save_pretrained (a causal LM and its tokenizer)")
-    if not location.is_dir() and not HUB_ID.fullmatch(name[3:]):
-        raise ValueError(f"--model.decoder {name!r}: {name[3:]} is neither a folder nor a Hugging Face id")

@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mellow.errors import PeerLostError  # noqa: F401 (re-exported)
+
 
 def resolve_device(name: str) -> str:
     """A --device setting made concrete: auto is cuda when a GPU is visible, else cpu; others are kept."""
@@ -37,10 +39,6 @@ def detect() -> DistributedContext:
         return DistributedContext(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
                                   int(os.environ.get("SLURM_LOCALID", 0)))
     return DistributedContext(0, 1, 0)
-
-
-class PeerLostError(RuntimeError):
-    """Another process of a multi-process run died or stopped answering."""
 
 
 def setup(device: str, timeout_seconds: float = 900.0) -> tuple[DistributedContext, torch.device]:

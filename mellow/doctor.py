@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,32 +24,16 @@ import torch
 import torch.distributed as dist
 from rich.markup import escape
 
-from mellow.audio import AudioDecodeError, FfmpegNotFoundError, decode_audio, encode_audio_file, find_ffmpeg
 from mellow import envfile
-from mellow.config import setting
+from mellow.audio import AudioDecodeError, FfmpegNotFoundError, decode_audio, encode_audio_file, find_ffmpeg
 from mellow.encoders import EncoderConfig, build_encoder
 from mellow.files import read_jsonl
 from mellow.progress import console
-from mellow.runs import RUNS_ROOT
-from mellow.store import StoreConfig
+from mellow.settings import DoctorConfig  # noqa: F401 (re-exported)
 from mellow.stopping import slurm_end_time
 
 Status = Literal["ok", "warn", "fail"]
 MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
-
-
-@dataclass
-class DoctorConfig:
-    store_root: Path = setting(StoreConfig.root, "Folder stores will be written to: checked writable, and for room "
-                                               "for --dataset's store.")
-    checkpoints: Path = setting(RUNS_ROOT, "Folder training runs will be written to: checked writable.")
-    dataset: Path | None = setting(None, "A dataset folder (00_prepare's output) to be precomputed: its store's "
-                                         "size (with --encoder, --tokens, --views) is checked against free disk.")
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-
-    def __post_init__(self) -> None:
-        if self.dataset is not None and not (self.dataset / "audio.jsonl").is_file():
-            raise ValueError(f"--dataset {self.dataset}: no audio.jsonl there; pass a folder made by 00_prepare")
 
 
 @dataclass(frozen=True)

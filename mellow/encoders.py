@@ -15,77 +15,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mellow.audio import CropPolicy
-from mellow.config import setting
-from mellow.distributed import resolve_device
 from mellow.files import hash_model_weights, sha256_file, short_hash
-from mellow.hub import HUB_ID, model_folder
-
-
-@dataclass
-class EncoderConfig:
-    name: str = setting("whisper-tiny", "Audio encoder: whisper-tiny, mel, hf:<local model folder> or "
-                                            "hf:<org/name> (from the HF cache): CLAP, Whisper, AST, wav2vec2, "
-                                            "HuBERT, WavLM.")
-    clip_seconds: float = setting(6.0, "Every clip is cropped or padded to this many seconds before encoding.")
-    crop: CropPolicy = setting("pad", "How clips are fitted to clip_seconds: pad (keep start), center, repeat.")
-    tokens: int = setting(24, "Encoder frames are pooled (see --pooling) to this many tokens per clip.")
-    output: str = setting("last", "Which output of an hf: encoder is stored: last (its last hidden state), layer:<N> "
-                                  "(hidden state N, 0 being the input embeddings), or pooled (the model's clip "
-                                  "embedding: CLAP's projected audio embedding, AST's pooler output, the mean frame "
-                                  "of others; one token, so --tokens 1).")
-    pooling: Literal["average", "max"] = setting("average", "How encoder frames are pooled over time to --tokens "
-                                                            "tokens: average or max (adaptive windows).")
-    views: int = setting(1, "Crops stored per clip longer than clip_seconds, spread from its start to its end, so "
-                            "training can take a different one each epoch (shorter clips have one).")
-    batch_size: int = setting(16, "Clips per encoder forward pass.")
-    device: str = setting("auto", "Where the encoder runs: auto (cuda if available), cpu, cuda.")
-    threads: int = setting(0, "CPU threads of the encoder (0: auto; 1 for mel, which costs less than decoding "
-                              "and so leaves the cores to ffmpeg; all cores for neural encoders).")
-
-    def __post_init__(self) -> None:
-        if not (self.name in BUILTIN_ENCODERS or self.name.startswith("hf:")):
-            raise ValueError(f"--encoder {self.name!r} is unknown; use one of {', '.join(BUILTIN_ENCODERS)} "
-                             "or hf:<path to a local transformers audio model>")
-        if self.name.startswith("hf:") and not Path(self.name[3:]).is_dir() and not HUB_ID.fullmatch(self.name[3:]):
-            raise ValueError(f"--encoder {self.name!r}: {self.name[3:]} is not a directory; pass the folder "
-                             "that holds config.json and the weights, or a Hugging Face id such as "
-                             "hf:laion/clap-htsat-unfused")
-        if not (self.output in ("last", "pooled") or re.fullmatch(r"layer:\d+", self.output)):
-            raise ValueError(f"--output {self.output!r} must be last, pooled or layer:<N> (e.g. layer:6)")
-        if self.output != "last" and not self.name.startswith("hf:"):
-            raise ValueError(f"--output {self.output}: only hf: encoders have other outputs; {self.name} has last")
-        if self.output == "pooled" and self.tokens != 1:
-            raise ValueError(f"--output pooled is one embedding per clip; use --tokens 1 (not {self.tokens})")
-        if self.pooling not in ("average", "max"):
-            raise ValueError(f"--pooling {self.pooling!r} must be average or max")
-        if not 0.1 <= self.clip_seconds <= 600:
-            raise ValueError(f"--clip-seconds {self.clip_seconds} must be between 0.1 and 600")
-        if self.crop not in ("pad", "center", "repeat"):
-            raise ValueError(f"--crop {self.crop!r} must be pad, center or repeat")
-        if self.tokens < 1 or self.batch_size < 1:
-            raise ValueError("--tokens and --batch-size must be at least 1")
-        if not 1 <= self.views <= 64:
-            raise ValueError(f"--views {self.views} must be between 1 and 64")
-        if self.threads < 0:
-            raise ValueError(f"--threads {self.threads} must be >= 0 (0: automatic)")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
-
-    @property
-    def resolved_device(self) -> str:
-        return resolve_device(self.device)
+from mellow.hub import model_folder
+from mellow.settings import ENCODER_NAMES, EncoderConfig  # noqa: F401 (re-exported)
 
 
 class AudioEncoder(ABC):
@@ -307,6 +247,7 @@ def _load_family(model_type: str, model_dir: Path, model_config) -> tuple[torch.
 
 
 BUILTIN_ENCODERS = {"whisper-tiny": CTranslate2WhisperEncoder, "mel": MelEncoder}
+assert tuple(BUILTIN_ENCODERS) == ENCODER_NAMES, "mellow.settings.ENCODER_NAMES lists the built-in encoders"
 
 
 def build_encoder(config: EncoderConfig) -> AudioEncoder:

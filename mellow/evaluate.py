@@ -24,7 +24,6 @@ import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -32,58 +31,13 @@ from rich.table import Table
 
 from mellow import metrics
 from mellow.checkpoint import find_checkpoint, load_trained_model
-from mellow.config import setting
 from mellow.data import ExampleSet, RowsFromZarr, SplitNotFoundError, move_to, split_path
 from mellow.distributed import resolve_device
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mellow.manifests import ManifestError, label_tasks_of
 from mellow.progress import console, progress_bar
+from mellow.settings import EvalConfig  # noqa: F401 (re-exported)
 from mellow.store import EmbeddingStore, StoreMismatchError
-
-
-@dataclass
-class EvalConfig:
-    run: Path = setting(Path("checkpoints/run"), "A training run folder, or one checkpoint folder inside it.")
-    which: str = setting("all", "Checkpoints of a run folder to score: all (each one not scored yet with these "
-                                "settings), latest or best. The run's leaderboard and report cover every scored one.")
-    split: str = setting("test", "Split to generate answers for.")
-    store: Path | None = setting(None, "Store to read (default: the one the checkpoint was trained on).")
-    dataset: Path | None = setting(None, "Dataset folder with <split>.jsonl (default: the training one).")
-    batch_size: int = setting(64, "Examples generated together.")
-    max_new_tokens: int = setting(48, "Longest answer generated, in tokens.")
-    beams: int = setting(1, "Beam width: 1 is greedy decoding (what the scores in the README use).")
-    closed: Literal["generate", "rank"] = setting(
-        "generate", "How closed questions (yes/no, comparison, multiple choice, closed-label tasks) are answered: "
-                    "generate (free generation, scored as text: what the leaderboard uses), or rank (each allowed "
-                    "answer scored by its log-likelihood given audio + prompt, the best one taken, as "
-                    "lm-evaluation-harness does for multiple choice; never outside the set). rank writes "
-                    "<checkpoint>/eval-<split>-rank/ and the run's eval-<split>-rank/ report.")
-    max_examples: int = setting(0, "Score only the first N examples of the split (0: all).")
-    rescore: bool = setting(False, "Score checkpoints again even where scores with these settings exist.")
-    similarity: bool = setting(True, "Also score free text by all-MiniLM-L6-v2 sentence similarity.")
-    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
-
-    def __post_init__(self) -> None:
-        if self.which not in ("all", "latest", "best"):
-            raise ValueError(f"--which {self.which!r} must be all, latest or best")
-        if self.closed not in ("generate", "rank"):
-            raise ValueError(f"--closed {self.closed!r} must be generate or rank")
-        if self.batch_size < 1 or self.max_new_tokens < 1 or self.beams < 1 or self.max_examples < 0:
-            raise ValueError("--batch-size, --max-new-tokens and --beams must be >= 1, --max-examples >= 0")
-        if not self.run.exists():
-            raise ValueError(f"--run {self.run}: no such folder; pass a run folder made by 03_train")
-
-    def settings(self) -> dict:
-        """What makes two scorings of a checkpoint comparable (stored in scores.json)."""
-        return {"split": self.split, "store": str(self.store) if self.store else None,
-                "dataset": str(self.dataset) if self.dataset else None, "max_new_tokens": self.max_new_tokens,
-                "beams": self.beams, "max_examples": self.max_examples,
-                **({"closed": "rank"} if self.closed == "rank" else {})}
-
-    @property
-    def tag(self) -> str:
-        """The eval folders' suffix: the split, and -rank for option ranking (so both modes' scores are kept)."""
-        return self.split + ("-rank" if self.closed == "rank" else "")
 
 
 class EvalFailures(ValueError):

@@ -14,38 +14,21 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mellow.checkpoint import find_checkpoint, load_trained_model
-from mellow.config import build, setting
+from mellow.config import build
 from mellow.files import read_json, replace_directory, write_json_atomic, write_text_atomic
 from mellow.metrics import main_metric
 from mellow.model import MellowModel, ModelConfig, build_model
 from mellow.progress import console
+from mellow.settings import ExportConfig  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
 PROJECTOR_PREFIXES = ("audio_projector.", "no_audio_embedding", "audio_separator")
-
-
-@dataclass
-class ExportConfig:
-    checkpoint: Path = setting(Path("checkpoints/run"), "A training run folder (its latest or best checkpoint) or "
-                                                        "one checkpoint folder.")
-    which: str = setting("latest", "Checkpoint of a run folder to export: latest or best.")
-    out: Path = setting(Path("exported"), "Folder to write (replaced whole if it exists and --overwrite is given).")
-    overwrite: bool = setting(False, "Replace --out if it already exists.")
-
-    def __post_init__(self) -> None:
-        if self.which not in ("latest", "best"):
-            raise ValueError(f"--which {self.which!r} must be latest or best")
-        if not self.checkpoint.exists():
-            raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
-        if self.out.exists() and not self.overwrite:
-            raise ValueError(f"--out {self.out} exists; pass --overwrite to replace it, or choose another folder")
 
 
 def export(config: ExportConfig) -> Path:

