@@ -3,7 +3,9 @@
 The folder holds Parquet shards (`data/<split>-00000-of-00004.parquet`, `<split>.parquet`, or per-split folders,
 as the Hub publishes them and `Dataset.to_parquet` writes them) or `save_to_disk` Arrow shards
 (`<split>/data-00000-of-00001.arrow`). A file's split comes from its name, else from its folders; a file with
-neither gets each clip's split drawn from a hash of its id.
+neither gets each clip's split drawn from a hash of its id. A split no file provides (many Hub datasets publish
+train and test only, or train alone) is carved from the train clips by the same hash, with --val-fraction /
+--test-fraction, and prepare says so.
 
 Columns play roles (`--columns role=column,...`):
 - `audio`: an `Audio` feature (a struct of `bytes` and `path`), raw bytes, or a path string. Default: the column
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from mellow.files import sha256_file
 from mellow.importers import SPLIT_NAMES, Imported, hash_split, label_values
+from mellow.progress import console
 
 ROLES = ("audio", "id", "caption", "question", "answer", "task")
 SUFFIXES = (".parquet", ".arrow")
@@ -167,9 +170,18 @@ class HubImport:
         self.split_of_clip: dict[str, str] = {}
         self.captions: dict[str, list[str]] = {}  # clip -> captions, in row order
         self.hashed: dict[str, str] = {}  # audio file path -> sha256
+        self.carved: dict[str, float] = {}  # split the source lacks -> fraction of its train clips that make it
 
     def run(self) -> Imported:
-        for path in shard_files(self.folder):
+        files = shard_files(self.folder)
+        named = {split_of(path, self.folder) for path in files} - {None}
+        if "train" in named:  # a split the source lacks is carved from its train clips
+            self.carved = {split: fraction for split, fraction in zip(("val", "test"), self.fractions)
+                           if split not in named}
+        for split, fraction in self.carved.items():
+            console.print(f"--source hf: has no {split} split: {fraction:g} of its train clips (drawn from a hash of "
+                          f"each clip id; --{split}-fraction) make it")
+        for path in files:
             self.read_file(path)
         for clip, captions in self.captions.items():
             self.imported.add_captions(self.split_of_clip[clip], clip, captions)
@@ -192,6 +204,15 @@ class HubImport:
         except (pa.ArrowException, OSError) as error:  # a damaged or truncated shard: report it, read the others
             self.imported.failures.append({"where": str(path), "reason": f"reading the file failed after {row} "
                                                                          f"row(s): {error}"})
+
+    def split_of_new_clip(self, clip: str, split: str | None) -> str:
+        """The file's split; for a train file, a split the source lacks for some clips; for an unnamed file, a
+        split from the hash of the clip id."""
+        if split is None:
+            return hash_split(clip, *self.fractions)
+        if split == "train" and self.carved:
+            return hash_split(clip, self.carved.get("val", 0.0), self.carved.get("test", 0.0))
+        return split
 
     def read_row(self, path: Path, row: int, values: dict, chosen: dict, split: str | None) -> None:
         where = f"{path.name} row {row}"
@@ -222,7 +243,7 @@ class HubImport:
                 number += 1
                 clip = f"{base}~{number}"
             self.clip_of[(base, digest)] = clip
-            self.split_of_clip[clip] = split or hash_split(clip, *self.fractions)
+            self.split_of_clip[clip] = self.split_of_new_clip(clip, split)
             self.imported.records.append({"id": clip, **record, "duration": None, "sha256": digest,
                                           "split": self.split_of_clip[clip]})
         clip_split = self.split_of_clip[clip]

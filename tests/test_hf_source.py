@@ -84,6 +84,30 @@ def test_parquet_written_by_datasets_prepares_and_precomputes_like_the_plain_fil
         assert from_shards[clip][1] == valid
 
 
+def test_splits_the_source_lacks_are_carved_from_its_train_clips(hub_dataset, tiny_dataset, tmp_path):
+    """A Hub dataset with train and test only gets a val split from its train clips (and one with train alone, a
+    test split too), by a hash of the clip id: stable, and no clip in two splits. Published splits are kept."""
+    original = {r["id"]: r["split"] for r in read_jsonl(tiny_dataset / "audio.jsonl")}
+    for kept, carved in ((("train", "test"), {"val"}), (("train",), {"val", "test"})):
+        folder = tmp_path / "-".join(kept) / "data"
+        folder.mkdir(parents=True)
+        for split in kept:
+            shutil.copy(hub_dataset / "parquet" / "data" / f"{split}-00000-of-00001.parquet", folder)
+        result = invoke_ok("prepare", "--source", f"hf:{folder.parent}", "--name", "carved", "--root",
+                           str(folder.parent / "datasets"), "--val-fraction", "0.3", "--test-fraction", "0.3")
+        for split in carved:
+            assert f"has no {split} split: 0.3 of its train clips" in " ".join(result.output.split())
+        dataset = folder.parent / "datasets" / "carved"
+        splits = {r["id"]: r["split"] for r in read_jsonl(dataset / "audio.jsonl")}
+        assert splits.keys() == {clip for clip, split in original.items() if split in kept}
+        for clip, split in splits.items():  # a published split stays; a train clip may move to a carved one
+            assert split == original[clip] or (original[clip] == "train" and split in carved), (clip, split)
+        assert {split for split in splits.values()} == {*kept, *carved}  # each carved split got clips
+        for split in ("train", "val", "test"):  # the examples follow their clips
+            assert {e["audio1"] for e in read_jsonl(dataset / f"{split}.jsonl")} <= {
+                clip for clip, clip_split in splits.items() if clip_split == split}
+
+
 def test_save_to_disk_shards_and_the_hf_cache_give_the_same_dataset(hub_dataset, tmp_path, monkeypatch):
     invoke_ok("prepare", "--source", f"hf:{hub_dataset / 'parquet'}", "--name", "parquet", "--root",
             str(tmp_path / "datasets"))
