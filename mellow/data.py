@@ -126,11 +126,21 @@ class ExampleSet:
         """The example records (dicts) in this set's order; read from the split file the first time (kept out of
         the training data path: only validation accuracy and eval need them)."""
         if self._examples is None:
-            wanted = set(self.tokenized.line.tolist())
-            by_line = {number: example for number, (_, example) in enumerate(json_lines(self.source))
-                       if number in wanted}
-            self._examples = [by_line[line] for line in self.tokenized.line.tolist()]
+            self._examples = [example for _, example in self._read_examples()]
         return self._examples
+
+    def _read_examples(self) -> Iterator[tuple[int, dict]]:
+        """(position in this set, example) of each of this set's examples, in one pass over the split file."""
+        if self._examples is not None:
+            yield from enumerate(self._examples)
+            return
+        wanted = self.tokenized.line  # the split's line numbers, ascending (the cache keeps the file's order)
+        position = 0
+        for number, (_, example) in enumerate(json_lines(self.source)):
+            if position < len(wanted) and wanted[position] == number:
+                yield position, example
+                position += 1
+        assert position == len(wanted), f"{self.source}: {len(wanted) - position} cached examples not found"
 
     def lengths(self) -> np.ndarray:
         """(n,) prompt + answer tokens of every example."""
@@ -139,25 +149,22 @@ class ExampleSet:
     def class_weights(self, label_tasks: dict[str, list[str]]) -> np.ndarray:
         """(n,) weights that give every class of each closed-label task the same total while the task keeps its
         share: a labelled example weighs (the task's examples / its classes) / its class's examples, any other
-        1. The split is streamed for (task, answer) alone: no dict per example is kept."""
-        wanted = self.tokenized.line
-        classes: list[tuple[str, str] | None] = [None] * len(wanted)  # (task, label) of each example
-        if self._examples is not None:
-            pairs = enumerate(self._examples)
-        else:
-            position_of = {int(line): position for position, line in enumerate(wanted)}
-            pairs = ((position_of[number], example) for number, (_, example) in enumerate(json_lines(self.source))
-                     if number in position_of)
-        for position, example in pairs:
+        1. The split is streamed for (task, answer) alone: an example keeps a class number, not an object."""
+        class_of = np.full(len(self), -1, dtype=np.int64)  # (n,) each example's class number; -1: no label task
+        classes: dict[tuple[str, str], int] = {}  # (task, label) -> class number
+        for position, example in self._read_examples():
             if example["task"] in label_tasks:
-                classes[position] = (example["task"], example["answer"])
-        per_class = Counter(key for key in classes if key is not None)
+                class_of[position] = classes.setdefault((example["task"], example["answer"]), len(classes))
+        if not classes:
+            return np.ones(len(self))
+        per_class = np.bincount(class_of[class_of >= 0], minlength=len(classes))  # (C,)
         task_examples, task_classes = Counter(), Counter()
-        for (task, _), count in per_class.items():
-            task_examples[task] += count
+        for (task, _), number in classes.items():
+            task_examples[task] += int(per_class[number])
             task_classes[task] += 1
-        return np.array([1.0 if key is None else task_examples[key[0]] / task_classes[key[0]] / per_class[key]
-                         for key in classes])
+        class_weight = np.array([task_examples[task] / task_classes[task] / per_class[number]
+                                 for (task, _), number in classes.items()])  # (C,)
+        return np.where(class_of >= 0, class_weight[np.maximum(class_of, 0)], 1.0)
 
     def prompt_ids(self, index: int) -> list[int]:
         return self.tokenized.prompt(index).tolist()
