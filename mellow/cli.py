@@ -428,8 +428,7 @@ def store_finalize_command(
     """Write index.jsonl and meta.json once every shard is done (normally the last precompute process does).
 
     Also clears the finalize lock a process killed while finalizing left behind."""
-    from mellow.precompute import check_failures, finalize_store
-    from mellow.store import FINALIZE_LOCK, StoreWriter
+    from mellow.store import FINALIZE_LOCK, StoreWriter, check_failures, finalize_store
 
     writer = StoreWriter.open_existing(path)
     missing = writer.missing_shards()

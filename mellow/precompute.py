@@ -7,7 +7,6 @@ two overlap. Audio comes from files, URLs, or members of WebDataset tars (stream
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,24 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.markup import escape
 
 from mellow.audio import (
     AudioDecodeError,
     CropPolicy,
     NoSamplesError,
     decode_audio,
-    decoder_description,
     find_ffmpeg,
     fit_length,
 )
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
 from mellow.errors import TooManyFailuresError  # noqa: F401 (re-exported)
-from mellow.files import write_json_atomic
 from mellow.manifests import read_audio_records
 from mellow.progress import console, progress_bar
 from mellow.settings import PrecomputeConfig, ShardedJobConfig  # noqa: F401 (re-exported)
-from mellow.store import FINALIZE_LOCK, StoreWriter, code_version
+from mellow.store import FINALIZE_LOCK, StoreWriter, check_failures, finalize_store  # noqa: F401 (re-exported)
 from mellow.wds import Source, sources_of
 
 
@@ -264,24 +260,3 @@ def report(config: ShardedJobConfig, writer: StoreWriter, result: PrecomputeResu
         finally:
             console.quiet = quiet
     check_failures(writer.path, counts, config.max_failures, config.rows_are)
-
-
-def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> dict:
-    """Write the index, meta.json and report.json (with every failed clip); return the counts."""
-    meta = writer.finalize({"dataset": str(dataset), "code_version": code_version(), "decoder": decoder_description()})
-    counts = meta["counts"]
-    with open(writer.path / "index.jsonl") as handle:  # streamed: the failures are few, the records may be millions
-        failures = [{**{key: r[key] for key in ("id", "path", "text") if key in r}, "reason": r["status"]}
-                    for r in map(json.loads, handle) if r["status"] != "ok"]
-    write_json_atomic(writer.path / "report.json", {"store": str(writer.path), "counts": counts,
-                                                    "seconds_last_run": round(seconds, 2), "failures": failures})
-    for failure in failures[:10]:
-        console.print(f"  [yellow]skipped[/] {escape(failure['id'])}: {escape(failure['reason'])}")
-    return counts
-
-
-def check_failures(store_path: Path, counts: dict, max_failures: float, rows_are: str = "clips") -> None:
-    fraction = counts["failed"] / max(counts["rows"], 1)
-    if fraction > max_failures:
-        raise TooManyFailuresError(f"{counts['failed']} of {counts['rows']} {rows_are} failed ({fraction:.1%}), more "
-                                   f"than --max-failures {max_failures:.1%}; see {store_path / 'report.json'}")

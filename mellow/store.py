@@ -31,11 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from rich.markup import escape
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 import mellow
+from mellow.audio import decoder_description
 from mellow.config import describe_differences, setting
+from mellow.errors import TooManyFailuresError
 from mellow.files import disk_space, read_json, read_jsonl, sha256_file, write_json_atomic
+from mellow.progress import console
 from mellow.shard_reader import open_rows, read_with_zarr
 
 FORMAT_VERSION = 2  # 2: views (an (N, V, T, D) layout when V > 1), pooling in the fingerprint
@@ -546,3 +550,24 @@ def _records(path: Path, meta: dict, shards: list[int]) -> Iterator[dict]:
     else:
         for shard in shards:
             yield from read_json(path / "parts" / f"shard-{shard:05d}.json")["records"]
+
+
+def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> dict:
+    """Write the index, meta.json and report.json (with every failed clip); return the counts."""
+    meta = writer.finalize({"dataset": str(dataset), "code_version": code_version(), "decoder": decoder_description()})
+    counts = meta["counts"]
+    with open(writer.path / "index.jsonl") as handle:  # streamed: the failures are few, the records may be millions
+        failures = [{**{key: r[key] for key in ("id", "path", "text") if key in r}, "reason": r["status"]}
+                    for r in map(json.loads, handle) if r["status"] != "ok"]
+    write_json_atomic(writer.path / "report.json", {"store": str(writer.path), "counts": counts,
+                                                    "seconds_last_run": round(seconds, 2), "failures": failures})
+    for failure in failures[:10]:
+        console.print(f"  [yellow]skipped[/] {escape(failure['id'])}: {escape(failure['reason'])}")
+    return counts
+
+
+def check_failures(store_path: Path, counts: dict, max_failures: float, rows_are: str = "clips") -> None:
+    fraction = counts["failed"] / max(counts["rows"], 1)
+    if fraction > max_failures:
+        raise TooManyFailuresError(f"{counts['failed']} of {counts['rows']} {rows_are} failed ({fraction:.1%}), more "
+                                   f"than --max-failures {max_failures:.1%}; see {store_path / 'report.json'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,18 +85,22 @@ def test_stage_scripts_show_help():
         assert f"{Path(script).name} {command} " not in section, section
 
 
-def test_help_and_store_commands_do_not_import_torch(tmp_path):
-    """`mellow --help`, a stage's --help and a bad setting answer without torch or transformers (~1 s, not ~7 s):
-    the settings live in mellow.settings and each stage's module is imported only when the stage runs."""
+def test_help_bad_settings_and_store_commands_do_not_import_torch(mel_store, tmp_path):
+    """`mellow --help`, a stage's --help, a bad setting and the store commands (info, verify, finalize on a real
+    store) run without torch or transformers (~1 s, not ~7 s): the settings live in mellow.settings, and a
+    stage's module is imported only when the stage runs."""
+    store = shutil.copytree(mel_store, tmp_path / "store")  # finalize rewrites its index
     probe = ("import sys\nfrom mellow.cli import app\n"
-             "for args in (['--help'], ['train', '--help'], ['store', 'info', '--help'],\n"
-             "             ['train', '--train.lr', '0']):\n"
+             "for args in (['--help'], ['train', '--help'], ['train', '--train.lr', '0'],\n"
+             f"             ['store', 'info', {str(store)!r}], ['store', 'verify', {str(store)!r}],\n"
+             f"             ['store', 'finalize', {str(store)!r}]):\n"
              "    try:\n        app(args)\n    except SystemExit as done:\n        print('EXIT', done.code)\n"
              "print('HEAVY', sorted(name for name in ('torch', 'transformers') if name in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert completed.stdout.count("EXIT 0") == 3 and "EXIT 2" in completed.stdout, completed.stdout[-2000:]
+    assert completed.stdout.count("EXIT 0") == 5 and completed.stdout.count("EXIT 2") == 1, completed.stdout[-3000:]
     assert "--train.lr must be > 0" in completed.stdout, completed.stdout[-2000:]
+    assert "fingerprint:" in completed.stdout and "verified" in completed.stdout and "finalized" in completed.stdout
     assert "HEAVY []" in completed.stdout, completed.stdout[-500:]
 
 
