@@ -32,7 +32,6 @@ import shutil
 import string
 import subprocess
 from collections import defaultdict
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -295,9 +294,12 @@ class CaptionScorer:
 
             self._sentence_model = TextEncoder(TextEncoderConfig(device="cpu")).model
         flat = [text for texts in references for text in texts]
-        encode = partial(self._sentence_model.encode, convert_to_numpy=True, normalize_embeddings=True,
-                         show_progress_bar=False, batch_size=128)
-        hypotheses, refs = encode(predictions), encode(flat)  # (N, D), (R, D) unit vectors
+        distinct = list(dict.fromkeys([*predictions, *flat]))  # answers and references repeat: each encoded once
+        vectors = self._sentence_model.encode(distinct, convert_to_numpy=True, normalize_embeddings=True,
+                                              show_progress_bar=False, batch_size=128)  # (distinct, D) unit vectors
+        row_of = {text: row for row, text in enumerate(distinct)}
+        hypotheses = vectors[[row_of[text] for text in predictions]]  # (N, D)
+        refs = vectors[[row_of[text] for text in flat]]  # (R, D)
         similarities, start = [], 0
         for hypothesis, texts in zip(hypotheses, references):
             similarities.append(float((refs[start : start + len(texts)] @ hypothesis).mean()))

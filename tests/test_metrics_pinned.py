@@ -165,3 +165,25 @@ def test_a_clip_with_several_labels_is_right_when_any_is_named():
 def test_an_expected_label_outside_the_declared_set_is_a_clear_error():
     with pytest.raises(ValueError, match=r"expected answers \['happy'\] are not in the task's label set"):
         metrics.score([{"task": "emotion", "answer": "happy"}], ["joy"], label_tasks={"emotion": EMOTIONS})
+
+
+def test_similarity_encodes_each_distinct_sentence_once_with_the_same_result():
+    """Difference answers and a small model's captions repeat (the quickstart's: 1 296 texts, 159 distinct): each
+    distinct text is encoded once, and the score is the one every text encoded by itself gives."""
+    predictions = [*PREDICTIONS, PREDICTIONS[0], REFERENCES[1][0]]
+    references = [*REFERENCES, REFERENCES[0], [REFERENCES[1][0], PREDICTIONS[0]]]
+    scorer = metrics.CaptionScorer()
+    similarity = scorer.sentence_similarity(predictions, references)
+    model = scorer._sentence_model
+    encoded = []
+    original = model.encode
+    model.encode = lambda texts, **settings: encoded.append(list(texts)) or original(texts, **settings)
+    assert scorer.sentence_similarity(predictions, references) == similarity
+    [texts] = encoded
+    assert sorted(texts) == sorted({*predictions, *(text for texts in references for text in texts)})
+    one_by_one = [sum(float(original([prediction], normalize_embeddings=True)[0]
+                            @ original([reference], normalize_embeddings=True)[0]) for reference in texts) / len(texts)
+                  for prediction, texts in zip(predictions, references)]
+    assert similarity == pytest.approx(sum(one_by_one) / len(one_by_one), abs=1e-6)
+    assert scorer.sentence_similarity(PREDICTIONS, REFERENCES) == pytest.approx(REFERENCE_VALUES["similarity"],
+                                                                                abs=1e-6)
