@@ -31,6 +31,7 @@ import re
 import shutil
 import string
 import subprocess
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -164,6 +165,29 @@ def python_tokenize(text: str) -> str:
     return " ".join(token for token in tokens if token not in PTB_PUNCTUATION and token not in string.punctuation)
 
 
+def ptb_tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
+    """pycocoevalcap's PTBTokenizer.tokenize (Stanford's PTB tokenizer in Java, lower case, then its punctuation
+    tokens dropped), with the sentences' file in a temporary folder: pycocoevalcap writes it into its own package
+    folder, which a shared (read-only) environment does not allow."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    keys = [key for key, texts in captions.items() for _ in texts]
+    sentences = "\n".join(text.replace("\n", " ") for texts in captions.values() for text in texts)
+    with tempfile.TemporaryDirectory(prefix="mellow-ptb-") as folder:
+        path = Path(folder) / "sentences.txt"
+        path.write_bytes(sentences.encode())
+        command = ["java", "-cp", ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR, "edu.stanford.nlp.process.PTBTokenizer",
+                   "-preserveLines", "-lowerCase", str(path)]
+        with _quiet_stderr():  # the Java tokenizer reports its speed on stderr
+            lines = subprocess.run(command, cwd=Path(ptbtokenizer.__file__).parent, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, check=True).stdout.decode().split("\n")
+    tokenized: dict[int, list[str]] = {}
+    for key, line in zip(keys, lines):
+        tokenized.setdefault(key, []).append(" ".join(word for word in line.rstrip().split(" ")
+                                                      if word not in ptbtokenizer.PUNCTUATIONS))
+    return tokenized
+
+
 def _package_dir() -> Path:
     import pycocoevalcap
 
@@ -245,11 +269,7 @@ class CaptionScorer:
     def tokenize(self, captions: dict[int, list[str]]) -> dict[int, list[str]]:
         if self.java:
             return {key: [python_tokenize(text) for text in texts] for key, texts in captions.items()}
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        with _quiet_stderr():  # the Java tokenizer reports its speed on stderr
-            return PTBTokenizer().tokenize({key: [{"caption": text} for text in texts]
-                                            for key, texts in captions.items()})
+        return ptb_tokenize(captions)
 
     def scores(self, predictions: list[str], references: list[list[str]],
                per_example: list[float] | None = None) -> dict[str, float]:

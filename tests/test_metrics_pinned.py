@@ -187,3 +187,34 @@ def test_similarity_encodes_each_distinct_sentence_once_with_the_same_result():
     assert similarity == pytest.approx(sum(one_by_one) / len(one_by_one), abs=1e-6)
     assert scorer.sentence_similarity(PREDICTIONS, REFERENCES) == pytest.approx(REFERENCE_VALUES["similarity"],
                                                                                 abs=1e-6)
+
+
+@needs_java
+def test_scoring_writes_nothing_into_the_pycocoevalcap_package():
+    """A shared environment's site-packages is read-only: the PTB tokenizer's input file goes to a temporary
+    folder (pycocoevalcap's own wrapper writes it beside its jar). Every file opened for writing while the
+    captions are scored is recorded by an audit hook."""
+    import os
+    import sys
+
+    package = str(metrics._package_dir())
+    written, watching = [], [True]
+
+    def record(event, arguments):
+        if watching[0] and event == "open" and isinstance(arguments[0], (str, bytes, os.PathLike)):
+            flags = arguments[2] if isinstance(arguments[2], int) else 0
+            mode = arguments[1] if isinstance(arguments[1], str) else ""
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) or any(c in mode for c in "wax+"):
+                written.append(os.fsdecode(arguments[0]))
+
+    sys.addaudithook(record)  # hooks cannot be removed: this one stops recording when the test ends
+    try:
+        scorer = metrics.CaptionScorer(similarity=False)
+        scores = scorer.scores(PREDICTIONS, REFERENCES)
+        scorer.close()
+    finally:
+        watching[0] = False
+    assert any("mellow-ptb-" in path for path in written)  # the hook sees the tokenizer's input file
+    assert not [path for path in written if os.path.abspath(path).startswith(package)], written
+    for name in ("bleu_4", "meteor", "rouge_l", "cider_d"):
+        assert scores[name] == pytest.approx(REFERENCE_VALUES[name], abs=1e-6), name
