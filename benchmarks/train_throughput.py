@@ -30,7 +30,7 @@ from mellow.model import ModelConfig, build_model
 from mellow.precompute import PrecomputeConfig, decode_views
 from mellow.prepare import PrepareConfig
 from mellow.store import EmbeddingStore, StoreConfig
-from mellow.train import TrainConfig, _optimizer, micro_batches, mixed_precision
+from mellow.train import TrainConfig, _optimizer, micro_batches, mixed_precision, training_precision
 
 
 def from_store(store: Path, dataset: Path, run_dir: Path, model: ModelConfig, args: argparse.Namespace,
@@ -47,10 +47,12 @@ def from_store(store: Path, dataset: Path, run_dir: Path, model: ModelConfig, ar
     return (len(rows) - 1) * args.batch_size / seconds, waited / seconds
 
 
-def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig, args: argparse.Namespace) -> float:
-    """samples/s when every batch's audio is decoded and encoded inside the loop."""
+def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig,
+                   args: argparse.Namespace) -> tuple[float, str]:
+    """(samples/s when every batch's audio is decoded and encoded inside the loop, the precision it ran in)."""
     store = EmbeddingStore(store_path)
     model, tokenizer = build_model(model_config, store.dim, seed=0)
+    precision = training_precision(model, args.precision, torch.device("cpu"))  # as 03_train sets it up
     examples = ExampleSet(load_examples(dataset, "train"), store, tokenizer, 96, seed=0)
     optimizer = _optimizer(model, TrainConfig(lr=1e-4))
     encoder = build_encoder(EncoderConfig(name="whisper-tiny", tokens=16))
@@ -79,13 +81,13 @@ def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig, a
                 picked = [position.get(int(slot_rows[i]), 0) for i in indices]
                 batch[slot] = torch.from_numpy(embeddings[picked]).float()
                 batch[f"{slot}_valid"] = torch.from_numpy(valid[picked].astype("int64"))
-            with mixed_precision(args.precision, torch.device("cpu")):
+            with mixed_precision(precision, torch.device("cpu")):
                 loss = forward(batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return args.updates * args.batch_size / (time.perf_counter() - started)
+    return args.updates * args.batch_size / (time.perf_counter() - started), precision
 
 
 def main() -> None:
@@ -97,7 +99,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="updates run first and not measured")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--data-workers", type=int, default=2)
-    parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 autocast, in both loops")
+    parser.add_argument("--precision", default="fp32", help="fp32 (the quickstart's), bf16, fp16 or auto (bf16 where "
+                                                           "the CPU has native bf16) autocast, in both loops")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops (the warmup "
                                                                 "updates must then cover compilation)")
     args = parser.parse_args()
@@ -110,12 +113,12 @@ def main() -> None:
     model = ModelConfig(decoder=args.decoder, decoder_mode=args.decoder_mode, **shape)
     ram, ram_wait = from_store(store, dataset, work / "ram", model, args, "ram")
     stream, stream_wait = from_store(store, dataset, work / "stream", model, args, "stream")
-    raw = raw_audio_loop(store, dataset, model, args)
+    raw, precision = raw_audio_loop(store, dataset, model, args)
     parameters = sum(p.numel() for p in build_model(model, 384, 0)[0].parameters()) / 1e6
     print(f"\nmodel {args.decoder} ({args.decoder_mode}, {parameters:.1f} M parameters), whisper-tiny 16 tokens, "
           f"batch {args.batch_size}, {args.updates} updates measured, {os.cpu_count()} CPU cores, "
           f"torch threads {torch.get_num_threads()}, data workers {args.data_workers}"
-          f"{', torch.compile' if args.compile else ''}, {args.precision}")
+          f"{', torch.compile' if args.compile else ''}, precision {args.precision} ({precision})")
     print(f"from the store, RAM cache           {ram:8.1f} samples/s, data wait {ram_wait:6.1%} of step time")
     print(f"from the store, streamed from Zarr  {stream:8.1f} samples/s, data wait {stream_wait:6.1%} of step time")
     print(f"raw audio in the loop               {raw:8.1f} samples/s (ffmpeg decode + whisper-tiny encode per batch)")

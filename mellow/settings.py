@@ -349,9 +349,10 @@ class TrainConfig:
     min_lr_ratio: float = setting(0.1, "Learning rate at the end of the cosine decay, as a fraction of lr.")
     clip_grad: float = setting(1.0, "Gradient-norm clipping threshold (0 disables). An update whose gradient "
                                     "norm is not finite is skipped, whatever this is.")
-    precision: Literal["fp32", "bf16", "fp16"] = setting(
-        "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, or fp16 (with a gradient scaler). "
-                "Weights and optimizer state stay float32.")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = setting(
+        "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, fp16 (with a gradient scaler), or auto "
+                "(bf16 where the device has native bf16 arithmetic: a CUDA GPU that supports it, a CPU with "
+                "AVX512-BF16 or AMX; else fp32). Weights and optimizer state stay float32.")
     mem_budget: float = setting(1.0, "Activation memory budget, 0 to 1: 1 keeps every activation for the backward "
                                      "pass; below 1 recomputes some in the backward instead (less memory, more "
                                      "time; the same loss and gradients): with --train.compile through "
@@ -420,8 +421,8 @@ class TrainConfig:
             raise ValueError(f"--train.best_metric {self.best_metric!r} must be val_loss or val_accuracy")
         if not 0.0 <= self.mem_budget <= 1.0:
             raise ValueError(f"--train.mem_budget {self.mem_budget} must be in [0, 1] (1: keep every activation)")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"--train.precision {self.precision!r} must be fp32, bf16 or fp16")
+        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise ValueError(f"--train.precision {self.precision!r} must be fp32, bf16, fp16 or auto")
         if self.dist_timeout <= 0:
             raise ValueError(f"--train.dist_timeout {self.dist_timeout} must be > 0 seconds")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:

@@ -93,6 +93,31 @@ def test_mixed_precision_trains_and_resumes_exactly(mel_store, tiny_dataset, tmp
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())  # master weights stay fp32
 
 
+def test_precision_auto_and_eager_attention_under_cpu_bf16(mel_store, tiny_dataset):
+    """auto is bf16 where this CPU has native bf16 (AVX512-BF16 or AMX), else fp32; bf16 on a CPU switches the
+    decoder to eager attention, which gives the loss SDPA gives (fp32, 1e-5) and trains in bf16."""
+    from mellow.model import build_model
+
+    store = EmbeddingStore(mel_store)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cpu = torch.device("cpu")
+    for setting, expected in (("auto", "bf16" if native else "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
+        model, _ = build_model(ModelConfig(**TINY_MODEL), store.dim, seed=0)
+        assert train.training_precision(model, setting, cpu) == expected
+        assert model.language_model.config._attn_implementation == ("eager" if expected == "bf16" else "sdpa")
+    model, tokenizer = build_model(ModelConfig(**TINY_MODEL), store.dim, seed=0)
+    model.eval()
+    batch = ExampleSet(load_examples(tiny_dataset, "train"), store, tokenizer, 64).batch(list(range(8)))
+    with torch.no_grad():
+        with_sdpa = model(batch)
+        train.training_precision(model, "bf16", cpu)
+        eager = model(batch)
+        with train.mixed_precision("bf16", cpu):
+            in_bf16 = model(batch)
+    assert float(eager) == pytest.approx(float(with_sdpa), abs=1e-5) and float(in_bf16) != float(eager)
+    assert float(in_bf16) == pytest.approx(float(eager), rel=0.05)
+
+
 def test_an_update_with_non_finite_gradients_is_skipped(mel_store, tiny_dataset, tmp_path, monkeypatch):
     calls = {"count": 0}
     forward = MellowModel.forward
