@@ -504,8 +504,10 @@ def training_precision(model: MellowModel, precision: str, device: torch.device)
 
 
 def mixed_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for a resolved precision (fp32: none; `training_precision` resolves auto)."""
     if precision == "fp32":
         return contextlib.nullcontext()
+    assert precision in ("bf16", "fp16"), f"precision {precision!r} is resolved by training_precision first"
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 

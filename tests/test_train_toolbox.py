@@ -95,7 +95,8 @@ def test_mixed_precision_trains_and_resumes_exactly(mel_store, tiny_dataset, tmp
 
 def test_precision_auto_and_eager_attention_under_cpu_bf16(mel_store, tiny_dataset):
     """auto is bf16 where this CPU has native bf16 (AVX512-BF16 or AMX), else fp32; bf16 on a CPU switches the
-    decoder to eager attention, which gives the loss SDPA gives (fp32, 1e-5) and trains in bf16."""
+    decoder to eager attention, which gives the loss SDPA gives (fp32, 1e-5) and trains in bf16; the output
+    projection's rows are padded to a multiple of 32 under CPU autocast only."""
     from mellow.model import build_model
 
     store = EmbeddingStore(mel_store)
@@ -108,6 +109,11 @@ def test_precision_auto_and_eager_attention_under_cpu_bf16(mel_store, tiny_datas
     model, tokenizer = build_model(ModelConfig(**TINY_MODEL), store.dim, seed=0)
     model.eval()
     batch = ExampleSet(load_examples(tiny_dataset, "train"), store, tokenizer, 64).batch(list(range(8)))
+    rows = []  # rows the output projection sees: under CPU bf16 a multiple of 32 (its packed-weight copies are
+    # cached per row count), else exactly the answer tokens
+    model.language_model.get_output_embeddings().register_forward_pre_hook(lambda _, inputs: rows.append(
+        inputs[0].shape[0]))
+    answer_tokens = int((batch["labels"] != -100).sum())
     with torch.no_grad():
         with_sdpa = model(batch)
         train.training_precision(model, "bf16", cpu)
@@ -116,6 +122,7 @@ def test_precision_auto_and_eager_attention_under_cpu_bf16(mel_store, tiny_datas
             in_bf16 = model(batch)
     assert float(eager) == pytest.approx(float(with_sdpa), abs=1e-5) and float(in_bf16) != float(eager)
     assert float(in_bf16) == pytest.approx(float(eager), rel=0.05)
+    assert rows[:2] == [answer_tokens, answer_tokens] and rows[2] % 32 == 0 and rows[2] >= answer_tokens
 
 
 def test_an_update_with_non_finite_gradients_is_skipped(mel_store, tiny_dataset, tmp_path, monkeypatch):
