@@ -126,12 +126,14 @@ class MellowModel(nn.Module):
         labels = batch["labels"]  # (B, L_text), -100 outside the answer
         scored = labels != -100
         answers = predicting[scored]  # (N, H)
+        output_projection = self.language_model.get_output_embeddings()
         if answers.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # torch's bf16 CPU matmul keeps a packed copy of the weight for every new number of rows (19 MB for
             # the 49 k-word output projection): N differs per batch, so it is rounded up to a multiple of 32
             # rows, or a bf16 run's memory grew by GBs
-            answers = F.pad(answers, (0, 0, 0, -len(answers) % 32))
-        logits = self.language_model.get_output_embeddings()(answers)[: int(scored.sum())]  # (N, V)
+            logits = output_projection(F.pad(answers, (0, 0, 0, -len(answers) % 32)))[: len(answers)]  # (N, V)
+        else:
+            logits = output_projection(answers)  # (N, V)
         token_losses = F.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
         return token_losses, scored.nonzero()[:, 0], scored
 
