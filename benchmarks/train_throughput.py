@@ -99,8 +99,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="updates run first and not measured")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--data-workers", type=int, default=2)
-    parser.add_argument("--precision", default="fp32", help="fp32 (the quickstart's), bf16, fp16 or auto (bf16 where "
-                                                           "the CPU has native bf16) autocast, in both loops")
+    parser.add_argument("--precision", default="auto", help="auto (the quickstart's: bf16 where the CPU has "
+                                                           "native bf16, else fp32), fp32, bf16 or fp16 autocast, "
+                                                           "in both loops")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops (the warmup "
                                                                 "updates must then cover compilation)")
     args = parser.parse_args()

@@ -500,7 +500,7 @@ def quickstart_command(
     root: Path = typer.Option(Path("."), help="Folder under which datasets/, shards/ and checkpoints/ go."),
     encoder: str = typer.Option("whisper-tiny", help="Audio encoder: whisper-tiny, mel, or hf:<dir or org/name>."),
     num_clips: int = typer.Option(800, help="Synthetic clips to generate."),
-    updates: int = typer.Option(1200, help="Training updates."),
+    updates: int = typer.Option(1600, help="Training updates."),
 ) -> None:
     """Run prepare -> precompute -> train -> eval on the built-in synthetic set and print the scores."""
     from mellow import quickstart

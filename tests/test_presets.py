@@ -27,7 +27,7 @@ def test_every_preset_loads_and_validates(preset):
 def test_quickstart_preset_is_the_quickstarts_training_run():
     preset = load_train_configs(PRESETS[[p.stem for p in PRESETS].index("quickstart")], [])
     train, model, expected = training_configs(preset[0].store, preset[0].dataset, preset[0].run_dir,
-                                              "whisper-tiny", 1200)
+                                              "whisper-tiny", 1600)
     assert to_dict(preset[0]) == to_dict(train) and preset[1] == model and preset[2] == expected
 
 
