@@ -24,7 +24,7 @@ except (ValueError, OSError, UnicodeDecodeError) as env_error:
 
 from mellow import runs
 from mellow.audio import AudioDecodeError, FfmpegNotFoundError
-from mellow.config import build, cli_option, help_table, load_yaml, parse_dotted
+from mellow.config import build, cli_option, help_table, load_yaml_with_lines, parse_dotted
 from mellow.errors import PeerLostError, TooManyFailuresError
 from mellow.files import DISK_FULL, DiskFullError, read_json
 from mellow.progress import console
@@ -44,7 +44,44 @@ from mellow.settings import (
 )
 from mellow.store import EncoderExpectation, StoreConfig, StoreMismatchError
 
-app = typer.Typer(help="mellow: a staged training pipeline for small audio-language models.",
+def one_line_usage_errors(main, standalone_mode: bool, **arguments):
+    """Run a click `main` so that the command line's own mistakes (a number that is not one, an unknown option,
+    a missing argument) are one `error:` line naming the option, like every other bad input, and not a usage box."""
+    from typer import rich_utils
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer's own click (0.29 vendors it)
+
+    try:
+        result = main(standalone_mode=False, **arguments)
+    except ClickException as error:
+        if not standalone_mode:
+            raise
+        if isinstance(error, NoArgsIsHelpError):
+            rich_utils.rich_format_error(error)  # `mellow` alone: the help, as typer shows it
+        else:
+            context = getattr(error, "ctx", None)
+            where = f" (`{context.command_path} --help` lists the options)" if context is not None else ""
+            console.print(f"[bold red]error:[/] {escape(' '.join(error.format_message().split()))}{where}",
+                          highlight=False)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        if not standalone_mode:
+            raise
+        console.print("aborted")
+        sys.exit(1)
+    if not standalone_mode:
+        return result
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+class OneLineErrorsGroup(typer.core.TyperGroup):
+    """mellow's command group: usage mistakes are one line (one_line_usage_errors)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        return one_line_usage_errors(super().main, standalone_mode, args=args, prog_name=prog_name,
+                                     complete_var=complete_var, **extra)
+
+
+app = typer.Typer(help="mellow: a staged training pipeline for small audio-language models.", cls=OneLineErrorsGroup,
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "encoder": EncoderExpectation}
@@ -206,7 +243,7 @@ def load_train_configs(config_file: Path | None, overrides: list[str],
                        resume: bool = False) -> tuple[TrainConfig, ModelConfig, EncoderExpectation]:
     """YAML sections (train:, model:, encoder:) overlaid with dotted CLI overrides, validated. With `resume`,
     the run's own saved config.yaml comes first, so only what is given explicitly differs from it."""
-    from_file = load_yaml(config_file) if config_file is not None else {}
+    from_file, file_lines = load_yaml_with_lines(config_file) if config_file is not None else ({}, {})
     from_command_line = parse_dotted(overrides)
     for section in from_file:
         if section not in TRAIN_SECTIONS:
@@ -214,7 +251,9 @@ def load_train_configs(config_file: Path | None, overrides: list[str],
     for section in from_command_line:
         if section not in TRAIN_SECTIONS:
             raise ValueError(f"--{section}.*: unknown section; use {', '.join(TRAIN_SECTIONS)}")
-    layers = [from_file, from_command_line]
+    layers = [(from_file, lambda section, key: f"{config_file}:{file_lines.get((section, key), '?')}: "
+                                                f"{section}.{key}"),
+              (from_command_line, lambda section, key: f"--{section}.{key}")]
     if resume:
         run_dir = {**from_file.get("train", {}), **from_command_line.get("train", {})}.get("run_dir")
         if run_dir is None:  # --resume alone: the most recent run under checkpoints/
@@ -222,14 +261,19 @@ def load_train_configs(config_file: Path | None, overrides: list[str],
                                            "--train.run_dir checkpoints/<run>")
             runs.announce(run_dir, "resuming", "--train.run_dir <run folder>")
             from_command_line.setdefault("train", {})["run_dir"] = str(run_dir)
-        if (Path(run_dir) / "config.yaml").is_file():
-            layers.insert(0, load_yaml(Path(run_dir) / "config.yaml"))
+        saved = Path(run_dir) / "config.yaml"
+        if saved.is_file():
+            saved_values, saved_lines = load_yaml_with_lines(saved)
+            layers.insert(0, (saved_values, lambda section, key: f"{saved}:{saved_lines.get((section, key), '?')}: "
+                                                                 f"{section}.{key}"))
     values: dict[str, dict] = {section: {} for section in TRAIN_SECTIONS}
-    for layer in layers:
+    names: dict[str, dict[str, str]] = {section: {} for section in TRAIN_SECTIONS}  # where each value was given
+    for layer, name in layers:
         for section, entries in layer.items():
             values[section].update(entries or {})
-    return (build(TrainConfig, values["train"], "train"), build(ModelConfig, values["model"], "model"),
-            build(EncoderExpectation, values["encoder"], "encoder"))
+            names[section].update({key: name(section, key) for key in entries or {}})
+    return tuple(build(cls, values[section], section, names[section])  # type: ignore[return-value]
+                 for section, cls in TRAIN_SECTIONS.items())
 
 
 @app.command("align")
@@ -516,7 +560,7 @@ def run_stage(command: str) -> None:
     """Entry point of the stage scripts: `stages/03_train.py ARGS` is `mellow train ARGS`, and its usage line
     names the script as typed (`03_train.py [OPTIONS]`), without the subcommand the script does not take."""
     stage = typer.main.get_command(app).commands[command]
-    stage.main(args=sys.argv[1:], prog_name=Path(sys.argv[0]).name)
+    one_line_usage_errors(stage.main, True, args=sys.argv[1:], prog_name=Path(sys.argv[0]).name)
 
 
 if __name__ == "__main__":

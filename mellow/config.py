@@ -6,6 +6,7 @@ Every config field is declared with `setting(default, "help")`; the help text is
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import MISSING, field, fields
@@ -36,10 +37,23 @@ def cli_option(cls: type, name: str, *flags: str) -> Any:
     return typer.Option(default, *flags, help=spec.metadata.get("help", ""))
 
 
+class ConfigTypeError(ValueError):
+    """A config value of the wrong type; the message names where it was given, the option and the type."""
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+WHOLE_NUMBER = re.compile(r"[+-]?\d+")
+
+
+def _wrong(name: str, expected: str, value: Any) -> ConfigTypeError:
+    got = "nothing (null)" if value is None else repr(value)
+    return ConfigTypeError(f"{name}: expected {expected}, got {got}")
+
+
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Convert a string from the command line or YAML into the field's declared type."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"Path": Path})  # postponed annotations
+    """`value`, from YAML or the command line, as the field's declared type (a string "8" from the command line
+    becomes 8); a ConfigTypeError naming `name`, the type expected and the value for anything else. Nothing is
+    rounded or guessed: 128.5 for a whole number, a list for a number and "maybe" for a boolean are errors."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -48,31 +62,52 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         return _coerce(value, options[0], name)
     if origin is typing.Literal:
         allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        if not isinstance(value, str) or value not in allowed:
+            raise _wrong(name, f"one of {', '.join(map(str, allowed))}", value)
         return value
-    if annotation is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{name}={value!r} is not a boolean; use true or false")
-        return value.lower() in ("true", "1", "yes")
-    if annotation in (int, float, str, Path) and not isinstance(value, annotation):
-        try:
-            return annotation(value)
-        except ValueError:
-            raise ValueError(f"{name}={value!r} is not a valid {annotation.__name__}") from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).lower() if isinstance(value, (str, int)) else None
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise _wrong(name, "true or false", value)
+        return word in TRUE_WORDS
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and WHOLE_NUMBER.fullmatch(value.strip()):
+            return int(value)
+        raise _wrong(name, "a whole number", value)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _wrong(name, "a number", value)
+    if annotation in (str, Path):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return annotation(str(value)) if annotation is Path else str(value)
+        raise _wrong(name, "a path" if annotation is Path else "text", value)
     return value
 
 
-def build(cls: type[T], values: dict[str, Any], section: str = "") -> T:
-    """Make `cls` from a dict, rejecting unknown keys with the list of known ones."""
+def build(cls: type[T], values: dict[str, Any], section: str = "", names: dict[str, str] | None = None) -> T:
+    """Make `cls` from a dict, rejecting unknown keys with the list of known ones. `names` says how to name a
+    field in an error (where its value was given: "my.yaml:12: train.lr", "--train.lr"); default section.field."""
     known = {f.name: f for f in fields(cls)}
     unknown = set(values) - set(known)
+    prefix = f"{section}." if section else ""
     if unknown:
-        prefix = f"{section}." if section else ""
         raise ValueError(f"unknown option(s) {', '.join(prefix + u for u in sorted(unknown))}; "
                          f"known: {', '.join(prefix + k for k in known)}")
     hints = typing.get_type_hints(cls)
-    converted = {k: _coerce(v, hints[k], f"{section}.{k}" if section else k) for k, v in values.items()}
+    names = names or {}
+    converted = {k: _coerce(v, hints[k], names.get(k, prefix + k)) for k, v in values.items()}
     return cls(**converted)
 
 
@@ -100,14 +135,34 @@ def parse_dotted(args: list[str]) -> dict[str, dict[str, str]]:
     return overrides
 
 
-def load_yaml(path: Path) -> dict[str, dict[str, Any]]:
+def load_yaml_with_lines(path: Path) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], int]]:
+    """The sections of a YAML config file, and the line of each `section: {option: ...}` entry (for errors); a
+    file that is not valid YAML is one error naming file, line and column."""
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
-    with open(path) as handle:
-        loaded = yaml.safe_load(handle) or {}
+    text = path.read_text(encoding="utf-8")
+    try:
+        loaded = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: not valid YAML: {error.problem or error.context}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path}: expected a mapping of sections (train:, model:, ...)")
-    return loaded
+    lines: dict[tuple[str, str], int] = {}
+    for section_key, section_value in root.value if isinstance(root, yaml.MappingNode) else []:
+        if isinstance(section_value, yaml.MappingNode):
+            for option_key, _ in section_value.value:
+                lines[(str(section_key.value), str(option_key.value))] = option_key.start_mark.line + 1
+    for section, entries in loaded.items():
+        if entries is not None and not isinstance(entries, dict):
+            line = next((n for (s, _), n in lines.items() if s == section), None)
+            raise ValueError(f"{path}{f':{line}' if line else ''}: section {section}: expected options "
+                             f"(option: value lines indented under it), got {entries!r}")
+    return loaded, lines
 
 
 def describe_differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:

@@ -128,11 +128,11 @@ def test_nonexistent_input_path_is_a_clear_error(tmp_path):
 
 def test_bad_config_values_name_the_option(tmp_path):
     code, output = invoke("train", "--train.lr", "fast")
-    assert code == 2 and "train.lr='fast' is not a valid float" in output
+    assert code == 2 and "--train.lr: expected a number, got 'fast'" in output
     code, output = invoke("train", "--train.batchsize", "4")
     assert code == 2 and "unknown option(s) train.batchsize" in output
     code, output = invoke("train", "--model.decoder_mode", "sideways")
-    assert code == 2 and "model.decoder_mode='sideways' is not one of full, frozen" in output
+    assert code == 2 and "--model.decoder_mode: expected one of full, frozen, lora, got 'sideways'" in output
 
 
 def test_missing_ffmpeg_stops_precompute_with_a_clear_error(tiny_dataset, tmp_path):
