@@ -72,6 +72,8 @@ def decode_audio(
     where the CLI starts from a decoder without preroll (MP3) or a few hundred samples off (AAC) and PyAV, which
     decodes from the start (or 10 s before a far offset) and cuts, matches the whole file's samples.
     """
+    if source == b"" or (not isinstance(source, bytes) and "://" not in str(source)[:16] and _is_empty_file(source)):
+        raise NoSamplesError(f"{name or ('<bytes>' if isinstance(source, bytes) else source)}: empty file (0 bytes)")
     if resolve_backend(backend) == "pyav" and "://" not in str(source)[:16]:  # URLs: the CLI's network stack
         return checked(decode_in_process(source, sample_rate, offset_seconds, duration_seconds, name),
                        name or ("<bytes>" if isinstance(source, bytes) else str(source)))
@@ -106,8 +108,29 @@ def decode_audio(
         if process.wait() != 0:
             errors.seek(0)
             message = errors.read().decode(errors="replace").strip().splitlines()
-            raise AudioDecodeError(f"{name}: {message[-1] if message else 'ffmpeg failed'}")
+            last = message[-1].removeprefix(f"{source}: ") if message else "ffmpeg failed"
+            raise AudioDecodeError(f"{name}: {as_sentence(last)}")
     return checked(np.frombuffer(samples, dtype=np.float32), name)
+
+
+def _is_empty_file(path: str | Path) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:  # missing or unreadable: the decoder says which
+        return False
+
+
+# FFmpeg's error texts, as a reader of a skipped clip's reason wants them
+SENTENCES = {"invalid data found when processing input": "not audio that ffmpeg can read (its data is invalid)",
+             "no such file or directory": "no such file",
+             "end of file": "not audio that ffmpeg can read (it ends before its first audio frame)"}
+
+
+def as_sentence(ffmpeg_error: str) -> str:
+    """An FFmpeg error text ("Error opening input files: Invalid data found when processing input") as a
+    sentence about the file."""
+    text = ffmpeg_error.strip().rstrip(".")
+    return next((sentence for known, sentence in SENTENCES.items() if known in text.lower()), text)
 
 
 def checked(waveform: np.ndarray, name: str) -> np.ndarray:
@@ -186,8 +209,8 @@ def decode_in_process(source: str | Path | bytes, sample_rate: int, offset_secon
                         continue
                 pieces.extend(out.to_ndarray()[0] for out in resampler.resample(frame))
             pieces.extend(out.to_ndarray()[0] for out in resampler.resample(None))
-    except av.error.FFmpegError as error:
-        raise AudioDecodeError(f"{name}: {error}") from None
+    except av.error.FFmpegError as error:  # its str is "[Errno 1094995529] Invalid data ...: '<path>'"
+        raise AudioDecodeError(f"{name}: {as_sentence(error.strerror or type(error).__name__)}") from None
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
 
 

@@ -120,3 +120,19 @@ def test_missing_ffmpeg_is_a_clear_error(monkeypatch):
     with pytest.raises(FfmpegNotFoundError, match="apt-get install ffmpeg"):
         audio.find_ffmpeg()
     audio.find_ffmpeg.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["pyav", "cli"])
+def test_decode_failures_read_as_sentences(tmp_path, backend):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(AudioDecodeError) as raised:
+        decode_audio(empty, 16000, backend=backend)
+    assert str(raised.value) == f"{empty}: empty file (0 bytes)"
+    corrupt = tmp_path / "corrupt.mp3"
+    corrupt.write_bytes(b"this is not audio" * 100)
+    with pytest.raises(AudioDecodeError) as raised:
+        decode_audio(corrupt, 16000, backend=backend)
+    message = str(raised.value)
+    assert message.startswith(f"{corrupt}: ") and "Errno" not in message and "[" not in message
+    assert "not audio that ffmpeg can read" in message

@@ -114,8 +114,9 @@ def test_every_kind_of_bad_input_is_skipped_with_its_reason(tmp_path):
     _float_wav(dataset / "nan.wav", np.where(np.arange(16000) % 100 == 0, np.nan, tone))
     _float_wav(dataset / "short.wav", tone[:320])
     expected = {
-        "good": "ok", "long": "ok", "missing": "No such file", "empty": "Invalid data", "truncated": "truncated",
-        "text": "Invalid data", "zero_length": "zero samples", "silent": "digital silence", "nan": "NaN",
+        "good": "ok", "long": "ok", "missing": "no such file", "empty": "empty file (0 bytes)",
+        "truncated": "truncated", "text": "not audio that ffmpeg can read", "zero_length": "zero samples",
+        "silent": "digital silence", "nan": "NaN",
         "short": "shorter than --min-seconds", "url": "Connection refused",
     }
     records = [{"id": name, "path": f"{name}.{ext}", "duration": duration} for name, ext, duration in [
