@@ -186,6 +186,7 @@ def precompute_command(
     rank: int = cli_option(PrecomputeConfig, "rank"),
     world_size: int = cli_option(PrecomputeConfig, "world_size"),
     allow_pipes: bool = cli_option(PrecomputeConfig, "allow_pipes"),
+    check_audio: bool = cli_option(PrecomputeConfig, "check_audio"),
 ) -> None:
     """Stage 01: decode every clip through ffmpeg, run the frozen encoder once, write the embedding store.
 
@@ -202,7 +203,7 @@ def precompute_command(
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips,
                           zstd_level=zstd_level),
         decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
-        world_size=world_size, allow_pipes=allow_pipes)
+        world_size=world_size, allow_pipes=allow_pipes, check_audio=check_audio)
     from mellow import precompute
 
     precompute.run(config)
@@ -478,7 +479,7 @@ def store_finalize_command(
     missing = writer.missing_shards()
     if missing:
         raise ValueError(f"{path}: shards {missing[:10]} are not written yet; run 01_precompute for them first")
-    counts = finalize_store(writer, read_json(path / "meta.json").get("dataset", "?"), 0.0)
+    counts = finalize_store(writer, read_json(path / "meta.json").get("dataset", "?"), 0.0, max_failures)
     (path / FINALIZE_LOCK).unlink(missing_ok=True)
     console.print(f"[bold green]finalized[/] {path}: {counts['ok']} clips ok, {counts['failed']} failed")
     check_failures(path, counts, max_failures)
@@ -500,8 +501,9 @@ def store_export_command(
 @store_app.command("verify")
 @friendly_errors
 def store_verify_command(path: Path = typer.Argument(..., help="A store folder (shards/<dataset>/<tag>).")) -> None:
-    """Check every chunk checksum and the index; name the clip and shard of any damage (exit 1 if any)."""
-    from mellow.store import committed_shards, verify_store
+    """Check that every shard file is there and as long as it was written, every chunk checksum, and the index;
+    name the shard and clips of any damage (exit 1 if any)."""
+    from mellow.integrity import committed_shards, verify_store
 
     problems = verify_store(path)
     for problem in problems:
@@ -510,7 +512,7 @@ def store_verify_command(path: Path = typer.Argument(..., help="A store folder (
         raise typer.Exit(code=1)
     shards, total = committed_shards(path)
     if read_json(path / "meta.json").get("complete"):
-        console.print(f"[bold green]verified[/] {path}: every chunk checksum and the index are intact")
+        console.print(f"[bold green]verified[/] {path}: every shard file, chunk checksum and the index are intact")
     else:
         console.print(f"[bold green]verified[/] {path}: the {len(shards)} committed shard(s) of {total} are "
                       "intact; the store is not finished (rerun 01_precompute to write the rest)")

@@ -22,15 +22,17 @@ import zarr
 
 from mellow.manifests import check_example, json_lines
 from mellow.progress import console
-from mellow.shard_reader import open_rows, read_with_zarr
+from mellow.shard_reader import ShardFileError, read_with_zarr
 from mellow.store import EmbeddingStore, with_view_axis
 from mellow.tokenized import TokenizedExamples, load_split, tokenize
 
 
 class RowsInMemory:
-    """Every row of the store in RAM: (N, V, T, D) float16. Worker processes share it (fork, copy-on-write)."""
+    """Every row of the store in RAM: (N, V, T, D) float16. Worker processes share it (fork, copy-on-write).
+    A store with a missing or damaged shard file is refused (DamagedStoreError), never read as zeros."""
 
     def __init__(self, store: EmbeddingStore) -> None:
+        store.check_files()
         self.embeddings, self.valid = store.load_all()
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -40,17 +42,23 @@ class RowsInMemory:
 class RowsFromZarr:
     """Rows read from the store's shard files when a batch needs them (mellow/shard_reader.py: the same values as
     zarr, several times faster); an array laid out otherwise is read through zarr. Each process opens the files
-    itself. The valid counts, (N, V) int16, are read whole up front."""
+    itself. The valid counts, (N, V) int16, are read whole up front. A missing or damaged shard file is refused
+    (DamagedStoreError) when the reader opens and when a batch meets it, never read as zeros."""
 
     def __init__(self, store: EmbeddingStore) -> None:
+        store.check_files()
+        self.store = store
         self.path = store.path / "store.zarr"
         self.valid = store.load_all_valid()
-        self.reader = open_rows(self.path / "emb")
+        self.reader = store.row_reader()
         self._opened: tuple[int, zarr.Array] | None = None
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         if self.reader is not None:
-            return with_view_axis(self.reader.read(rows), 4)
+            try:
+                return with_view_axis(self.reader.read(rows), 4)
+            except ShardFileError as error:
+                raise self.store.damaged(error) from None
         if self._opened is None or self._opened[0] != os.getpid():  # a forked worker opens its own
             self._opened = (os.getpid(), zarr.open_group(self.path, mode="r")["emb"])
         return with_view_axis(read_with_zarr(self._opened[1], rows), 4)

@@ -49,6 +49,15 @@ def check_example(example: dict, where: str) -> dict:
     return example
 
 
+def is_remote(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def resolve(location: str, root: Path) -> str:
+    """A manifest path or tar location: URLs, pipes and absolute paths as they are, others under `root`."""
+    return location if is_remote(location) or Path(location).is_absolute() else str(root / location)
+
+
 def recorded_pipes(dataset: Path) -> set[str]:
     """The `pipe:` tar locations the user gave 00_prepare on its command line (prepare.json keeps its --source)."""
     try:

@@ -30,6 +30,14 @@ from mellow.audio import (
 )
 from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
 from mellow.errors import TooManyFailuresError  # noqa: F401 (re-exported)
+from mellow.integrity import (
+    audio_verdict,
+    is_finalized,
+    local_audio_path,
+    matches_manifest,
+    recorded_stat,
+    stat_fields,
+)
 from mellow.manifests import read_audio_records
 from mellow.progress import console, progress_bar
 from mellow.settings import PrecomputeConfig, ShardedJobConfig  # noqa: F401 (re-exported)
@@ -57,7 +65,8 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     encoder = build_encoder(config.encoder)
     store_path = store_path_for(config, encoder)
     writer = StoreWriter(store_path, len(records), encoder.fingerprint(), config.store, manifest=records)
-    result = process(config, encoder, writer, records)
+    reencoded = recheck_audio(config, writer, records)
+    result = process(config, encoder, writer, records, reencoded)
     result.seconds = time.time() - started
     report(config, writer, result)
     return result
@@ -71,8 +80,10 @@ def validate_args(config: PrecomputeConfig) -> list[dict]:
     return records
 
 
-def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter,
-            records: list[dict]) -> PrecomputeResult:
+def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter, records: list[dict],
+            reencoded: frozenset[str] = frozenset()) -> PrecomputeResult:
+    """Compute this process's shards that are not done; `reencoded`: clips whose audio changed, each hashed
+    before it is encoded again."""
     todo, skipped = config.my_shards(writer)
     workers = config.decode_workers or 2 * (os.cpu_count() or 1)
     clips = sum(len(writer.shard_rows(shard)) for shard in todo)
@@ -87,12 +98,56 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
                     progress.advance(task, len(rows))
                     continue
                 embeddings, valid, index = encode_shard(config, encoder, pool, [records[row] for row in rows],
-                                                        rows, lambda n: progress.advance(task, n))
+                                                        rows, lambda n: progress.advance(task, n), reencoded)
                 writer.write_shard(shard, embeddings, valid, index)
             computed, encoded = computed + 1, encoded + len(rows)
             rate = progress.tasks[task].speed or 0.0
             progress.update(task, status=f"{rate:.1f} clips/s, shard {shard + 1}/{writer.num_shards}")
     return PrecomputeResult(writer.path, computed, skipped, encoded, 0.0)
+
+
+def recheck_audio(config: PrecomputeConfig, writer: StoreWriter, records: list[dict]) -> frozenset[str]:
+    """Before computing, compare this process's committed clips with audio.jsonl and their files
+    (integrity.audio_verdict): refuse, naming them, clips whose file holds audio that audio.jsonl does not
+    record; take back the shards of clips to re-encode (their store rows are then computed again, and
+    changes.jsonl says which); record the new stat of files only touched. Cheap: a stat per clip, a hash only
+    where a file's size or modification time changed (or every file, with --check-audio). Returns the ids of
+    the clips to re-encode."""
+    rank, world = config.work_split()
+    committed = [shard for shard in range(rank, writer.num_shards, world) if writer.is_done(shard)]
+    verdicts: dict[str, list[tuple[int, dict]]] = {"refuse": [], "re-encode": [], "gone": []}
+    stats: dict[tuple[int, int], tuple[int, int]] = {}  # (shard, row) -> new stat of a touched file
+    with progress_bar(transient=True) as progress, ThreadPoolExecutor(config.decode_workers or 4) as pool:
+        task = progress.add_task("checking audio", total=len(committed))
+        for shard in committed:
+            stored = writer.read_marker(shard)["records"]
+            checks = pool.map(lambda record: audio_verdict(record, records[record["row"]], config.dataset,
+                                                           config.check_audio), stored)
+            for record, (verdict, now) in zip(stored, checks):
+                if verdict in verdicts:
+                    verdicts[verdict].append((shard, record))
+                if verdict == "touched":
+                    stats[shard, record["row"]] = now
+            progress.advance(task)
+    if verdicts["refuse"]:
+        clips = [record["id"] for _, record in verdicts["refuse"]]
+        raise ValueError(f"{', '.join(clips[:5])}{' …' if len(clips) > 5 else ''}: {len(clips)} clip(s) of "
+                         f"{config.dataset} changed since 00_prepare recorded them (their files no longer match the "
+                         "sha256 in audio.jsonl); run 00_prepare again with the same options, which re-checks the "
+                         "audio and records the change, then this command again to re-encode them")
+    for shard in sorted({shard for shard, _ in stats}):
+        writer.refresh_stats(shard, {row: now for (done, row), now in stats.items() if done == shard})
+    changed = verdicts["re-encode"]
+    if changed:
+        clips = [record["id"] for _, record in changed]
+        console.print(f"re-encoding {len(clips)} clip(s) whose audio changed ({', '.join(clips[:5])}"
+                      f"{' …' if len(clips) > 5 else ''}): their {len({s for s, _ in changed})} shard(s) are "
+                      "computed again; changes.jsonl records it", highlight=False)
+        writer.uncommit(sorted({shard for shard, _ in changed}), "audio changed", clips)
+    if verdicts["gone"]:
+        console.print(f"[yellow]note:[/] {len(verdicts['gone'])} clip(s)' audio files are not here (e.g. "
+                      f"{verdicts['gone'][0][1]['id']}); their embeddings stay as they were encoded", highlight=False)
+    return frozenset(record["id"] for _, record in changed)
 
 
 @contextmanager
@@ -176,29 +231,46 @@ def _decode_view(source: Source, sample_rate: int, offset: float, clip_seconds: 
         raise
 
 
+def decode_checked(record: dict, source: Source, stat: dict, config: PrecomputeConfig, sample_rate: int,
+                   hash_it: bool) -> list[tuple[np.ndarray, float]]:
+    """decode_views of a clip whose file is first checked against audio.jsonl's sha256 (`stat`: its stat now,
+    from stat_fields; `hash_it`: hash the file whatever its stat): a file that changed after 00_prepare hashed it
+    is never stored as encoded."""
+    path = None if isinstance(source, (bytes, Exception)) else local_audio_path(record, config.dataset)
+    now = recorded_stat(stat) if stat else None
+    if path is not None and not matches_manifest(record, path, now, config.check_audio or hash_it):
+        raise AudioDecodeError(f"{record['path']}: its file does not match the sha256 that audio.jsonl records (it "
+                               "changed after 00_prepare hashed it); run 00_prepare again with the same options to "
+                               "re-check the dataset's audio")
+    return decode_views(record, source, config.encoder, config.min_seconds, sample_rate)
+
+
 def _decoded_ahead(pool: ThreadPoolExecutor, sources: Iterator[tuple[int, dict, Source]], config: PrecomputeConfig,
-                   encoder: AudioEncoder) -> Iterator[tuple[int, Future]]:
-    """Yield (position, future of decode_views) in source order, keeping a bounded number of decodes ahead."""
+                   encoder: AudioEncoder, stats: list[dict], reencoded: frozenset[str]) -> Iterator[tuple[int, Future]]:
+    """Yield (position, future of decode_checked) in source order, keeping a bounded number of decodes ahead."""
     ahead: deque[tuple[int, Future]] = deque()
     limit = 4 * config.encoder.batch_size
     for position, record, source in sources:
-        ahead.append((position, pool.submit(decode_views, record, source, config.encoder, config.min_seconds,
-                                               encoder.sample_rate)))
+        ahead.append((position, pool.submit(decode_checked, record, source, stats[position], config,
+                                               encoder.sample_rate, record["id"] in reencoded)))
         if len(ahead) >= limit:
             yield ahead.popleft()
     yield from ahead
 
 
 def encode_shard(config: PrecomputeConfig, encoder: AudioEncoder, pool: ThreadPoolExecutor, records: list[dict],
-                 rows: range, advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                 rows: range, advance: Callable[[int], None],
+                 reencoded: frozenset[str] = frozenset()) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Decode and encode the clips of one shard: embeddings (n, V, T, D), valid tokens (n, V), index records.
+    Clips in `reencoded` (their audio changed) have their files hashed whatever their stat.
 
     A failed clip gets zero rows, valid 0 and its reason in the index; views a short clip lacks get valid 0."""
     views, tokens, dim = config.encoder.views, config.encoder.tokens, encoder.dim
     embeddings = np.zeros((len(records), views, tokens, dim), dtype=np.float16)
     valid = np.zeros((len(records), views), dtype=np.int16)
+    stats = [stat_fields(record, config.dataset) for record in records]  # before decoding: what is encoded
     index = [{"id": r["id"], "row": row, "path": r["path"], "duration": r.get("duration"),
-              "sha256": r.get("sha256"), "status": "ok"} for r, row in zip(records, rows)]
+              "sha256": r.get("sha256"), **stat, "status": "ok"} for r, row, stat in zip(records, rows, stats)]
     batch: list[tuple[int, int, np.ndarray, float]] = []  # (position, view, waveform, valid fraction)
 
     def flush() -> None:
@@ -213,7 +285,8 @@ def encode_shard(config: PrecomputeConfig, encoder: AudioEncoder, pool: ThreadPo
                 embeddings[position], valid[position] = 0, 0
         batch.clear()
 
-    for position, future in _decoded_ahead(pool, sources_of(records, config.dataset), config, encoder):
+    for position, future in _decoded_ahead(pool, sources_of(records, config.dataset), config, encoder, stats,
+                                           reencoded):
         try:
             decoded = future.result()
         except (AudioDecodeError, OSError, ValueError) as error:
@@ -241,10 +314,10 @@ def report(config: ShardedJobConfig, writer: StoreWriter, result: PrecomputeResu
     if writer.all_done():
         with writer.exclusive(FINALIZE_LOCK) as claimed:
             if claimed and not writer.read_meta()["complete"]:
-                counts = finalize_store(writer, config.dataset, result.seconds)
+                counts = finalize_store(writer, config.dataset, result.seconds, config.max_failures)
     if counts is None:
         meta = writer.read_meta()
-        if not meta["complete"]:
+        if not is_finalized(meta):
             console.print(f"[bold green]{who}finished its shards[/] of {result.store_path}: {done}. The last "
                           f"process to finish finalizes the store (or run `mellow store finalize "
                           f"{result.store_path}`).")

@@ -24,22 +24,26 @@ from braceexpand import braceexpand
 from rich.markup import escape
 
 from mellow import hfdata, importers, synth
-from mellow.audio import encode_audio_file, find_ffmpeg
+from mellow.audio import AudioDecodeError, decode_audio, encode_audio_file, find_ffmpeg
 from mellow.config import describe_differences, to_dict
-from mellow.files import read_json, sha256_file, write_json_atomic, write_jsonl_atomic
+from mellow.files import read_json, read_jsonl, sha256_file, write_json_atomic, write_jsonl_atomic
+from mellow.integrity import file_stat, local_audio_path, recorded_stat, stat_fields
+from mellow.manifests import resolve
 from mellow.progress import console, progress_bar
 from mellow.settings import SOURCE_KINDS, PrepareConfig  # noqa: F401 (re-exported)
 from mellow.wds import import_webdataset
 
 FORMATS = (".wav", ".flac", ".mp3", ".ogg")
 SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
+MEASURE_RATE = 16000  # the rate a changed file is decoded at to measure its duration
 
 
 def run(config: PrepareConfig) -> Path:
-    """Prepare the dataset (skipping if it is already complete) and return its folder."""
+    """Prepare the dataset (if it is already complete: check that its audio is still what it recorded) and
+    return its folder."""
     started = time.time()
     if validate_args(config):
-        console.print(f"[green]dataset {config.dataset_dir} is already prepared with this config; skipping")
+        recheck_audio(config, started)
         return config.dataset_dir
     counts = process(config)
     report(config, counts, time.time() - started)
@@ -47,21 +51,84 @@ def run(config: PrepareConfig) -> Path:
 
 
 def validate_args(config: PrepareConfig) -> bool:
-    """True if the dataset is already complete with this config; an error if it was made with another."""
+    """True if the dataset is already complete with this config; an error if it was made with another (unless
+    --overwrite, which also rebuilds one made with this config)."""
     find_ffmpeg()
     marker = config.dataset_dir / "prepare.json"
     if not marker.exists():
         return False
     previous = read_json(marker)["config"]
     current = _fingerprint(config)
-    if previous == current:
+    if previous == current and not config.overwrite:
         return True
-    if not config.overwrite:
+    if previous != current and not config.overwrite:
         differences = "\n  ".join(describe_differences(previous, current))
         raise ValueError(f"{config.dataset_dir} was prepared with another config:\n  {differences}\n"
                          "use another --name, or --overwrite to replace it")
     marker.unlink()
     return False
+
+
+def recheck_audio(config: PrepareConfig, started: float) -> None:
+    """A dataset already prepared with this config: check that its audio files still hold what audio.jsonl
+    records, cheaply (a stat per file; the sha256 only of files whose size or modification time changed), record
+    the new sha256 (and duration) of files that changed, so that 01_precompute re-encodes them, and say what
+    changed. Audio in tars, Parquet shards or at URLs is identified by its bytes when it is read, not here."""
+    path = config.dataset_dir / "audio.jsonl"
+    records = read_jsonl(path)
+    with progress_bar(transient=True) as progress, ThreadPoolExecutor(config.workers or os.cpu_count() or 1) as pool:
+        task = progress.add_task("checking audio", total=len(records))
+        verdicts = []
+        for verdict in pool.map(lambda record: _audio_now(record, config.dataset_dir), records):
+            verdicts.append(verdict)
+            progress.advance(task)
+    checked = sum(verdict != "unchecked" for verdict, _, _ in verdicts)
+    changed = [record["id"] for record, (verdict, _, _) in zip(records, verdicts) if verdict == "changed"]
+    missing = [record["id"] for record, (verdict, _, _) in zip(records, verdicts) if verdict == "missing"]
+    for record, (verdict, now, digest) in zip(records, verdicts):
+        if verdict in ("changed", "touched"):
+            record["bytes"], record["mtime_ns"] = now
+        if verdict == "changed":
+            record["sha256"] = digest
+            if "start" not in record:  # a whole file: its duration is the new audio's
+                record["duration"] = _measured_duration(Path(resolve(record["path"], config.dataset_dir)))
+    if any(verdict in ("changed", "touched") for verdict, _, _ in verdicts):
+        write_jsonl_atomic(path, records)
+    seconds = time.time() - started
+    if changed:
+        console.print(f"[yellow]dataset {config.dataset_dir} is already prepared with this config, but "
+                      f"{len(changed)} of {checked} clips' audio changed since[/]: {escape(', '.join(changed[:10]))}"
+                      f"{' …' if len(changed) > 10 else ''}. audio.jsonl now records their new sha256, and "
+                      "01_precompute re-encodes them", highlight=False)
+    else:
+        console.print(f"[green]dataset {config.dataset_dir} is already prepared with this config[/]; the audio of its "
+                      f"{checked} clip files is unchanged (checked in {seconds:.1f} s)", highlight=False)
+    if missing:
+        console.print(f"[yellow]{len(missing)} clip(s)' audio files are missing[/]: {escape(', '.join(missing[:10]))}"
+                      f"{' …' if len(missing) > 10 else ''} (01_precompute reports them as failed)", highlight=False)
+
+
+def _audio_now(record: dict, root: Path) -> tuple[str, tuple[int, int] | None, str | None]:
+    """(verdict, stat now, sha256 now) of one audio record: unchecked (not a local file, or no sha256), missing,
+    same, touched (the file was rewritten or copied, with the same audio) or changed."""
+    path = local_audio_path(record, root)
+    if path is None or not record.get("sha256"):
+        return "unchecked", None, None
+    now = file_stat(path)
+    if now is None:
+        return "missing", None, None
+    if now == recorded_stat(record):
+        return "same", now, None
+    digest = sha256_file(path)
+    return ("touched" if digest == record["sha256"] else "changed"), now, digest
+
+
+def _measured_duration(path: Path) -> float | None:
+    """Seconds of audio in a file, decoded (None if it cannot be: 01_precompute then reports why)."""
+    try:
+        return round(len(decode_audio(path, MEASURE_RATE)) / MEASURE_RATE, 3)
+    except AudioDecodeError:
+        return None
 
 
 def _fingerprint(config: PrepareConfig) -> dict:
@@ -159,6 +226,8 @@ def _process_import(config: PrepareConfig) -> dict[str, int]:
             progress.advance(task)
     for record in imported.records:
         record["sha256"] = hashes[record["path"]]
+        record.update(stat_fields(record, config.dataset_dir))  # 00_prepare and 01_precompute hash it again only
+        # where its size or modification time change
     return _write_manifests(config, imported.records, imported.examples, imported.failures, imported.label_tasks)
 
 
@@ -210,9 +279,10 @@ def _write_clip(scene: synth.Scene, audio_dir: Path, layout: tuple[str, int, int
     waveform = synth.render_scene(scene, sample_rate, seed)
     encode_audio_file(waveform, sample_rate, temporary, channels)
     os.replace(temporary, path)
+    status = path.stat()
     return {"id": scene.id, "path": f"audio/{path.name}", "duration": scene.duration,
-            "sha256": sha256_file(path), "sample_rate": sample_rate, "channels": channels,
-            "scene": scene.to_json()}
+            "sha256": sha256_file(path), "bytes": status.st_size, "mtime_ns": status.st_mtime_ns,
+            "sample_rate": sample_rate, "channels": channels, "scene": scene.to_json()}
 
 
 def report(config: PrepareConfig, counts: dict[str, int], seconds: float) -> None:

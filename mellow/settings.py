@@ -208,9 +208,11 @@ class ShardedJobConfig:
         return max(self.rank, 0), 1
 
     def my_shards(self, writer: StoreWriter) -> tuple[list[int], int]:
-        """(this process's shards still to compute, how many of its shards are already done)."""
+        """(this process's shards still to compute, how many of its shards are already done). A committed shard
+        whose files are missing, cut short or not as written is taken back first, and computed again."""
         rank, world = self.work_split()
         mine = range(rank, writer.num_shards, world)
+        writer.take_back_damaged(mine)
         todo = [shard for shard in mine if not writer.is_done(shard)]
         return todo, len(mine) - len(todo)
 
@@ -223,6 +225,10 @@ class PrecomputeConfig(ShardedJobConfig):
     allow_pipes: bool = setting(False, "Run `pipe:<command>` tar locations of audio.jsonl even when 00_prepare's "
                                        "command line did not give them (only for a dataset you trust: each is a "
                                        "shell command).")
+    check_audio: bool = setting(False, "Hash (sha256) every clip's audio file, to find files changed since 00_prepare "
+                                       "recorded them or since they were encoded even where their size and "
+                                       "modification time are unchanged (by default only files whose size or "
+                                       "modification time changed are hashed). Reads every file once.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -38,6 +38,14 @@ class ChecksumError(ValueError):
     """A chunk or shard index does not match its crc32c: the file was damaged after it was written."""
 
 
+class ShardFileError(ValueError):
+    """A shard file is missing, cut short, or lacks a row that must be there (the store layer names its clips)."""
+
+    def __init__(self, path: Path, shard: int, problem: str) -> None:
+        self.shard, self.problem = shard, problem
+        super().__init__(f"{path} {problem}")
+
+
 def _check_layout(metadata: dict) -> tuple[tuple[int, ...], int]:
     """(row shape, rows per shard) of a sharded array with one chunk per row, bytes(little) -> zstd -> crc32c
     inside and bytes(little) -> crc32c for an index at the end; ShardLayoutError for anything else."""
@@ -63,9 +71,14 @@ def _check_layout(metadata: dict) -> tuple[tuple[int, ...], int]:
 class ShardedRows:
     """Reads whole rows of one sharded Zarr v3 array (the store's `emb`) by index, with identical values to
     `zarr.open(...)[rows]`, several times faster. Safe to use from one process at a time; a forked process
-    (DataLoader worker) opens its own files and threads on first use."""
+    (DataLoader worker) opens its own files and threads on first use.
 
-    def __init__(self, array_path: Path, threads: int = 2) -> None:
+    Where zarr reads a chunk it cannot find as its fill value, this refuses (ShardFileError) a shard file that
+    is not as long as `shard_bytes` says (its size per shard when it was written; None: not known) and a row
+    that `required` ((rows,) bool: the rows that hold data) says must be there."""
+
+    def __init__(self, array_path: Path, threads: int = 2, shard_bytes: list[int | None] | None = None,
+                 required: np.ndarray | None = None) -> None:
         self.path = Path(array_path)
         metadata = json.loads((self.path / "zarr.json").read_text())
         self.row_shape, self.rows_per_shard = _check_layout(metadata)
@@ -75,6 +88,7 @@ class ShardedRows:
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         self.separator = metadata["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
         self.threads = threads
+        self.shard_bytes, self.required = shard_bytes, required
         self._pid: int | None = None
 
     def _open_for_this_process(self) -> None:
@@ -88,19 +102,35 @@ class ShardedRows:
         key = self.separator.join(["c", str(shard)] + ["0"] * len(self.row_shape))
         return self.path / key
 
+    def _expected_bytes(self, shard: int) -> int | None:
+        return self.shard_bytes[shard] if self.shard_bytes is not None and shard < len(self.shard_bytes) else None
+
     def _file(self, shard: int) -> int | None:
         if shard not in self._files:
+            expected = self._expected_bytes(shard)
             try:
-                self._files[shard] = os.open(self.shard_path(shard), os.O_RDONLY)
-            except FileNotFoundError:  # a shard never written reads as fill_value, as in zarr
+                descriptor = os.open(self.shard_path(shard), os.O_RDONLY)
+            except FileNotFoundError:  # a shard of fill values only is never written (as zarr has it)
+                if expected:
+                    raise ShardFileError(self.shard_path(shard), shard, "is missing") from None
                 return None
+            size = os.fstat(descriptor).st_size
+            if expected is not None and size != expected:
+                os.close(descriptor)
+                raise ShardFileError(self.shard_path(shard), shard, f"is {size:,} bytes, not the {expected:,} it "
+                                                                   "was written with")
+            self._files[shard] = descriptor
         return self._files[shard]
 
     def _index(self, shard: int, descriptor: int) -> np.ndarray:
         """The shard's (rows_per_shard, 2) uint64 (offset, nbytes) table, read once per process."""
         if shard not in self._indexes:
             size = self.rows_per_shard * 16 + 4
-            raw = os.pread(descriptor, size, os.fstat(descriptor).st_size - size)
+            length = os.fstat(descriptor).st_size
+            if length < size:
+                raise ShardFileError(self.shard_path(shard), shard, f"is cut short ({length:,} bytes, less than its "
+                                                                    "own chunk index)")
+            raw = os.pread(descriptor, size, length - size)
             if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
                 raise ChecksumError(f"{self.shard_path(shard)}: the shard index fails its crc32c checksum "
                                     "(damaged or truncated file); run `mellow store verify`")
@@ -134,6 +164,12 @@ class ShardedRows:
             jobs.extend(self._fetch(int(shard), positions, rows[positions] - shard * self.rows_per_shard))
         unwritten = np.ones(len(rows), dtype=bool)
         unwritten[[position for position, _, _ in jobs]] = False
+        if self.required is not None and (self.required[rows] & unwritten).any():
+            row = int(rows[self.required[rows] & unwritten][0])
+            shard = row // self.rows_per_shard
+            problem = ("is missing" if self._file(shard) is None else
+                       f"has no data for row {row}, which the index lists as encoded")
+            raise ShardFileError(self.shard_path(shard), shard, problem)
         out[unwritten] = self.fill_value
         if self._pool is None or len(jobs) * self.row_bytes < MIN_THREADED_BYTES:
             self._decode(jobs, out)
@@ -184,10 +220,11 @@ class ShardedRows:
         self._pid = None
 
 
-def open_rows(array_path: Path, threads: int = 2) -> ShardedRows | None:
+def open_rows(array_path: Path, threads: int = 2, shard_bytes: list[int | None] | None = None,
+              required: np.ndarray | None = None) -> ShardedRows | None:
     """A ShardedRows for the array at `array_path`, or None when it is laid out otherwise (read it with zarr)."""
     try:
-        return ShardedRows(array_path, threads)
+        return ShardedRows(array_path, threads, shard_bytes, required)
     except ShardLayoutError:
         return None
 

@@ -4,25 +4,28 @@
         store.zarr/       emb (N, T, D) float16 ((N, V, T, D) with V > 1 views per clip), one chunk per clip,
                           sharding codec (S clips per shard file), zstd + crc32c; valid (N,) or (N, V) int16,
                           valid tokens per clip (and view), chunked like the shards
-        parts/            shard-00000.json ... one per finished shard, written after its data: the commit marker
+        parts/            shard-00000.json ... one per finished shard, written after its data: the commit marker,
+                          with its clips' records and the byte size of its files
         index.jsonl       id -> row, duration, source path, audio sha256, status (written by finalize)
-        meta.json         fingerprint (encoder, weights hash, preprocessing, pooling, dtype, code version), counts
+        meta.json         fingerprint (encoder, weights hash, preprocessing, pooling, dtype, code version), counts,
+                          each shard file's size, whether it is complete, its revision
+        changes.jsonl     one line per revision: the shards recomputed and the clips re-encoded since it was made
         report.json       what the precompute run did, with every skipped clip and its reason
 
 A shard's rows are written in one piece by one process and only then marked done, so a crash leaves at worst
-an unmarked shard, which the next run recomputes. Readers use only marked shards (through the index). One
-process creates (or grows) the arrays and one finalizes, each holding an O_EXCL lock file. docs/store.md is
-the full format reference.
+an unmarked shard, which the next run recomputes. Readers use only marked shards (through the index), and refuse
+a shard file that is not as long as it was written (mellow/integrity.py). One process creates (or grows) the
+arrays and one finalizes, each holding an O_EXCL lock file. docs/store.md is the full format reference.
 """
 
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
+import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,12 +42,16 @@ from mellow.audio import decoder_description
 from mellow.config import describe_differences, setting
 from mellow.errors import TooManyFailuresError
 from mellow.files import disk_space, read_json, read_jsonl, sha256_file, write_json_atomic
+from mellow.integrity import DamagedStoreError, ShardFiles
 from mellow.progress import console
-from mellow.shard_reader import open_rows, read_with_zarr
+from mellow.shard_reader import ShardedRows, ShardFileError, open_rows
 
 FORMAT_VERSION = 2  # 2: views (an (N, V, T, D) layout when V > 1), pooling in the fingerprint
 CREATION_LOCK = ".creating"
 FINALIZE_LOCK = ".finalizing"
+META_LOCK = ".meta.lock"  # flock'ed around every read-modify-write of meta.json after creation
+STAT_KEYS = ("bytes", "mtime_ns")  # a clip's file identity in the shard markers; not in index.jsonl, whose sha256
+# identifies the store's rows: a file that was only touched changes these, not the rows
 
 # One chunk per clip means thousands of tiny chunks per shard; zarr's default codec pipeline takes them one at
 # a time, and that per-chunk overhead dominated writing and reading (0.33 -> 0.17 ms per clip written, measured
@@ -122,10 +129,10 @@ class StoreWriter:
         """Open the store at `path`, creating it if no process has yet. Several processes may call this at
         once (torchrun ranks, SLURM array tasks): one creates the arrays, the others wait for its meta.json.
 
-        With `manifest` (one dict per row, in row order, with `id` and the audio's `sha256` or a caption's
-        `text`), a store made from the first part of the same manifest grows: its rows and ids stay, new rows
-        are added, and only new shards (plus the old last one if it was partial) are computed. Committed rows
-        whose id, audio or text differ from the manifest are refused, never silently kept."""
+        With `manifest` (one dict per row, in row order, with `id` and a caption's `text`), a store made from
+        the first part of the same manifest grows: its rows and ids stay, new rows are added, and only new shards
+        (plus the old last one if it was partial) are computed. Committed rows whose id or text differ from the
+        manifest are refused, never silently kept (changed audio is 01_precompute's to find: it re-encodes)."""
         self.path = path
         self.fingerprint = fingerprint
         self.num_rows = num_rows
@@ -197,7 +204,7 @@ class StoreWriter:
             "clips_per_shard": clips_per_shard, "code_version": code_version()})
 
     def _check_manifest(self, stored_rows: int, manifest: list[dict]) -> None:
-        """Every committed shard must hold the manifest's rows: the same ids, the same audio or caption."""
+        """Every committed shard must hold the manifest's rows: the same ids, the same caption texts."""
         for shard in range(-(-stored_rows // self.clips_per_shard)):
             if not self.is_done(shard):
                 continue
@@ -209,12 +216,11 @@ class StoreWriter:
                         f"{self.path}: shard {shard} holds other clips than the manifest has at its rows; a store "
                         "keeps its rows, and grows only by clips appended at the end of audio.jsonl. Remove the "
                         "store folder to rebuild it for a reordered or edited manifest")
-                for key, what in (("sha256", "its audio file (sha256)"), ("text", "its caption text")):
-                    if old.get(key) is not None and new.get(key) is not None and old[key] != new[key]:
-                        raise StoreMismatchError(
-                            f"{self.path}: {new['id']} (row {old['row']}, shard {shard}) changed since it was "
-                            f"computed: {what} differs. A store keeps the rows it computed; remove the store folder "
-                            "to rebuild it, or add the changed clip under a new id at the end of the manifest")
+                if old.get("text") is not None and new.get("text") is not None and old["text"] != new["text"]:
+                    raise StoreMismatchError(
+                        f"{self.path}: {new['id']} (row {old['row']}, shard {shard}) changed since it was "
+                        "computed: its caption text differs. A store keeps the rows it computed; remove the store "
+                        "folder to rebuild it, or add the changed caption under a new id at the end of the manifest")
 
     def _grow(self, meta: dict, wait_seconds: float) -> dict:
         """Add rows for clips appended to the manifest (one process does it; the others wait for it)."""
@@ -284,16 +290,72 @@ class StoreWriter:
                 self.emb[rows.start : rows.stop] = embeddings
                 self.valid[rows.start : rows.stop] = valid
                 write_json_atomic(self._marker(shard), {"shard": shard, "rows": [rows.start, rows.stop],
-                                                        "records": records})
+                                                        "files": self.files.sizes(shard), "records": records})
         except OSError:
             self._remove_shard_files(shard)  # uncommitted: free its space; the next run writes it again
             raise
 
+    @cached_property
+    def files(self) -> ShardFiles:
+        return ShardFiles(self.path)
+
     def _remove_shard_files(self, shard: int) -> None:
         """Delete what an interrupted run left of this shard: zarr merges a write into an existing shard file,
         and a truncated one fails its checksum, so an uncommitted shard is always rewritten from nothing."""
-        for array in (self.emb, self.valid):
-            shard_file(self.path, array, shard).unlink(missing_ok=True)
+        for array in ("emb", "valid"):
+            self.files.path(array, shard).unlink(missing_ok=True)
+
+    def read_marker(self, shard: int) -> dict:
+        return read_json(self._marker(shard))
+
+    def damaged_shards(self, shards: Iterable[int]) -> dict[int, str]:
+        """{shard: what is wrong with its files} for each committed shard among `shards` whose files are missing,
+        cut short or otherwise not as they were written."""
+        damaged = {}
+        for shard in shards:
+            if not self.is_done(shard):
+                continue
+            marker = self.read_marker(shard)
+            holds_encoded = any(record["status"] == "ok" for record in marker["records"])
+            problem = self.files.problem(shard, marker.get("files"), holds_encoded)
+            if problem is not None:
+                damaged[shard] = problem
+        return damaged
+
+    def take_back_damaged(self, shards: Iterable[int]) -> None:
+        """Uncommit (to compute again) each committed shard among `shards` whose files are damaged, saying so."""
+        damaged = {shard: self.files.describe(shard, problem, remedy="computing it again")
+                   for shard, problem in self.damaged_shards(shards).items()}
+        for message in damaged.values():
+            console.print(f"[yellow]damaged:[/] {escape(message)}", highlight=False)
+        self.uncommit(sorted(damaged), "shard files damaged")
+
+    def uncommit(self, shards: list[int], why: str, clips: list[str] = ()) -> None:
+        """Take committed shards back, so that this run computes them again: their markers and files go, the store
+        is no longer complete, its revision goes up, and changes.jsonl records why (and which clips change)."""
+        if not shards:
+            return
+        for shard in shards:
+            self._marker(shard).unlink(missing_ok=True)
+            self._remove_shard_files(shard)
+        with meta_lock(self.path):
+            meta = self.read_meta()
+            revision = meta.get("revision", 0) + 1
+            write_json_atomic(self.path / "meta.json", {**meta, "complete": False, "finalized": False,
+                                                        "revision": revision})
+            line = {"revision": revision, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": sorted(shards),
+                    "clips": list(clips), "why": why}
+            with open(self.path / "changes.jsonl", "a") as handle:
+                handle.write(json.dumps(line) + "\n")
+
+    def refresh_stats(self, shard: int, stats: dict[int, tuple[int, int]]) -> None:
+        """Record new (bytes, mtime_ns) for rows of a committed shard whose files were touched but hold the audio
+        that was encoded (so the next run need not hash them again)."""
+        marker = self.read_marker(shard)
+        for record in marker["records"]:
+            if record["row"] in stats:
+                record["bytes"], record["mtime_ns"] = stats[record["row"]]
+        write_json_atomic(self._marker(shard), marker)
 
     def missing_shards(self) -> list[int]:
         return [shard for shard in range(self.num_shards) if not self.is_done(shard)]
@@ -304,13 +366,19 @@ class StoreWriter:
     def read_meta(self) -> dict:
         return read_json(self.path / "meta.json")
 
-    def finalize(self, extra_meta: dict) -> dict:
-        """Write index.jsonl and the completed meta.json from the shard markers; return the meta."""
+    def finalize(self, extra_meta: dict, max_failures: float = 1.0) -> dict:
+        """Write index.jsonl and meta.json from the shard markers; return the meta. The store is complete (training
+        and eval open it) only if no more than `max_failures` of its rows failed."""
+        with meta_lock(self.path):
+            return self._finalize(extra_meta, max_failures)
+
+    def _finalize(self, extra_meta: dict, max_failures: float) -> dict:
         missing = self.missing_shards()
         if missing:
             raise RuntimeError(f"cannot finalize {self.path}: shards {missing[:10]} are not done")
         # streamed shard by shard: at a million clips, holding every record as a dict would cost gigabytes
         ids, rows, ok = [], [], 0
+        shard_bytes: dict[str, list[int | None]] = {"emb": [], "valid": []}
         temporary = self.path / f".index.jsonl.tmp-{os.getpid()}"
         # the index holds about what the shard markers hold, and the id index ~40 bytes per row
         needed = sum(self._marker(shard).stat().st_size for shard in range(self.num_shards)) + 40 * self.num_rows
@@ -318,8 +386,12 @@ class StoreWriter:
             with disk_space(self.path, "the store's index (index.jsonl, index-ids.npy)", needed):
                 with open(temporary, "w") as handle:
                     for shard in range(self.num_shards):
-                        records = read_json(self._marker(shard))["records"]
-                        handle.writelines(json.dumps(record) + "\n" for record in records)
+                        marker = read_json(self._marker(shard))
+                        records = marker["records"]
+                        for array in shard_bytes:
+                            shard_bytes[array].append((marker.get("files") or {}).get(array))
+                        handle.writelines(json.dumps({key: value for key, value in record.items()
+                                                      if key not in STAT_KEYS}) + "\n" for record in records)
                         ids.extend(record["id"] for record in records)
                         rows.extend(record["row"] if record["status"] == "ok" else -1 for record in records)
                         ok += sum(record["status"] == "ok" for record in records)
@@ -329,11 +401,33 @@ class StoreWriter:
                 write_id_index(self.path, ids, np.array(rows, dtype=np.int64))
         finally:
             temporary.unlink(missing_ok=True)
-        meta = {**read_json(self.path / "meta.json"), **extra_meta, "complete": True,
-                "index_sha256": sha256_file(self.path / "index.jsonl"),
-                "counts": {"rows": len(ids), "ok": ok, "failed": len(ids) - ok}}
+        counts = {"rows": len(ids), "ok": ok, "failed": len(ids) - ok}
+        meta = {**read_json(self.path / "meta.json"), **extra_meta, "finalized": True,
+                "complete": not over_budget(counts, max_failures), "max_failures": max_failures,
+                "index_sha256": sha256_file(self.path / "index.jsonl"), "counts": counts, "shard_bytes": shard_bytes}
         write_json_atomic(self.path / "meta.json", meta)
         return meta
+
+
+@contextmanager
+def meta_lock(path: Path) -> Iterator[None]:
+    """Hold the store's meta.json lock (flock: released by the kernel if the process dies) while meta.json is
+    read, changed and written, so that a rank taking a damaged shard back and one finalizing do not interleave."""
+    descriptor = os.open(path / META_LOCK, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def over_budget(counts: dict, max_failures: float) -> bool:
+    return counts["failed"] / max(counts["rows"], 1) > max_failures
+
+
+def accepting_budget(counts: dict) -> float:
+    """The smallest --max-failures (in hundredths) that accepts a store with these counts."""
+    return math.ceil(counts["failed"] / max(counts["rows"], 1) * 100 - 1e-9) / 100
 
 
 def with_view_axis(array: np.ndarray, ndim: int) -> np.ndarray:
@@ -351,7 +445,14 @@ class EmbeddingStore:
             raise FileNotFoundError(f"{self.path} is not an embedding store (no meta.json); run 01_precompute")
         self.meta = read_json(meta_path)
         if not self.meta.get("complete"):
-            raise ValueError(f"{self.path} is incomplete (precompute was interrupted); rerun 01_precompute")
+            counts = self.meta.get("counts")
+            if self.meta.get("finalized") and counts and over_budget(counts, self.meta.get("max_failures", 0.0)):
+                raise ValueError(f"{self.path}: {counts['failed']} of {counts['rows']} clips failed, more than the "
+                                 f"--max-failures {self.meta['max_failures']:g} it was made with, so it is not "
+                                 f"accepted; to accept it run `uv run mellow store finalize {self.path} "
+                                 f"--max-failures {accepting_budget(counts):g}`")
+            raise ValueError(f"{self.path} is incomplete (precompute was interrupted, or is recomputing shards); "
+                             "rerun 01_precompute")
         self.fingerprint: dict = self.meta["fingerprint"]
         group = zarr.open_group(self.path / "store.zarr", mode="r")
         self.emb, self.valid = group["emb"], group["valid"]
@@ -391,19 +492,76 @@ class EmbeddingStore:
         """Valid token counts (N, V) int16 (V = 1 for a one-view store)."""
         return with_view_axis(self.valid[:], 2)
 
+    @cached_property
+    def files(self) -> ShardFiles:
+        return ShardFiles(self.path)
+
+    @property
+    def revision(self) -> int:
+        """How many times shards of the store were taken back and computed again since it was made."""
+        return self.meta.get("revision", 0)
+
+    def changes_since(self, revision: int) -> str | None:
+        """What changed in the store after `revision` (from changes.jsonl), as a phrase; None if nothing did."""
+        if self.revision <= revision or not (self.path / "changes.jsonl").is_file():
+            return None
+        phrases = []
+        for change in read_jsonl(self.path / "changes.jsonl"):
+            if change["revision"] > revision:
+                clips = change["clips"]
+                phrases.append(f"re-encoded {', '.join(clips[:5])}{' …' if len(clips) > 5 else ''} ({change['why']})"
+                               if clips else f"recomputed shard(s) {', '.join(map(str, change['shards']))} "
+                                             f"({change['why']})")
+        return "; ".join(phrases) or None
+
+    def encoded_rows(self) -> np.ndarray:
+        """(N,) bool: the rows whose clip encoded (their data must be there; a failed clip's row is zeros)."""
+        encoded = np.zeros(self.meta["rows"], dtype=bool)
+        rows = np.asarray(self.rows.row_array)
+        encoded[rows[rows >= 0]] = True
+        return encoded
+
+    def check_files(self) -> None:
+        """Refuse (DamagedStoreError) a store one of whose shard files is missing, cut short or not as written:
+        a stat per shard file (and, for a store made before sizes were recorded, its chunk index)."""
+        recorded = self.meta.get("shard_bytes") or {}
+        encoded = self.encoded_rows()
+        per_shard = self.meta["clips_per_shard"]
+        for shard in range(-(-self.meta["rows"] // per_shard)):
+            committed = {array: sizes[shard] for array, sizes in recorded.items() if shard < len(sizes)}
+            problem = self.files.problem(shard, committed, bool(encoded[shard * per_shard : (shard + 1) * per_shard]
+                                                                .any()))
+            if problem is not None:
+                raise DamagedStoreError(self.files.describe(shard, problem))
+
+    def row_reader(self, threads: int = 2) -> ShardedRows | None:
+        """A reader of `emb` rows that refuses a missing or short shard file and an encoded row without data (None
+        for an array laid out otherwise: read it with zarr)."""
+        return open_rows(self.path / "store.zarr" / "emb", threads, (self.meta.get("shard_bytes") or {}).get("emb"),
+                         self.encoded_rows())
+
+    def damaged(self, error: ShardFileError) -> DamagedStoreError:
+        """The store's one-line message for a shard file a reader found damaged."""
+        return DamagedStoreError(self.files.describe(error.shard, f"{self.files.named('emb', error.shard)} "
+                                                                  f"{error.problem}"))
+
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All embeddings (N, V, T, D) float16 and valid token counts (N, V), read shard by shard (sequential
         I/O, straight from the shard files where the layout allows: 20x zarr's speed for small rows). A one-view
         store (stored as (N, T, D)) gets V = 1; a view with 0 valid tokens does not exist (the clip was too
         short for it)."""
-        reader = open_rows(self.path / "store.zarr" / "emb")
+        reader = self.row_reader()
         if reader is None:
             return with_view_axis(self.emb[:], 4), self.load_all_valid()
         embeddings = np.empty(self.emb.shape, dtype=self.emb.dtype)
-        for start in range(0, reader.num_rows, reader.rows_per_shard):
-            embeddings[start : start + reader.rows_per_shard] = reader.read(
-                np.arange(start, min(start + reader.rows_per_shard, reader.num_rows)))
-        reader.close()
+        try:
+            for start in range(0, reader.num_rows, reader.rows_per_shard):
+                embeddings[start : start + reader.rows_per_shard] = reader.read(
+                    np.arange(start, min(start + reader.rows_per_shard, reader.num_rows)))
+        except ShardFileError as error:
+            raise self.damaged(error) from None
+        finally:
+            reader.close()
         return with_view_axis(embeddings, 4), self.load_all_valid()
 
     def check_fingerprint(self, expected: dict, what: str) -> None:
@@ -479,82 +637,11 @@ class IdIndex:
         return (clip_id for clip_id, _ in self.items())
 
 
-def shard_file(store_path: Path, array: zarr.Array, shard: int) -> Path:
-    """The file that holds shard `shard` of `array` (emb or valid)."""
-    coordinates = (shard,) + (0,) * (array.ndim - 1)
-    return store_path / "store.zarr" / array.path / array.metadata.encode_chunk_key(coordinates)
-
-
-def committed_shards(path: Path) -> tuple[list[int], int]:
-    """(the shards whose marker is written, how many shards the store has) of a store, finished or not."""
-    meta = read_json(path / "meta.json")
-    total = -(-meta["rows"] // meta["clips_per_shard"])
-    return [shard for shard in range(total) if (path / "parts" / f"shard-{shard:05d}.json").exists()], total
-
-
-def verify_store(path: Path) -> list[str]:
-    """Check every chunk checksum and the index's rows; return one line per problem (empty: all good).
-
-    A store that precompute has not finished (interrupted, or stopped by a full disk) is checked shard by shard
-    for what it committed: every shard with a marker must read back; the others are rewritten by the next run.
-    Each shard is read whole (straight from its file where the layout allows, else through zarr); a shard that
-    fails is read clip by clip, so a damaged chunk is named by clip id. The index is streamed, not held as dicts.
-    """
-    if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{path} is not an embedding store (no meta.json)")
-    meta = read_json(path / "meta.json")
-    group = zarr.open_group(path / "store.zarr", mode="r")
-    emb, valid = group["emb"], group["valid"]
-    problems = []
-    shards, total = committed_shards(path)
-    if meta.get("complete"):
-        shards = range(total)
-        with open(path / "index.jsonl") as handle:
-            rows = np.fromiter((json.loads(line)["row"] for line in handle if line.strip()), dtype=np.int64)
-        if not np.array_equal(np.sort(rows), np.arange(meta["rows"])):
-            problems.append(f"index.jsonl lists rows {len(rows)} for a store of {meta['rows']} rows")
-    reader = open_rows(path / "store.zarr" / "emb")
-    read = reader.read if reader else functools.partial(read_with_zarr, emb)
-    per_shard = meta["clips_per_shard"]
-    damaged: dict[int, tuple[int, Exception]] = {}  # row -> (shard, error)
-    for shard in shards:
-        start, stop = shard * per_shard, min((shard + 1) * per_shard, meta["rows"])
-        try:
-            read(np.arange(start, stop))
-            valid[start:stop]
-            continue
-        except Exception:  # any codec or checksum error: find the clips it hits
-            pass
-        for row in range(start, stop):
-            try:
-                read(np.array([row]))
-                valid[row]
-            except Exception as error:
-                damaged[row] = (shard, error)
-    if damaged:
-        ids = {}
-        for record in _records(path, meta, sorted({shard for shard, _ in damaged.values()})):
-            if record.get("row") in damaged:
-                ids[record["row"]] = record["id"]
-        for row, (shard, error) in damaged.items():
-            problems.append(f"clip {ids.get(row, '?')} (row {row}) in shard {shard} "
-                            f"({shard_file(path, emb, shard)}): {type(error).__name__}: {error}")
-    return problems
-
-
-def _records(path: Path, meta: dict, shards: list[int]) -> Iterator[dict]:
-    """The index records of a store (streamed from index.jsonl when finished, else from the shards' markers)."""
-    if meta.get("complete"):
-        with open(path / "index.jsonl") as handle:
-            yield from (json.loads(line) for line in handle if line.strip())
-    else:
-        for shard in shards:
-            yield from read_json(path / "parts" / f"shard-{shard:05d}.json")["records"]
-
-
-def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> dict:
-    """Write the index, meta.json and report.json (with every failed clip); return the counts."""
-    meta = writer.finalize({"dataset": str(dataset), "code_version": code_version(), "decoder": decoder_description()})
+def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float, max_failures: float) -> dict:
+    """Write the index, meta.json and report.json (with every failed clip); return the counts. The store is
+    complete only if no more than `max_failures` of its rows failed (check_failures says what to do if not)."""
+    meta = writer.finalize({"dataset": str(dataset), "code_version": code_version(), "decoder": decoder_description()},
+                           max_failures)
     counts = meta["counts"]
     with open(writer.path / "index.jsonl") as handle:  # streamed: the failures are few, the records may be millions
         failures = [{**{key: r[key] for key in ("id", "path", "text") if key in r}, "reason": r["status"]}
@@ -567,7 +654,10 @@ def finalize_store(writer: StoreWriter, dataset: Path | str, seconds: float) -> 
 
 
 def check_failures(store_path: Path, counts: dict, max_failures: float, rows_are: str = "clips") -> None:
-    fraction = counts["failed"] / max(counts["rows"], 1)
-    if fraction > max_failures:
-        raise TooManyFailuresError(f"{counts['failed']} of {counts['rows']} {rows_are} failed ({fraction:.1%}), more "
-                                   f"than --max-failures {max_failures:.1%}; see {store_path / 'report.json'}")
+    """Raise TooManyFailuresError, saying what was kept and how to accept it, if more than `max_failures` failed."""
+    if over_budget(counts, max_failures):
+        raise TooManyFailuresError(
+            f"{counts['ok']} of {counts['rows']} {rows_are} encoded ({counts['failed']} failed: see "
+            f"{store_path / 'report.json'}); the store is usable; to accept it run `uv run mellow store finalize "
+            f"{store_path} --max-failures {accepting_budget(counts):g}` (more than --max-failures {max_failures:g} "
+            "failed, so it is not marked complete until then)")

@@ -129,7 +129,13 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
         return None, check_init_from(train, model_config) if train.init_from else None
     checkpoint = chosen_checkpoint(train)
     saved = read_json(checkpoint / "trainer.json")
-    EmbeddingStore(train.store).check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
+    store = EmbeddingStore(train.store)
+    store.check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
+    changes = store.changes_since(saved.get("store_revision", 0))
+    if changes:
+        console.print(f"[yellow]note:[/] the store changed since {checkpoint.name} was saved on it (revision "
+                      f"{saved.get('store_revision', 0)} -> {store.revision}): {changes}. Training goes on with the "
+                      "store as it is now", highlight=False)
     check_resumable_config(saved["config"], resolved, checkpoint)
     if sha256_file(split_path(train)) != saved["train_split_sha256"]:
         raise ValueError(f"{split_path(train)} changed since {checkpoint} was saved: resuming would train on other "
@@ -368,7 +374,8 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
                           train.length_buckets, weights if train.balance == "sampler" else None)
     batches = batch_loader(train_set, order, train.data_workers, train.prefetch, pin_memory=device.type == "cuda")
     stop_at = min(train.max_updates, state.update + train.stop_after) if train.stop_after else train.max_updates
-    meta = {"store_fingerprint": store.fingerprint, "store": str(train.store), "config": resolved,
+    meta = {"store_fingerprint": store.fingerprint, "store_revision": store.revision, "store": str(train.store),
+            "config": resolved,
             "base_decoder": decoder_reference(model_config.decoder, train.seed),
             "train_split_sha256": train_split_sha256,
             "initialised_from": str(initial) if initial else None}

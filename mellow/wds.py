@@ -27,6 +27,7 @@ from webdataset.tariterators import tar_file_expander, url_opener
 
 from mellow.files import write_json_atomic
 from mellow.importers import CAPTION_PROMPT, hash_split, label_examples, label_values
+from mellow.manifests import is_remote, resolve
 from mellow.progress import console, progress_bar
 from mellow.store import EmbeddingStore
 
@@ -51,15 +52,6 @@ def _gopen_http(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
 
 _stock_http_opener = webdataset.gopen_schemes["http"]
 webdataset.gopen_schemes.update(http=_gopen_http, https=_gopen_http)  # webdataset's table for such openers
-
-
-def is_remote(location: str) -> bool:
-    return "://" in location or location.startswith("pipe:")
-
-
-def resolve(location: str, root: Path) -> str:
-    """A manifest path or tar location: URLs, pipes and absolute paths as they are, others under `root`."""
-    return location if is_remote(location) or Path(location).is_absolute() else str(root / location)
 
 
 def sources_of(records: list[dict], root: Path) -> Iterator[tuple[int, dict, Source]]:

@@ -20,7 +20,7 @@ from mellow import checkpoint, train
 from mellow.cli import app
 from mellow.files import DiskFullError, read_json
 from mellow.model import ModelConfig
-from mellow.store import committed_shards, verify_store
+from mellow.integrity import committed_shards, verify_store
 
 runner = CliRunner()
 

@@ -247,7 +247,7 @@ def test_folder_with_csv_and_jsonl(tmp_path):
     [question] = [e for e in every if e["task"] == "comparison"]
     assert (question["audio1"], question["audio2"], question["prompt"]) == ("clips/long_2", "clips/two",
                                                                             "Which is higher?")
-    assert report["failures"] == [{"where": "meta.jsonl row 2", "reason": "start 'soon': not a number of seconds"}]
+    assert report["failures"] == [{"where": "meta.jsonl row 3", "reason": "start 'soon': not a number of seconds"}]
     records = {r["id"]: r for r in read_jsonl(dataset / "audio.jsonl")}
     assert (records["clips/long_2"]["start"], records["clips/long_2"]["duration"]) == (2.0, 4.0)
     result = invoke("prepare", "--source", f"folder:{folder / 'clips' / 'one.mp3'}", "--root", tmp_path, code=2)
@@ -288,3 +288,79 @@ def test_label_columns_of_a_folder_manifest_become_closed_label_tasks(tmp_path):
         result = CliRunner().invoke(app, ["prepare", "--source", f"folder:{folder / 'labels.csv'}", "--name", "x",
                                           "--root", str(tmp_path / "bad"), *options])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_several_captions_per_clip_in_a_csv_from_repeated_rows_or_a_json_list(tmp_path):
+    folder = tmp_path / "mine"
+    for name, hertz in (("one", 440), ("two", 660), ("three", 880)):
+        tone(folder / f"{name}.wav", 1.5, hertz)
+    (folder / "meta.csv").write_text(
+        "path,caption,split\n"
+        "one.wav,a tone,test\n"
+        "one.wav,a beep,test\n"  # the same file again: another caption of the same clip
+        "two.wav,a higher tone,train\n"
+        "two.wav,a whistle,train\n")
+    dataset, _ = prepare(f"folder:{folder / 'meta.csv'}", tmp_path / "repeated")
+    found = examples(dataset)
+    assert [(e["audio1"], e["answer"], e["references"]) for e in found["test"]] == [
+        ("one", "a tone", ["a tone", "a beep"])]  # scored once, against both
+    assert [(e["answer"], e["references"]) for e in found["train"]] == [
+        ("a higher tone", ["a higher tone", "a whistle"]), ("a whistle", ["a higher tone", "a whistle"])]
+    assert len(read_jsonl(dataset / "audio.jsonl")) == 2
+
+    (folder / "list.csv").write_text('path,captions,split\nthree.wav,"[""a tone"", ""a beep""]",test\n')
+    dataset, _ = prepare(f"folder:{folder / 'list.csv'}", tmp_path / "listed")
+    assert [e["references"] for e in examples(dataset)["test"]] == [["a tone", "a beep"]]
+    for cell in ("a tone;a beep", "a tone|a beep"):  # not a list: refused, not taken as one caption
+        (folder / "joined.csv").write_text(f"path,captions\nthree.wav,{cell}\n")
+        result = invoke("prepare", "--source", f"folder:{folder / 'joined.csv'}", "--name", "x", "--root",
+                        tmp_path / "joined", code=2)
+        said = " ".join(result.output.split())
+        assert "joined.csv row 1: captions" in said and "JSON list" in said and "Traceback" not in said
+
+
+def test_a_csv_without_a_known_content_column_is_an_error_listing_the_columns(tmp_path):
+    folder = tmp_path / "mine"
+    tone(folder / "one.wav", 1.5, 440)
+    (folder / "meta.csv").write_text("file,text\none.wav,a tone\n")
+    result = invoke("prepare", "--source", f"folder:{folder / 'meta.csv'}", "--name", "x", "--root", tmp_path,
+                    code=2)
+    said = " ".join(result.output.split())
+    assert "found: file, text" in said and "caption" in said and "prompt" in said and "--label-field" in said
+    assert not (tmp_path / "x" / "prepare.json").exists()
+
+
+def test_an_empty_split_is_a_warning_with_the_counts(tmp_path):
+    folder = tmp_path / "mine"
+    lines = ["path,caption"]
+    for number in range(3):
+        tone(folder / f"{number}.wav", 1.0, 300 + 100 * number)
+        lines.append(f"{number}.wav,tone {number}")
+    (folder / "meta.csv").write_text("\n".join(lines) + "\n")
+    result = invoke("prepare", "--source", f"folder:{folder / 'meta.csv'}", "--name", "x", "--root", tmp_path)
+    said = " ".join(result.output.split())
+    counts = {split: len(rows) for split, rows in examples(tmp_path / "x").items()}
+    empty = [split for split, count in counts.items() if count == 0]
+    assert empty  # three clips cannot fill three splits at the default fractions
+    for split in empty:
+        assert f"warning: the {split} split is empty" in said
+    assert f"{counts['train']} train, {counts['val']} val, {counts['test']} test" in said
+
+
+def test_a_missing_file_is_reported_with_its_data_row_number(tmp_path):
+    folder = tmp_path / "mine"
+    tone(folder / "one.wav", 1.5, 440)
+    (folder / "meta.csv").write_text("path,caption\none.wav,a tone\ngone.wav,nothing\n")
+    _, report = prepare(f"folder:{folder / 'meta.csv'}", tmp_path / "datasets")
+    assert report["failures"][0]["needed_by"] == ["meta.csv row 2"]  # the second data row
+
+
+def test_a_source_without_a_name_is_named_after_its_folder(tmp_path):
+    folder = tmp_path / "birds"
+    tone(folder / "one.wav", 1.5, 440)
+    (folder / "manifest.csv").write_text("path,caption\none.wav,a bird\n")
+    result = invoke("prepare", "--source", f"folder:{folder / 'manifest.csv'}", "--root", tmp_path / "datasets")
+    said = " ".join(result.output.split())
+    assert (tmp_path / "datasets" / "birds" / "prepare.json").is_file()
+    assert not (tmp_path / "datasets" / "synth").exists()
+    assert "dataset name birds" in said and "--name" in said

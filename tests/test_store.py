@@ -126,7 +126,8 @@ def test_unknown_encoder_and_missing_folder_are_clear_errors(tmp_path):
         EncoderConfig(name=f"hf:{tmp_path / 'nothing'}")
 
 
-def test_bad_clips_are_skipped_with_reasons_and_the_failure_limit_is_enforced(tiny_dataset, tmp_path):
+def test_a_store_over_its_failure_budget_says_what_it_kept_and_is_complete_only_once_accepted(tiny_dataset,
+                                                                                               tmp_path):
     from typer.testing import CliRunner
 
     from mellow.cli import app
@@ -139,15 +140,25 @@ def test_bad_clips_are_skipped_with_reasons_and_the_failure_limit_is_enforced(ti
     arguments = ["precompute", str(dataset), "--encoder", "mel", "--tokens", "4", "--clip-seconds", "3",
                  "--store-root", str(tmp_path / "shards")]
     result = CliRunner().invoke(app, arguments + ["--max-failures", "0.05"])
-    assert result.exit_code == 1 and "2 of 24 clips failed" in result.output
     [store_path] = list((tmp_path / "shards" / "broken").iterdir())
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert (f"22 of 24 clips encoded (2 failed: see {store_path / 'report.json'}); the store is usable; to accept "
+            f"it run `uv run mellow store finalize {store_path} --max-failures 0.09`") in said
     report = read_json(store_path / "report.json")
     assert {failure["id"] for failure in report["failures"]} == {records[2]["id"], records[5]["id"]}
     assert all(failure["reason"].startswith("failed: ") for failure in report["failures"])
+    assert not read_json(store_path / "meta.json")["complete"]
+    with pytest.raises(ValueError, match="2 of 24 clips failed.*--max-failures 0.09"):
+        EmbeddingStore(store_path)  # training and eval do not take it as complete
+    result = CliRunner().invoke(app, ["store", "info", str(store_path)])
+    assert result.exit_code == 2 and "not accepted" in result.output
+    result = CliRunner().invoke(app, ["store", "finalize", str(store_path), "--max-failures", "0.09"])
+    assert result.exit_code == 0 and "22 clips ok, 2 failed" in result.output, result.output
     store = EmbeddingStore(store_path)
     assert len(store.rows) == 22 and records[2]["id"] not in store.rows
-    result = CliRunner().invoke(app, arguments + ["--max-failures", "0.1"])
-    assert result.exit_code == 0 and "22 clips ok, 2 failed" in result.output
+    result = CliRunner().invoke(app, arguments + ["--max-failures", "0.1"])  # a rerun computes nothing again
+    assert result.exit_code == 0 and "0 shard(s) computed" in result.output, result.output
 
 
 def test_store_verify_names_the_clip_and_shard_of_a_flipped_byte(mel_store, tmp_path):

@@ -104,3 +104,23 @@ def test_a_default_run_writes_nothing_for_wandb(mel_store, tiny_dataset, tmp_pat
     train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=2, val_every=0), ModelConfig(**TINY_MODEL))
     assert (run_dir / "metrics.jsonl").exists()
     assert not (run_dir / "wandb").exists() and not (run_dir / "wandb-id").exists()
+
+
+def test_a_run_restarted_before_its_first_checkpoint_logs_each_update_once(mel_store, tiny_dataset, tmp_path):
+    """A run killed before it saved anything left metrics behind; --resume starts it again from update 0, and
+    metrics.jsonl and TensorBoard show each update once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    model = ModelConfig(**TINY_MODEL)
+    train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, val_every=0, save_every=0), model)
+    for checkpoint in run_dir.glob("step-*"):
+        shutil.rmtree(checkpoint)
+    for pointer in ("latest.json", "best.json"):
+        (run_dir / pointer).unlink(missing_ok=True)
+    train.run(_config(mel_store, tiny_dataset, run_dir, max_updates=4, val_every=0, save_every=0), model,
+              resume=True)
+    assert [row["update"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row] == [1, 2, 3, 4]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]

@@ -212,3 +212,32 @@ def test_a_run_resumed_from_a_save_inside_a_log_window_logs_the_same_rows(mel_st
     train.run(train_config(mel_store, tiny_dataset, killed, log_every=4, save_every=3, keep_last=3), model,
               resume=True)
     assert logged_losses(killed) == logged_losses(straight) and sorted(logged_losses(killed)) == [4, 8]
+
+
+def test_without_a_dataset_training_takes_the_stores_and_says_so(mel_store, tiny_dataset, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from conftest import TINY_ARGS
+    from mellow.cli import app
+
+    monkeypatch.chdir(tmp_path)  # no datasets/synth here: the store's own dataset is the one to read
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", f"--train.store={mel_store}", f"--train.run_dir={run_dir}",
+                                      "--train.max_updates=2", "--train.batch_size=4", "--train.val_every=0",
+                                      "--train.data_workers=0", *TINY_ARGS])
+    assert result.exit_code == 0, result.output
+    assert f"dataset {tiny_dataset} (from the store's meta.json" in " ".join(result.output.split())
+    assert read_json(run_dir / "step-000002" / "trainer.json")["config"]["train"]["dataset"] == str(tiny_dataset)
+
+
+def test_eval_takes_the_stores_dataset_when_the_trained_one_is_gone(mel_store, tiny_dataset, tmp_path):
+    from mellow import evaluate
+    from mellow.settings import EvalConfig
+
+    copy = tmp_path / "moved"
+    shutil.copytree(tiny_dataset, copy, ignore=shutil.ignore_patterns(".cache"))
+    run_dir = tmp_path / "run"
+    train.run(_config(mel_store, copy, run_dir, max_updates=2, val_every=0), ModelConfig(**TINY_MODEL))
+    shutil.rmtree(copy)  # the dataset folder it was trained with is not on this machine
+    result = evaluate.run(EvalConfig(run=run_dir, which="latest", max_examples=4, similarity=False))
+    assert result.examples == 4

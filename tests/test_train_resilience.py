@@ -237,3 +237,36 @@ def test_usr1_is_left_to_the_deadline_where_the_slurm_end_time_is_known(monkeypa
     with StopControl(time.time(), 0, True, 5.0, torch.device("cpu")) as stopper:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stopper.reason_to_stop() == "received SIGUSR1"
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_says_how_to_continue_and_the_resume_logs_each_update_once(mel_store, tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    # no checkpoint is due for 1000 updates: what Ctrl-C keeps is what it saves itself
+    process = _start(_command(mel_store, tiny_dataset, run_dir, "--train.max_updates=5000", "--train.save_every=1000"))
+    deadline = time.time() + 120
+    while len(read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []) < 5:
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group, workers too
+    code, output = _finish(process)
+    flat = " ".join(output.split())
+    assert code == 130 and "Traceback" not in output, output[-3000:]
+    assert "stopped early (received SIGINT)" in flat and f"--resume --train.run_dir {run_dir}" in flat
+    latest = read_json(run_dir / "latest.json")["update"]
+    assert latest >= 5 and max(logged_losses(run_dir)) == latest
+    _run(_resume(run_dir, "--train.stop_after=3"))
+    updates = [row["update"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
+    assert updates == list(range(1, latest + 4))  # every update once, the interrupted run's rows included
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    from mellow.stopping import StopControl
+
+    with StopControl(time.time(), 0, False, 5.0, torch.device("cpu")) as stopper:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopper.reason_to_stop() == "received SIGINT"  # the first one: finish the step, save, stop
+        time.sleep(1.1)  # a second press, not the first one seen twice (torchrun forwards what the terminal sent)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
