@@ -1,6 +1,7 @@
 """Growth at the seeds' scale, in one run: start-up and memory of 03_train at 10 k / 100 k / 1 M examples, store
-reads against the machine's own limit, the store's metadata paths at 1.2 M rows, and tokenising a new split
-on one core against all of them.
+reads against the machine's own limit, the store's metadata paths at 1.2 M rows, tokenising a new split
+on one core against all of them, and the audio recheck of a rerun of 00_prepare / 01_precompute at 10 k / 100 k /
+1 M clips against a bare stat of every file.
 
     uv run python benchmarks/scale.py                                  # everything (~20 min on 2 cores)
     uv run python benchmarks/scale.py --parts reads --sizes 10000      # one part
@@ -15,6 +16,7 @@ runs the same stage commands with the mellow package of another checkout (e.g. `
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -30,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mellow.files import read_json  # noqa: E402
 from mellow.shard_reader import ShardedRows  # noqa: E402
 from mellow.store import StoreConfig, StoreWriter  # noqa: E402
 
@@ -349,10 +352,88 @@ def tokenize_part(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def write_audio_dataset(folder: Path, clips: int) -> list[dict]:
+    """`clips` small files (their bytes do not matter: only stat and sha256 are measured), 1 000 per folder, and
+    an audio.jsonl recording each one's sha256, size and mtime, as 00_prepare writes it. Reused if there."""
+    manifest = folder / "audio.jsonl"
+    if manifest.exists():
+        return [json.loads(line) for line in manifest.read_text().splitlines()]
+    records = []
+    for clip in range(clips):
+        path = folder / "audio" / f"{clip // 1000:04d}" / f"clip-{clip:07d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = clip.to_bytes(8, "little") * 8
+        path.write_bytes(data)
+        status = path.stat()
+        records.append({"id": f"clip-{clip:07d}", "path": str(path.relative_to(folder)), "duration": 1.0,
+                        "sha256": hashlib.sha256(data).hexdigest(), "bytes": status.st_size,
+                        "mtime_ns": status.st_mtime_ns})
+    manifest.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return records
+
+
+def write_audio_store(path: Path, records: list[dict]) -> None:
+    """A finished store of tiny rows whose markers record each clip's file as 01_precompute does."""
+    if (path / "index.jsonl").exists():
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    fingerprint = {"encoder": "benchmark", "tokens": 1, "dim": 8, "views": 1, "dtype": "float16"}
+    writer = StoreWriter(path, len(records), fingerprint, StoreConfig(shard_clips=65536))
+    for shard in writer.missing_shards():
+        rows = writer.shard_rows(shard)
+        writer.write_shard(shard, np.ones((len(rows), 1, 1, 8), np.float16), np.ones((len(rows), 1), np.int16),
+                           [{**records[row], "row": row, "status": "ok"} for row in rows])
+    writer.finalize({"dataset": "benchmark"})
+
+
+def stat_limit(folder: Path, store: Path) -> float:
+    """Seconds for the least a recheck must do, on one core: parse audio.jsonl, stat every file, parse every
+    shard marker."""
+    started = time.time()
+    for line in (folder / "audio.jsonl").read_text().splitlines():
+        os.stat(folder / json.loads(line)["path"])
+    for marker in sorted((store / "parts").glob("shard-*.json")):
+        json.loads(marker.read_text())
+    return time.time() - started
+
+
+def recheck_part(args: argparse.Namespace) -> list[dict]:
+    """What a rerun of 00_prepare or 01_precompute pays to notice edited audio, at 10 k / 100 k / 1 M clips:
+    a stat per clip (nothing changed, so nothing is hashed), against stat_limit in the same run."""
+    from mellow import precompute, prepare
+    from mellow.encoders import EncoderConfig
+    from mellow.manifests import read_audio_records
+    from mellow.settings import PrecomputeConfig, PrepareConfig
+
+    results = []
+    for clips in args.sizes:
+        folder, store = args.work / f"recheck-{clips}" / "dataset", args.work / f"recheck-{clips}" / "store"
+        records = write_audio_dataset(folder, clips)
+        write_audio_store(store, records)
+        limits, ours = [stat_limit(folder, store)], {}
+        started = time.time()
+        config = PrecomputeConfig(dataset=folder, encoder=EncoderConfig(name="mel", tokens=1))
+        writer = StoreWriter(store, clips, read_json(store / "meta.json")["fingerprint"], StoreConfig())
+        verdicts, stats = precompute.audio_changes(config, writer, read_audio_records(folder))
+        ours["01_precompute"] = time.time() - started
+        assert not stats and not any(verdicts.values()), "nothing changed, so nothing is to do"
+        limits.append(stat_limit(folder, store))
+        started = time.time()
+        prepare.recheck_audio(PrepareConfig(root=folder.parent, name=folder.name), started)
+        ours["00_prepare"] = time.time() - started
+        limits.append(stat_limit(folder, store))
+        limit = sum(limits) / len(limits)
+        results.append({"clips": clips, "limit_s": limit, **{f"{stage}_s": seconds for stage, seconds in ours.items()}})
+        print(f"  {clips:>9,} clips: limit {limit:.2f} s ({clips / limit:,.0f} clips/s); "
+              + "; ".join(f"{stage} recheck {seconds:.2f} s = {seconds / limit:.2f}x the limit"
+                          for stage, seconds in ours.items()), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="reads,metadata,startup,tokenize",
-                        help="Comma-separated: reads, metadata, startup, tokenize.")
+    parser.add_argument("--parts", default="reads,metadata,startup,tokenize,recheck",
+                        help="Comma-separated: reads, metadata, startup, tokenize, recheck.")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="Training examples of each start-up run.")
     parser.add_argument("--clips", type=int, default=50_000, help="Clips in the start-up runs' store.")
@@ -369,7 +450,8 @@ def main() -> None:
     for part in args.parts.split(","):
         print(f"{part}:", flush=True)
         results[part] = {"reads": lambda: reads_part(args), "metadata": lambda: metadata_part(args, codes),
-                         "startup": lambda: startup_part(args, codes), "tokenize": lambda: tokenize_part(args)}[part]()
+                         "startup": lambda: startup_part(args, codes), "tokenize": lambda: tokenize_part(args),
+                         "recheck": lambda: recheck_part(args)}[part]()
     if args.output:
         args.output.write_text(json.dumps(results, indent=1))
 

@@ -17,6 +17,7 @@ A finished run with the same config is skipped; an interrupted one (a few minute
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from mellow.files import disk_space, read_json, write_json_atomic, write_jsonl_a
 from mellow.model import AudioProjector
 from mellow.progress import console, progress_bar
 from mellow.settings import AlignConfig  # noqa: F401 (re-exported)
-from mellow.store import EmbeddingStore, StoreMismatchError
+from mellow.store import EmbeddingStore, StoreMismatchError, dataset_of
 
 
 class AlignmentModel(nn.Module):
@@ -74,6 +75,10 @@ class SplitData:
 def run(config: AlignConfig) -> dict:
     """Train (unless a finished run with this config exists) and return align.json's content."""
     started = time.time()
+    if config.dataset is None:
+        config = dataclasses.replace(config, dataset=dataset_of(config.store, "--dataset"))
+        console.print(f"dataset {config.dataset} (from the audio store's meta.json; --dataset sets another)",
+                      highlight=False)
     audio_store, caption_store, width, finished = validate_args(config)
     if finished is not None:
         console.print(f"[green]{config.run_dir} is already aligned with this config; skipping")

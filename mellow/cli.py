@@ -282,7 +282,7 @@ def load_train_configs(config_file: Path | None, overrides: list[str],
 def align_command(
     store: Path = cli_option(AlignConfig, "store"),
     captions: Path = cli_option(AlignConfig, "captions"),
-    dataset: Path = cli_option(AlignConfig, "dataset"),
+    dataset: Optional[Path] = cli_option(AlignConfig, "dataset"),
     run_dir: Path = cli_option(AlignConfig, "run_dir"),
     decoder: str = cli_option(AlignConfig, "decoder"),
     tiny_hidden: int = cli_option(AlignConfig, "tiny_hidden"),
@@ -346,9 +346,11 @@ def train_command(
     from mellow import train  # torch and transformers: only once the settings are known to be good
 
     if print_config:
-        console.print(yaml.safe_dump(train.resolved_config(train_config, model_config, expected)))
+        console.print(yaml.safe_dump(train.resolved_config(train.with_dataset(train_config), model_config, expected)))
         return
-    train.run(train_config, model_config, resume=resume, expected=expected)
+    result = train.run(train_config, model_config, resume=resume, expected=expected)
+    if result.interrupted:
+        raise typer.Exit(130)  # saved; Ctrl-C still ends a chain of commands (`03_train ... && 04_eval ...`)
 
 
 @app.command("eval")
@@ -470,9 +472,9 @@ def store_finalize_command(
     path: Path = typer.Argument(..., help="A store folder whose shards are all written."),
     max_failures: float = cli_option(PrecomputeConfig, "max_failures"),
 ) -> None:
-    """Write index.jsonl and meta.json once every shard is done (normally the last precompute process does).
-
-    Also clears the finalize lock a process killed while finalizing left behind."""
+    """Write index.jsonl and meta.json once every shard is done (normally the last precompute process does),
+    and mark the store complete if no more than --max-failures of its clips failed: this is how a store over its
+    failure budget is accepted. Also clears the finalize lock a process killed while finalizing left behind."""
     from mellow.store import FINALIZE_LOCK, StoreWriter, check_failures, finalize_store
 
     writer = StoreWriter.open_existing(path)

@@ -243,10 +243,11 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """SLURM and torchrun send SIGTERM to every process of a job; a worker that died of it would take the
-    training process down with it ("DataLoader worker is killed by signal") before it could save. The training
-    process decides when to stop and ends its workers itself (a worker also exits when its parent dies)."""
-    for number in (signal.SIGTERM, signal.SIGUSR1):
+    """SLURM and torchrun send SIGTERM to every process of a job, and a terminal's Ctrl-C reaches every process
+    of its foreground group; a worker that died of it would take the training process down with it ("DataLoader
+    worker exited unexpectedly") before it could save. The training process decides when to stop and ends its
+    workers itself (a worker also exits when its parent dies)."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(number, signal.SIG_IGN)
 
 

@@ -37,7 +37,7 @@ from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write
 from mellow.manifests import ManifestError, label_tasks_of
 from mellow.progress import console, progress_bar
 from mellow.settings import EvalConfig  # noqa: F401 (re-exported)
-from mellow.store import EmbeddingStore, StoreMismatchError
+from mellow.store import EmbeddingStore, StoreMismatchError, dataset_of
 
 
 class EvalFailures(ValueError):
@@ -54,6 +54,7 @@ class EvalResult:
     already_scored: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # checkpoint -> why
     report: Path | None = None
+    dataset: Path | None = None  # the dataset whose split was scored (None: nothing was scored this time)
 
 
 def run(config: EvalConfig) -> EvalResult:
@@ -83,7 +84,7 @@ def _score_all(config: EvalConfig, checkpoints: list[Path], scorer: metrics.Capt
             result.output_dir, result.scores = output_dir, existing["scores"]
             continue
         try:
-            scores, count = score_checkpoint(checkpoint, config, scorer)
+            scores, count, dataset = score_checkpoint(checkpoint, config, scorer)
         except (StoreMismatchError, SplitNotFoundError, ManifestError, FileNotFoundError):
             raise  # the store or the dataset (a checkpoint's own missing files are a ValueError), the same for all
         except Exception as error:  # noqa: BLE001 - one broken checkpoint must not stop the others
@@ -93,10 +94,10 @@ def _score_all(config: EvalConfig, checkpoints: list[Path], scorer: metrics.Capt
             console.print(f"[bold red]cannot score {checkpoint}:[/] {error}", highlight=False)
             continue
         result.scored.append(checkpoint)
-        result.output_dir, result.scores, result.examples = output_dir, scores, count
+        result.output_dir, result.scores, result.examples, result.dataset = output_dir, scores, count, dataset
     if is_run:
         result.report = run_report.write_run_report(config.run, config.tag, scorer.skipped, result.failed,
-                                                    config.dataset)
+                                                    config.dataset or result.dataset)
     result.seconds = time.time() - started
     report(result)
     if result.failed:
@@ -115,8 +116,10 @@ def checkpoints_to_score(config: EvalConfig) -> list[Path]:
     return found
 
 
-def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.CaptionScorer) -> tuple[dict, int]:
-    """Generate and score one checkpoint; writes its eval folder. Returns (scores, examples scored)."""
+def score_checkpoint(checkpoint: Path, config: EvalConfig,
+                     scorer: metrics.CaptionScorer) -> tuple[dict, int, Path]:
+    """Generate and score one checkpoint; writes its eval folder. Returns (scores, examples scored, the dataset
+    whose split it scored)."""
     started = time.time()
     store, dataset = inputs_of(checkpoint, config)
     device = torch.device(resolve_device(config.device))
@@ -153,23 +156,30 @@ def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.Capti
                            label_tasks)
     console.print(f"{checkpoint.name} (update {trainer['update']}): {len(predictions)} examples in {seconds:.1f} s",
                   highlight=False)
-    return scores, len(predictions)
+    return scores, len(predictions), dataset
 
 
 def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, Path]:
-    """The store (checked against the checkpoint's fingerprint) and the dataset whose split to score."""
+    """The store (checked against the checkpoint's fingerprint) and the dataset whose split to score: --dataset,
+    else the one the checkpoint was trained on when it scores that store and the folder is here, else the one the
+    store was made from (its meta.json names it; said)."""
     trainer_path = checkpoint / "trainer.json"
     if not trainer_path.is_file():
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no trainer.json)")
     trainer = read_json(trainer_path)
-    trained_on = {"--store": Path(trainer["store"]), "--dataset": Path(trainer["config"]["train"]["dataset"])}
-    for option, path in trained_on.items():
-        if getattr(config, option[2:]) is None and not path.exists():
-            raise FileNotFoundError(f"{checkpoint} was trained with {option} {path}, which is not found from "
-                                    f"{Path.cwd()}; pass {option} <where it is now>")
-    store = EmbeddingStore(config.store or trained_on["--store"])
+    trained_store = Path(trainer["store"])
+    if config.store is None and not trained_store.exists():
+        raise FileNotFoundError(f"{checkpoint} was trained with --store {trained_store}, which is not found from "
+                                f"{Path.cwd()}; pass --store <where it is now>")
+    store = EmbeddingStore(config.store or trained_store)
     store.check_fingerprint(trainer["store_fingerprint"], f"checkpoint {checkpoint}")
-    dataset = config.dataset or trained_on["--dataset"]
+    dataset = config.dataset
+    trained_dataset = trainer["config"]["train"].get("dataset")
+    if dataset is None and config.store is None and trained_dataset and Path(trained_dataset).exists():
+        dataset = Path(trained_dataset)
+    if dataset is None:
+        dataset = dataset_of(store.path, "--dataset")
+        console.print(f"dataset {dataset} (from the store's meta.json; --dataset sets another)", highlight=False)
     split_path(dataset, config.split)  # a missing split is named before any model is loaded
     return store, dataset
 

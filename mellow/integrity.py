@@ -251,27 +251,34 @@ def matches_manifest(record: dict, path: Path, now: tuple[int, int] | None, chec
     return sha256_file(path) == record["sha256"]
 
 
-def audio_verdict(stored: dict, manifest: dict, root: Path, check_audio: bool) -> tuple[str, tuple[int, int] | None]:
-    """What to do with a committed clip, comparing the record it was encoded from (`stored`, from its shard's
-    marker) with audio.jsonl's (`manifest`) and its file now; with the file's stat now:
+def audio_verdict(stored: dict, manifest: dict, root: Path,
+                  check_audio: bool) -> tuple[str, Path | None, tuple[int, int] | None]:
+    """What to do with a committed clip, from the record it was encoded from (`stored`, in its shard's marker),
+    audio.jsonl's record (`manifest`) and a stat of its file now; with the file and that stat:
 
     same: nothing changed (or nothing can be checked: a container, a URL, no sha256, a store made before stats
-    were recorded and no `check_audio`); touched: the file was rewritten or copied but holds the same audio;
-    re-encode: audio.jsonl records other audio (00_prepare re-checked it) or the file that was missing is back;
-    refuse: the file holds audio that audio.jsonl does not record (edited after 00_prepare); gone: the file is
-    not here (its embedding stays as encoded)."""
+    were recorded and no `check_audio`); re-encode: audio.jsonl records other audio than was encoded (00_prepare
+    re-checked it); gone: the file is not here (its embedding stays as encoded); hash: only the file's sha256
+    can tell (its size or modification time changed, or `check_audio`): see hashed_verdict."""
     if stored.get("sha256") and manifest.get("sha256") and stored["sha256"] != manifest["sha256"]:
-        return "re-encode", None
+        return "re-encode", None, None
     path = local_audio_path(manifest, root)
     if path is None or not manifest.get("sha256") or ("bytes" not in stored and not check_audio):
-        return "same", None
+        return "same", None, None
     now = file_stat(path)
     if now is None:
-        return ("gone" if recorded_stat(stored) else "same"), None
+        return ("gone" if recorded_stat(stored) else "same"), path, None
     if now == recorded_stat(stored) and not check_audio:
-        return "same", now
+        return "same", path, now
+    return "hash", path, now
+
+
+def hashed_verdict(stored: dict, manifest: dict, path: Path, now: tuple[int, int]) -> str:
+    """audio_verdict's answer once the file is hashed. refuse: it holds audio that audio.jsonl does not record
+    (edited after 00_prepare); re-encode: it was missing when the clip was encoded (a failed clip) and is back;
+    touched: rewritten or copied, the same audio (its new stat is to be recorded); same."""
     if sha256_file(path) != manifest["sha256"]:
-        return "refuse", now
+        return "refuse"
     if recorded_stat(stored) is None and "bytes" in stored:
-        return "re-encode", now  # missing when it was encoded (a failed clip), there now
-    return ("same" if now == recorded_stat(stored) else "touched"), now
+        return "re-encode"
+    return "same" if now == recorded_stat(stored) else "touched"

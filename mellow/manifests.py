@@ -10,10 +10,14 @@ passes --allow-pipes; any other scheme (file://, ftp://, s3://, ...) is refused.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from braceexpand import braceexpand
+
+
+DATASETS_ROOT = Path(os.environ.get("MELLOW_DATASETS") or "datasets")  # where 00_prepare writes datasets
 
 
 class ManifestError(ValueError):

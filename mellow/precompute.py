@@ -32,6 +32,7 @@ from mellow.encoders import AudioEncoder, EncoderConfig, build_encoder
 from mellow.errors import TooManyFailuresError  # noqa: F401 (re-exported)
 from mellow.integrity import (
     audio_verdict,
+    hashed_verdict,
     is_finalized,
     local_audio_path,
     matches_manifest,
@@ -107,28 +108,11 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
 
 
 def recheck_audio(config: PrecomputeConfig, writer: StoreWriter, records: list[dict]) -> frozenset[str]:
-    """Before computing, compare this process's committed clips with audio.jsonl and their files
-    (integrity.audio_verdict): refuse, naming them, clips whose file holds audio that audio.jsonl does not
-    record; take back the shards of clips to re-encode (their store rows are then computed again, and
-    changes.jsonl says which); record the new stat of files only touched. Cheap: a stat per clip, a hash only
-    where a file's size or modification time changed (or every file, with --check-audio). Returns the ids of
-    the clips to re-encode."""
-    rank, world = config.work_split()
-    committed = [shard for shard in range(rank, writer.num_shards, world) if writer.is_done(shard)]
-    verdicts: dict[str, list[tuple[int, dict]]] = {"refuse": [], "re-encode": [], "gone": []}
-    stats: dict[tuple[int, int], tuple[int, int]] = {}  # (shard, row) -> new stat of a touched file
-    with progress_bar(transient=True) as progress, ThreadPoolExecutor(config.decode_workers or 4) as pool:
-        task = progress.add_task("checking audio", total=len(committed))
-        for shard in committed:
-            stored = writer.read_marker(shard)["records"]
-            checks = pool.map(lambda record: audio_verdict(record, records[record["row"]], config.dataset,
-                                                           config.check_audio), stored)
-            for record, (verdict, now) in zip(stored, checks):
-                if verdict in verdicts:
-                    verdicts[verdict].append((shard, record))
-                if verdict == "touched":
-                    stats[shard, record["row"]] = now
-            progress.advance(task)
+    """Before computing, compare this process's committed clips with audio.jsonl and their files: refuse, naming
+    them, clips whose file holds audio that audio.jsonl does not record; take back the shards of clips to
+    re-encode (their rows are then computed again, and changes.jsonl says which); record the new stat of files
+    only rewritten. Returns the ids of the clips to re-encode."""
+    verdicts, stats = audio_changes(config, writer, records)
     if verdicts["refuse"]:
         clips = [record["id"] for _, record in verdicts["refuse"]]
         raise ValueError(f"{', '.join(clips[:5])}{' …' if len(clips) > 5 else ''}: {len(clips)} clip(s) of "
@@ -148,6 +132,37 @@ def recheck_audio(config: PrecomputeConfig, writer: StoreWriter, records: list[d
         console.print(f"[yellow]note:[/] {len(verdicts['gone'])} clip(s)' audio files are not here (e.g. "
                       f"{verdicts['gone'][0][1]['id']}); their embeddings stay as they were encoded", highlight=False)
     return frozenset(record["id"] for _, record in changed)
+
+
+def audio_changes(config: PrecomputeConfig, writer: StoreWriter, records: list[dict]) -> tuple[dict, dict]:
+    """({verdict: [(shard, stored record)]} for refuse, re-encode and gone; {(shard, row): new stat} of files
+    rewritten with the same audio) over this process's committed shards (integrity.audio_verdict). A stat per
+    clip, in one pass; a hash, in threads, only where a file's size or modification time changed (or for every
+    file, with --check-audio)."""
+    rank, world = config.work_split()
+    committed = [shard for shard in range(rank, writer.num_shards, world) if writer.is_done(shard)]
+    verdicts: dict[str, list[tuple[int, dict]]] = {"refuse": [], "re-encode": [], "gone": []}
+    to_hash = []  # (shard, stored record, file, its stat now)
+    with progress_bar(transient=True) as progress:
+        task = progress.add_task("checking audio", total=len(committed))
+        for shard in committed:
+            for record in writer.read_marker(shard)["records"]:
+                verdict, path, now = audio_verdict(record, records[record["row"]], config.dataset,
+                                                   config.check_audio)
+                if verdict == "hash":
+                    to_hash.append((shard, record, path, now))
+                elif verdict != "same":
+                    verdicts[verdict].append((shard, record))
+            progress.advance(task)
+    stats = {}
+    with ThreadPoolExecutor(config.decode_workers or 4) as pool:  # hashing releases the GIL
+        hashed = pool.map(lambda item: hashed_verdict(item[1], records[item[1]["row"]], item[2], item[3]), to_hash)
+        for (shard, record, _, now), verdict in zip(to_hash, hashed):
+            if verdict == "touched":
+                stats[shard, record["row"]] = now
+            elif verdict != "same":
+                verdicts[verdict].append((shard, record))
+    return verdicts, stats
 
 
 @contextmanager

@@ -42,6 +42,9 @@ def run(config: PrepareConfig) -> Path:
     """Prepare the dataset (if it is already complete: check that its audio is still what it recorded) and
     return its folder."""
     started = time.time()
+    if not config.name and config.source != "synth":
+        console.print(f"dataset name {config.dataset_name} (named after the source; --name sets another)",
+                      highlight=False)
     if validate_args(config):
         recheck_audio(config, started)
         return config.dataset_dir
@@ -76,12 +79,18 @@ def recheck_audio(config: PrepareConfig, started: float) -> None:
     changed. Audio in tars, Parquet shards or at URLs is identified by its bytes when it is read, not here."""
     path = config.dataset_dir / "audio.jsonl"
     records = read_jsonl(path)
-    with progress_bar(transient=True) as progress, ThreadPoolExecutor(config.workers or os.cpu_count() or 1) as pool:
+    with progress_bar(transient=True) as progress:  # a stat per file, in one pass
         task = progress.add_task("checking audio", total=len(records))
         verdicts = []
-        for verdict in pool.map(lambda record: _audio_now(record, config.dataset_dir), records):
-            verdicts.append(verdict)
+        for record in records:
+            verdicts.append(_audio_now(record, config.dataset_dir))
             progress.advance(task)
+    to_hash = [index for index, (verdict, _, _) in enumerate(verdicts) if verdict == "hash"]
+    with ThreadPoolExecutor(config.workers or os.cpu_count() or 1) as pool:  # hashing releases the GIL
+        paths = [Path(resolve(records[index]["path"], config.dataset_dir)) for index in to_hash]
+        for index, digest in zip(to_hash, pool.map(sha256_file, paths)):
+            now = verdicts[index][1]
+            verdicts[index] = ("touched" if digest == records[index]["sha256"] else "changed", now, digest)
     checked = sum(verdict != "unchecked" for verdict, _, _ in verdicts)
     changed = [record["id"] for record, (verdict, _, _) in zip(records, verdicts) if verdict == "changed"]
     missing = [record["id"] for record, (verdict, _, _) in zip(records, verdicts) if verdict == "missing"]
@@ -108,19 +117,17 @@ def recheck_audio(config: PrepareConfig, started: float) -> None:
                       f"{' …' if len(missing) > 10 else ''} (01_precompute reports them as failed)", highlight=False)
 
 
-def _audio_now(record: dict, root: Path) -> tuple[str, tuple[int, int] | None, str | None]:
-    """(verdict, stat now, sha256 now) of one audio record: unchecked (not a local file, or no sha256), missing,
-    same, touched (the file was rewritten or copied, with the same audio) or changed."""
+def _audio_now(record: dict, root: Path) -> tuple[str, tuple[int, int] | None, None]:
+    """(verdict, stat now, None) of one audio record, from a stat of its file: unchecked (not a local file, or
+    no sha256), missing, same, or hash (its size or modification time changed: its sha256 tells whether it was
+    only touched — rewritten or copied with the same audio — or changed)."""
     path = local_audio_path(record, root)
     if path is None or not record.get("sha256"):
         return "unchecked", None, None
     now = file_stat(path)
     if now is None:
         return "missing", None, None
-    if now == recorded_stat(record):
-        return "same", now, None
-    digest = sha256_file(path)
-    return ("touched" if digest == record["sha256"] else "changed"), now, digest
+    return ("same" if now == recorded_stat(record) else "hash"), now, None
 
 
 def _measured_duration(path: Path) -> float | None:
@@ -132,7 +139,7 @@ def _measured_duration(path: Path) -> float | None:
 
 
 def _fingerprint(config: PrepareConfig) -> dict:
-    values = to_dict(config)
+    values = {**to_dict(config), "name": config.dataset_name}
     for key in ("workers", "overwrite", "root"):
         values.pop(key)
     if values["audio_root"] is None:  # datasets prepared before the option existed stay valid
@@ -265,10 +272,28 @@ def _write_manifests(config: PrepareConfig, records: list[dict], examples: dict[
         write_jsonl_atomic(config.dataset_dir / f"{split}.jsonl", rows)
     counts = {"clips": len(records), **{f"{split}_examples": len(rows) for split, rows in examples.items()},
               **({"skipped": len(failures)} if failures else {})}
+    _warn_of_empty_splits(config, examples, len(records))
     write_json_atomic(config.dataset_dir / "prepare.json", {"config": _fingerprint(config), "counts": counts,
                                                             "failures": failures,
                                                             **({"label_tasks": label_tasks} if label_tasks else {})})
     return counts
+
+
+SPLIT_USES = {"train": "03_train learns from it", "val": "03_train validates on it", "test": "04_eval scores it"}
+
+
+def _warn_of_empty_splits(config: PrepareConfig, examples: dict[str, list[dict]], clips: int) -> None:
+    """A split left without examples (too few clips for the val/test fractions, or a source without it) is
+    said, with the counts: a later stage needs it."""
+    if not any(examples.values()):
+        return
+    counts = ", ".join(f"{len(examples.get(split, []))} {split}" for split in SPLIT_USES)
+    for split, use in SPLIT_USES.items():
+        if not examples.get(split):
+            console.print(f"[yellow]warning: the {split} split is empty[/] (examples: {counts}, from {clips} clips "
+                          f"at --val-fraction {config.val_fraction:g} and --test-fraction {config.test_fraction:g}, "
+                          f"unless the source names the splits); {use}: add clips, or give them a split",
+                          highlight=False)
 
 
 def _write_clip(scene: synth.Scene, audio_dir: Path, layout: tuple[str, int, int], seed: int) -> dict:

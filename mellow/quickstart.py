@@ -48,7 +48,10 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     stage = time.time()
     run_dir = root / "checkpoints" / f"quickstart-{stored.store_path.name}"
     train_config, model_config, expected = training_configs(stored.store_path, dataset, run_dir, encoder, updates)
-    train.run(train_config, model_config, resume=True, expected=expected)
+    trained = train.run(train_config, model_config, resume=True, expected=expected)
+    if trained.interrupted:
+        console.print("quickstart stopped by Ctrl-C after saving; run `uv run mellow quickstart` again to continue")
+        raise SystemExit(130)
     timings["train"] = time.time() - stage
     console.rule("[bold]04 eval")
     stage = time.time()

@@ -18,6 +18,7 @@ from mellow import hfdata, importers
 from mellow.audio import CropPolicy
 from mellow.config import setting
 from mellow.hub import HUB_ID
+from mellow.manifests import DATASETS_ROOT
 from mellow.runs import RUNS_ROOT
 from mellow.store import StoreConfig, StoreWriter
 
@@ -45,6 +46,37 @@ def validate_decoder_name(name: str) -> None:
         raise ValueError(f"--model.decoder {name!r}: {name[3:]} is neither a folder nor a Hugging Face id")
 
 
+FOLDER_SOURCES = ("clotho", "audiocaps", "meld", "hf")  # source kinds whose location is a folder
+GENERIC_FILE_NAMES = {"manifest", "metadata", "meta", "data", "dataset", "index", "labels", "audio", "list", "files",
+                      "captions", "annotations", "part", "shard"}
+
+
+def name_of_source(source: str) -> str:
+    """The dataset name of a source given without --name: synth for the synthetic set; a Hub dataset's name; a
+    folder source's folder; a file source's file name without split words (train, val, test, ...), or the folder
+    it lies in where that leaves nothing telling (manifest.csv, train.json); the folder of a source's tars."""
+    if source == "synth":
+        return "synth"
+    kind, _, location = source.partition(":")
+    first = location.split("::")[0].split(",")[0].strip()
+    first = first.rpartition("=")[2] if kind == "mellow" else first  # split=path
+    if first.startswith("pipe:"):
+        return kind
+    if "://" in first:
+        first = first.split("://", 1)[1].partition("/")[2] or first
+    path = Path(first).expanduser()
+    if kind == "hf" and not path.exists() and HUB_ID.fullmatch(first):
+        return first.rsplit("/", 1)[-1]
+    if kind in FOLDER_SOURCES or path.is_dir():
+        name = path.absolute().name
+    else:
+        name = "-".join(word for word in re.split(r"[^A-Za-z0-9]+", path.stem)
+                        if word.lower() not in importers.SPLIT_NAMES)
+        if kind == "wds" or not name or name.lower() in GENERIC_FILE_NAMES:
+            name = path.absolute().parent.name
+    return re.sub(r"[^\w.+-]+", "-", name).strip("-.") or kind
+
+
 @dataclass
 class PrepareConfig:
     source: str = setting("synth", "Where the data comes from: `synth` (the built-in synthetic sound scenes); "
@@ -58,9 +90,11 @@ class PrepareConfig:
                                    "`clotho:<folder>`; `audiocaps:<folder>`; `meld:<MELD.Raw folder>`; "
                                    "`folder:<manifest.csv|jsonl>`. "
                                    "Imported audio stays where it is; see docs/datasets.md.")
-    name: str = setting("synth", "Dataset name: the output folder is <root>/<name>.")
-    root: Path = setting(Path(os.environ.get("MELLOW_DATASETS") or "datasets"), "Folder that holds all datasets "
-                                                                                "($MELLOW_DATASETS).")
+    name: str = setting("", "Dataset name: the output folder is <root>/<name> (default: synth for the synthetic "
+                            "set, else named after the source: its folder, or its file without split words like "
+                            "train, e.g. birds for folder:birds/manifest.csv, reasonaqa for "
+                            "mellow:reasonaqa_train.json).")
+    root: Path = setting(DATASETS_ROOT, "Folder that holds all datasets ($MELLOW_DATASETS).")
     audio_root: Path | None = setting(None, "Folder that relative audio paths of a mellow: or folder: manifest "
                                             "start from (default: the manifest's folder).")
     num_clips: int = setting(800, "Number of synthetic clips to generate (synth only).")
@@ -89,6 +123,8 @@ class PrepareConfig:
         if self.source != "synth" and not (colon and kind in SOURCE_KINDS and location.strip()):
             raise ValueError(f"--source {self.source!r} is not supported; use synth, or one of "
                              f"{', '.join(kind + ':<path>' for kind in SOURCE_KINDS)}")
+        if self.name and (self.name in (".", "..") or not re.fullmatch(r"[\w.+-]+", self.name)):
+            raise ValueError(f"--name {self.name!r}: a dataset name is one folder name (letters, digits, _ . + -)")
         if self.audio_root is not None and not self.audio_root.is_dir():
             raise FileNotFoundError(f"--audio-root {self.audio_root} is not a folder")
         if self.num_clips < 10:
@@ -111,8 +147,13 @@ class PrepareConfig:
         return importers.parse_label_fields(self.label_field, self.label_task)
 
     @property
+    def dataset_name(self) -> str:
+        """--name, or the name of the source (name_of_source)."""
+        return self.name or name_of_source(self.source)
+
+    @property
     def dataset_dir(self) -> Path:
-        return self.root / self.name
+        return self.root / self.dataset_name
 
 
 @dataclass
@@ -180,7 +221,10 @@ class ShardedJobConfig:
 
     dataset: Path = setting(Path("datasets/synth"), "Dataset folder made by 00_prepare (holds audio.jsonl).")
     store: StoreConfig = field(default_factory=StoreConfig)
-    max_failures: float = setting(0.05, "Exit with an error if more than this fraction of rows fail.")
+    max_failures: float = setting(0.05, "The fraction of rows that may fail: past it the command exits with an "
+                                        "error, and the store, finalized, is not marked complete until accepted "
+                                        "(rerun with a larger value, or `mellow store finalize <store> "
+                                        "--max-failures <value>`).")
     rank: int = setting(-1, "This process's part of the work: shards rank, rank+world, ... (-1: from torchrun's "
                             "RANK or SLURM_ARRAY_TASK_ID, else 0).")
     world_size: int = setting(0, "Processes sharing the work (0: from torchrun's WORLD_SIZE or "
@@ -318,7 +362,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     store: Path = setting(Path(""), "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>).")
-    dataset: Path = setting(Path("datasets/synth"), "Dataset folder with the <split>.jsonl example files.")
+    dataset: Path | None = setting(None, "Dataset folder with the <split>.jsonl example files (default: the one the "
+                                         "store was made from, which its meta.json names).")
     run_dir: Path = setting(RUNS_ROOT / "run", "Where checkpoints, metrics and the resolved config go (default: "
                                                 "$MELLOW_CHECKPOINTS/run).")
     init_from: Path | None = setting(None, "Start a new run from the trained weights of this run or checkpoint "
@@ -441,8 +486,9 @@ class TrainConfig:
 class AlignConfig:
     store: Path = setting(Path(""), "Audio embedding store made by 01_precompute.")
     captions: Path = setting(Path(""), "Caption store made by 01_precompute_captions from the same dataset.")
-    dataset: Path = setting(Path("datasets/synth"), "Dataset folder: its <split>.jsonl caption examples say which "
-                                                    "clips are in which split.")
+    dataset: Path | None = setting(None, "Dataset folder: its <split>.jsonl caption examples say which clips are in "
+                                         "which split (default: the one the audio store was made from, which its "
+                                         "meta.json names).")
     run_dir: Path = setting(RUNS_ROOT / "align", "Where align.pt, align.json and the scores go.")
     decoder: str = setting("tiny", "Decoder 03_train will use (as --model.decoder): the projector's output width "
                                    "is its embedding width.")

@@ -1,9 +1,10 @@
-"""When a training run stops early: preemption signals, time limits, and SLURM requeue.
+"""When a training run stops early: Ctrl-C, preemption signals, time limits, and SLURM requeue.
 
-A signal handler only sets a flag (SIGTERM, SIGUSR1; SLURM's `--signal=USR1@120` sends one before the time
-limit; where the job's end time is known, USR1 is left to the deadline check, see StopControl). At every update
-boundary all ranks agree on stopping (one all-reduce of the flag), so they save the same checkpoint together
-and exit cleanly. The time limit (`--train.time_limit`, and the SLURM job's end time
+A signal handler only sets a flag (SIGINT: Ctrl-C; SIGTERM, SIGUSR1; SLURM's `--signal=USR1@120` sends one before
+the time limit; where the job's end time is known, USR1 is left to the deadline check, see StopControl). At every
+update boundary all ranks agree on stopping (one all-reduce of the flag), so they save the same checkpoint
+together and exit cleanly. A second Ctrl-C quits at once, without saving. The time limit (`--train.time_limit`,
+and the SLURM job's end time
 when there is one) stops the run early enough to save: before each update, the time an update takes (a
 running average) plus the time a save takes (measured) plus a margin must still fit.
 """
@@ -24,8 +25,12 @@ from rich.markup import escape
 
 from mellow.progress import console
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-TIME_LIMIT, SIGNAL = 1, 2  # reasons to stop, agreed across ranks by their maximum
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+TIME_LIMIT, SIGNAL, INTERRUPT = 1, 2, 3  # reasons to stop, agreed across ranks by their maximum (Ctrl-C wins: the
+# user asked to stop, so a SLURM job is not requeued)
+# A terminal sends Ctrl-C to every process of the foreground group, and torchrun forwards the SIGINT it got to its
+# workers as well: a worker sees one press twice within milliseconds. Only a SIGINT this much later is a second one.
+SAME_PRESS_SECONDS = 1.0
 
 
 def slurm_end_time() -> float | None:
@@ -63,7 +68,9 @@ class StopControl:
         self.margin = margin
         self.device = device
         self.signal_name: str | None = None
+        self.interrupted_at: float | None = None  # when the first Ctrl-C came
         self.preempted = False  # stopped for a signal or a time limit (not planned), so a SLURM job requeues
+        self.interrupted = False  # stopped for Ctrl-C (on any rank)
         self.update_seconds: float | None = None  # running average of one update (with its logging)
         self.save_seconds: float | None = None  # the slowest save so far
         self._previous_handlers: dict[int, object] = {}
@@ -80,7 +87,24 @@ class StopControl:
     def _on_signal(self, number: int, frame) -> None:
         if number == signal.SIGUSR1 and self.usr1_is_warning_only:
             return
+        if number == signal.SIGINT:
+            now = time.monotonic()
+            if self.interrupted_at is not None:
+                if now - self.interrupted_at < SAME_PRESS_SECONDS:
+                    return
+                self._say("second Ctrl-C: quitting now, without saving; --resume continues from the last checkpoint")
+                raise KeyboardInterrupt
+            self.interrupted_at = now
+            self._say("Ctrl-C: stopping after this update, saving first (Ctrl-C again to quit at once, without "
+                      "saving)")
         self.signal_name = signal.Signals(number).name  # only a flag: the loop saves at the next boundary
+
+    @staticmethod
+    def _say(line: str) -> None:
+        """A line from a signal handler: written straight to stderr (rank 0 only), not through rich's console,
+        whose lock the interrupted code may hold."""
+        if not console.quiet:
+            os.write(2, f"\n{line}\n".encode())
 
     def update_took(self, seconds: float) -> None:
         self.update_seconds = seconds if self.update_seconds is None else 0.9 * self.update_seconds + 0.1 * seconds
@@ -90,7 +114,7 @@ class StopControl:
 
     def _local_reason(self, extra_seconds: float) -> tuple[int, str] | None:
         if self.signal_name:
-            return SIGNAL, f"received {self.signal_name}"
+            return INTERRUPT if self.signal_name == "SIGINT" else SIGNAL, f"received {self.signal_name}"
         if self.deadline is None or self.update_seconds is None:
             return None
         save = self.save_seconds if self.save_seconds is not None else 3 * self.update_seconds + 1.0
@@ -111,10 +135,12 @@ class StopControl:
             kind = int(agreed.item())
         if kind == 0:
             return None
-        self.preempted = True
+        self.interrupted = kind == INTERRUPT
+        self.preempted = not self.interrupted
         if local and local[0] == kind:
             return local[1]
-        return "another rank received a stop signal" if kind == SIGNAL else "time limit (on another rank)"
+        return {SIGNAL: "another rank received a stop signal", INTERRUPT: "Ctrl-C (on another rank)",
+                TIME_LIMIT: "time limit (on another rank)"}[kind]
 
 
 def requeue_slurm_job() -> None:

@@ -43,6 +43,7 @@ from mellow.config import describe_differences, setting
 from mellow.errors import TooManyFailuresError
 from mellow.files import disk_space, read_json, read_jsonl, sha256_file, write_json_atomic
 from mellow.integrity import DamagedStoreError, ShardFiles
+from mellow.manifests import DATASETS_ROOT
 from mellow.progress import console
 from mellow.shard_reader import ShardedRows, ShardFileError, open_rows
 
@@ -407,6 +408,23 @@ class StoreWriter:
                 "index_sha256": sha256_file(self.path / "index.jsonl"), "counts": counts, "shard_bytes": shard_bytes}
         write_json_atomic(self.path / "meta.json", meta)
         return meta
+
+
+def dataset_of(store_path: Path, option: str) -> Path:
+    """The dataset folder a store was made from, which its meta.json names; if that folder is not here (the store
+    was copied from another machine), the folder of the same name under the datasets root. A ValueError saying to
+    pass `option` when neither holds the dataset."""
+    if not (store_path / "meta.json").is_file():
+        raise ValueError(f"{store_path} is not an embedding store (no meta.json); run 01_precompute and pass its "
+                         "output folder (shards/<dataset>/<encoder-tag>)")
+    recorded = read_json(store_path / "meta.json").get("dataset")
+    if not recorded:
+        raise ValueError(f"{store_path}'s meta.json does not name the dataset it was made from: pass {option}")
+    for candidate in (Path(recorded), DATASETS_ROOT / Path(recorded).name):
+        if (candidate / "audio.jsonl").is_file():
+            return candidate
+    raise ValueError(f"{store_path} was made from the dataset {recorded} (its meta.json), which is not found from "
+                     f"{Path.cwd()}: pass {option} <where it is now>")
 
 
 @contextmanager

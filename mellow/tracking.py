@@ -37,6 +37,8 @@ class Tracker:
 
     def __init__(self, run_dir: Path, resolved: dict, is_main: bool, resumed_at: int | None, tensorboard: bool,
                  wandb_setting: str, wandb_project: str) -> None:
+        """`resumed_at`: the update the run continues from (0 for a run that starts from nothing); what a killed
+        run logged after it is dropped. None keeps every row."""
         self.metrics_path = run_dir / "metrics.jsonl"
         self.enabled = is_main
         self.tensorboard = None

@@ -14,6 +14,7 @@ or before its time limit (mellow/stopping.py), and under SLURM requeues itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import time
@@ -48,7 +49,7 @@ from mellow.model import MellowModel, ModelConfig, build_model, embedding_rms
 from mellow.progress import console, progress_bar
 from mellow.settings import TrainConfig  # noqa: F401 (re-exported)
 from mellow.stopping import StopControl, requeue_slurm_job
-from mellow.store import EmbeddingStore, EncoderExpectation
+from mellow.store import EmbeddingStore, EncoderExpectation, dataset_of
 from mellow.tracking import Tracker, peak_memory_mb
 
 # Options that may differ when a run resumes: where things are, how often to log/validate/save, and when this
@@ -71,6 +72,7 @@ class TrainResult:
     seconds: float
     stop_reason: str | None = None  # why the invocation stopped before max_updates (None: it did not)
     peak_memory_mb: float = 0.0
+    interrupted: bool = False  # stopped (and saved) for Ctrl-C: the command then exits with 130
 
 
 def resolved_config(train: TrainConfig, model: ModelConfig, expected: EncoderExpectation | None = None) -> dict:
@@ -81,6 +83,7 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
         expected: EncoderExpectation | None = None) -> TrainResult:
     """Train (or, with `resume`, continue) the run in train.run_dir; `expected` is what the store must be."""
     started = time.time()
+    train = with_dataset(train)
     context, device = distributed.setup(train.device, train.dist_timeout)
     try:
         with StopControl(started, train.time_limit, train.slurm_time_limit, train.stop_margin, device) as stopper:
@@ -88,6 +91,7 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
             checkpoint, initial = validate_args(train, model_config, resume, context, expected or EncoderExpectation(),
                                                 resolved)
             result = fit(train, model_config, checkpoint, initial, context, device, resolved, stopper)
+            result.interrupted = stopper.interrupted
         if result.stop_reason and stopper.preempted and train.requeue and context.is_main:
             requeue_slurm_job()
         result.seconds = time.time() - started
@@ -98,6 +102,16 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
         raise
     finally:
         distributed.teardown()
+
+
+def with_dataset(train: TrainConfig) -> TrainConfig:
+    """`train` with its dataset: --train.dataset, else the one its store was made from (said), so that a store of
+    any dataset trains on that dataset's examples."""
+    if train.dataset is not None:
+        return train
+    dataset = dataset_of(train.store, "--train.dataset")
+    console.print(f"dataset {dataset} (from the store's meta.json; --train.dataset sets another)", highlight=False)
+    return dataclasses.replace(train, dataset=dataset)
 
 
 def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, context: DistributedContext,
@@ -359,8 +373,9 @@ def fit(train: TrainConfig, model_config: ModelConfig, checkpoint: Path | None, 
     elif context.is_main:
         train.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved))
-    tracker = Tracker(train.run_dir, resolved, context.is_main, state.update if checkpoint else None,
-                      train.tensorboard, train.wandb, train.wandb_project)
+    # a run started again from nothing (killed before its first checkpoint) drops what it logged: every update once
+    tracker = Tracker(train.run_dir, resolved, context.is_main, state.update, train.tensorboard, train.wandb,
+                      train.wandb_project)
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
     if train.compile:  # the partitioner keeps activations up to this share of the memory, recomputes the rest
         torch._functorch.config.activation_memory_budget = train.mem_budget

@@ -106,7 +106,7 @@ def test_mellow_json_imports_losslessly_with_its_prompt_conventions(reasonaqa, t
     assert sorted(Path(r["path"]).name for r in records) == ["a.wav", "b.flac"]
     assert all(Path(r["path"]).is_absolute() and len(r["sha256"]) == 64 for r in records)
     [missing] = report["failures"]
-    assert missing["path"].endswith("audio/gone.wav") and missing["needed_by"] == ["reasonaqa_train.json row 4"]
+    assert missing["path"].endswith("audio/gone.wav") and missing["needed_by"] == ["reasonaqa_train.json row 5"]
     assert report["counts"] == {"clips": 2, "train_examples": 4, "val_examples": 0, "test_examples": 2,
                                 "skipped": 1}
     # the prompt paraphrases are drawn from the seed: the same seed gives the same manifests
@@ -166,7 +166,7 @@ def test_clotho_layout(tmp_path):
     assert all(e["references"] == [e["answer"] for e in birds] and e["task"] == "caption" for e in birds)
     assert found["test"][0]["references"] == [f"door knock caption {n}" for n in range(1, 6)]
     assert report["failures"][0]["path"].endswith("development/Missing file.wav")
-    assert report["failures"][0]["needed_by"] == ["clotho_captions_development.csv row 2"]
+    assert report["failures"][0]["needed_by"] == ["clotho_captions_development.csv row 3"]
     store = precompute(dataset, tmp_path / "shards")
     assert set(rows_by_id(store)) == {"development/Birds, morning", "development/Train passing",
                                       "validation/Waves", "evaluation/Door knock"}
@@ -204,7 +204,7 @@ def test_audiocaps_cuts_clips_from_longer_files_by_start_time(tmp_path):
     assert records["videoA"]["start"] == 0.0 and records["videoA"]["path"] == records["videoA_3"]["path"]
     assert "start" not in records["videoC_30"] and records["videoC_30"]["path"].endswith("videoC_30.wav")
     assert {f.get("path", f.get("where")) for f in report["failures"]} == {
-        str(root / "videoGone.wav"), "train.csv row 3"}
+        str(root / "videoGone.wav"), "train.csv row 4"}
 
     reference = tmp_path / "reference"
     tone(reference / "piece.wav", 4.0, 700)

@@ -230,7 +230,7 @@ def test_without_a_dataset_training_takes_the_stores_and_says_so(mel_store, tiny
     assert read_json(run_dir / "step-000002" / "trainer.json")["config"]["train"]["dataset"] == str(tiny_dataset)
 
 
-def test_eval_takes_the_stores_dataset_when_the_trained_one_is_gone(mel_store, tiny_dataset, tmp_path):
+def test_eval_takes_the_stores_dataset_when_the_trained_one_is_gone(mel_store, tiny_dataset, tmp_path, capsys):
     from mellow import evaluate
     from mellow.settings import EvalConfig
 
@@ -239,5 +239,7 @@ def test_eval_takes_the_stores_dataset_when_the_trained_one_is_gone(mel_store, t
     run_dir = tmp_path / "run"
     train.run(_config(mel_store, copy, run_dir, max_updates=2, val_every=0), ModelConfig(**TINY_MODEL))
     shutil.rmtree(copy)  # the dataset folder it was trained with is not on this machine
+    capsys.readouterr()
     result = evaluate.run(EvalConfig(run=run_dir, which="latest", max_examples=4, similarity=False))
     assert result.examples == 4
+    assert f"dataset {tiny_dataset} (from the store's meta.json" in " ".join(capsys.readouterr().out.split())
