@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from mellow.files import read_json  # noqa: E402
 from mellow.shard_reader import ShardedRows  # noqa: E402
-from mellow.store import StoreConfig, StoreWriter  # noqa: E402
+from mellow.store import EmbeddingStore, StoreConfig, StoreWriter  # noqa: E402
 
 WORDS = ("dog bark rain engine siren bird chirp tone chord noise click silence loud quiet high low long short "
          "first second audio clip event sound louder higher longer pitch").split()
@@ -244,7 +244,9 @@ def reads_part(args: argparse.Namespace) -> list[dict]:
         array = zarr.open_group(path / "store.zarr", mode="r")["emb"]
         readers = {"zarr (before)": lambda selection: array.get_orthogonal_selection(selection),
                    "shard files, 1 thread": ShardedRows(array_path, threads=1).read,
-                   "shard files, 2 threads": ShardedRows(array_path, threads=2).read}
+                   "shard files, 2 threads": ShardedRows(array_path, threads=2).read,
+                   # as 03_train and 04_eval read: shard file sizes and encoded rows checked on every read
+                   "the store's checked reader": EmbeddingStore(path).row_reader(threads=2).read}
         for label, read in readers.items():
             for pattern in ("random", "contiguous"):
                 rate = rows_per_second(read, rows, pattern, args.read_seconds)

@@ -89,12 +89,14 @@ TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "encoder": Encoder
 
 def friendly_errors(command):
     """Turn configuration and input errors into one red line and exit code 2, instead of a traceback; too
-    many failed clips (the store is complete, but the run is not a success), a lost process of a
-    multi-process run and a full disk into exit code 1."""
+    many failed clips (the store is written, but not accepted), a lost process of a multi-process run and a
+    full disk into exit code 1; Ctrl-C into one line and exit code 130."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            fail("interrupted (Ctrl-C): what was finished is kept, and the same command continues from it", 130)
         except (TooManyFailuresError, PeerLostError, DiskFullError) as error:
             fail(str(error), 1)
         except (ValueError, FileNotFoundError, TimeoutError, FfmpegNotFoundError, StoreMismatchError,

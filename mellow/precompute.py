@@ -108,8 +108,8 @@ def process(config: PrecomputeConfig, encoder: AudioEncoder, writer: StoreWriter
 
 
 def recheck_audio(config: PrecomputeConfig, writer: StoreWriter, records: list[dict]) -> frozenset[str]:
-    """Before computing, compare this process's committed clips with audio.jsonl and their files: refuse, naming
-    them, clips whose file holds audio that audio.jsonl does not record; take back the shards of clips to
+    """Before computing, check this process's committed shards: take back those whose files are damaged, refuse,
+    naming them, clips whose file holds audio that audio.jsonl does not record; take back the shards of clips to
     re-encode (their rows are then computed again, and changes.jsonl says which); record the new stat of files
     only rewritten. Returns the ids of the clips to re-encode."""
     verdicts, stats = audio_changes(config, writer, records)
@@ -136,17 +136,16 @@ def recheck_audio(config: PrecomputeConfig, writer: StoreWriter, records: list[d
 
 def audio_changes(config: PrecomputeConfig, writer: StoreWriter, records: list[dict]) -> tuple[dict, dict]:
     """({verdict: [(shard, stored record)]} for refuse, re-encode and gone; {(shard, row): new stat} of files
-    rewritten with the same audio) over this process's committed shards (integrity.audio_verdict). A stat per
-    clip, in one pass; a hash, in threads, only where a file's size or modification time changed (or for every
-    file, with --check-audio)."""
-    rank, world = config.work_split()
-    committed = [shard for shard in range(rank, writer.num_shards, world) if writer.is_done(shard)]
+    rewritten with the same audio) over this process's committed shards (integrity.audio_verdict), whose files are
+    checked on the way (a damaged shard is taken back). A stat per clip, in one pass; a hash, in threads, only
+    where a file's size or modification time changed (or for every file, with --check-audio)."""
+    mine = config.mine(writer)
     verdicts: dict[str, list[tuple[int, dict]]] = {"refuse": [], "re-encode": [], "gone": []}
     to_hash = []  # (shard, stored record, file, its stat now)
     with progress_bar(transient=True) as progress:
-        task = progress.add_task("checking audio", total=len(committed))
-        for shard in committed:
-            for record in writer.read_marker(shard)["records"]:
+        task = progress.add_task("checking the store and the audio", total=sum(map(writer.is_done, mine)))
+        for shard, marker in writer.committed_markers(mine):  # damaged shards are taken back, to compute again
+            for record in marker["records"]:
                 verdict, path, now = audio_verdict(record, records[record["row"]], config.dataset,
                                                    config.check_audio)
                 if verdict == "hash":

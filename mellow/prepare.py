@@ -79,42 +79,57 @@ def recheck_audio(config: PrepareConfig, started: float) -> None:
     changed. Audio in tars, Parquet shards or at URLs is identified by its bytes when it is read, not here."""
     path = config.dataset_dir / "audio.jsonl"
     records = read_jsonl(path)
-    with progress_bar(transient=True) as progress:  # a stat per file, in one pass
+    verdicts = _audio_verdicts(records, config.dataset_dir, config.workers or os.cpu_count() or 1)
+    if _record_changes(records, verdicts, config.dataset_dir):
+        write_jsonl_atomic(path, records)
+    checked = sum(verdict != "unchecked" for verdict, _, _ in verdicts)
+    changed, missing = ([record["id"] for record, (verdict, _, _) in zip(records, verdicts) if verdict == kind]
+                        for kind in ("changed", "missing"))
+    if changed:
+        console.print(f"[yellow]dataset {config.dataset_dir} is already prepared with this config, but "
+                      f"{len(changed)} of {checked} clips' audio changed since[/]: {escape(', '.join(changed[:10]))}"
+                      f"{' …' if len(changed) > 10 else ''}. audio.jsonl now records their new sha256, and "
+                      "01_precompute re-encodes them", highlight=False)
+    elif checked:
+        console.print(f"[green]dataset {config.dataset_dir} is already prepared with this config[/]; the audio of its "
+                      f"{checked} clip files is unchanged (checked in {time.time() - started:.1f} s)", highlight=False)
+    else:  # audio in tars or Parquet shards: identified by the sha256 of its bytes when read
+        console.print(f"[green]dataset {config.dataset_dir} is already prepared with this config; skipping",
+                      highlight=False)
+    if missing:
+        console.print(f"[yellow]{len(missing)} clip(s)' audio files are missing[/]: {escape(', '.join(missing[:10]))}"
+                      f"{' …' if len(missing) > 10 else ''} (01_precompute reports them as failed)", highlight=False)
+
+
+def _audio_verdicts(records: list[dict], root: Path, workers: int) -> list[tuple[str, tuple | None, str | None]]:
+    """(verdict, stat now, sha256 now) of every record (_audio_now, then the hash of those it cannot tell:
+    touched or changed); a stat per file in one pass, hashes in threads."""
+    with progress_bar(transient=True) as progress:
         task = progress.add_task("checking audio", total=len(records))
         verdicts = []
         for record in records:
-            verdicts.append(_audio_now(record, config.dataset_dir))
+            verdicts.append(_audio_now(record, root))
             progress.advance(task)
     to_hash = [index for index, (verdict, _, _) in enumerate(verdicts) if verdict == "hash"]
-    with ThreadPoolExecutor(config.workers or os.cpu_count() or 1) as pool:  # hashing releases the GIL
-        paths = [Path(resolve(records[index]["path"], config.dataset_dir)) for index in to_hash]
+    with ThreadPoolExecutor(workers) as pool:  # hashing releases the GIL
+        paths = [Path(resolve(records[index]["path"], root)) for index in to_hash]
         for index, digest in zip(to_hash, pool.map(sha256_file, paths)):
             now = verdicts[index][1]
             verdicts[index] = ("touched" if digest == records[index]["sha256"] else "changed", now, digest)
-    checked = sum(verdict != "unchecked" for verdict, _, _ in verdicts)
-    changed = [record["id"] for record, (verdict, _, _) in zip(records, verdicts) if verdict == "changed"]
-    missing = [record["id"] for record, (verdict, _, _) in zip(records, verdicts) if verdict == "missing"]
+    return verdicts
+
+
+def _record_changes(records: list[dict], verdicts: list[tuple], root: Path) -> bool:
+    """Write into `records` the new stat of touched and changed files, and the sha256 and duration of changed ones;
+    whether any record changed."""
     for record, (verdict, now, digest) in zip(records, verdicts):
         if verdict in ("changed", "touched"):
             record["bytes"], record["mtime_ns"] = now
         if verdict == "changed":
             record["sha256"] = digest
             if "start" not in record:  # a whole file: its duration is the new audio's
-                record["duration"] = _measured_duration(Path(resolve(record["path"], config.dataset_dir)))
-    if any(verdict in ("changed", "touched") for verdict, _, _ in verdicts):
-        write_jsonl_atomic(path, records)
-    seconds = time.time() - started
-    if changed:
-        console.print(f"[yellow]dataset {config.dataset_dir} is already prepared with this config, but "
-                      f"{len(changed)} of {checked} clips' audio changed since[/]: {escape(', '.join(changed[:10]))}"
-                      f"{' …' if len(changed) > 10 else ''}. audio.jsonl now records their new sha256, and "
-                      "01_precompute re-encodes them", highlight=False)
-    else:
-        console.print(f"[green]dataset {config.dataset_dir} is already prepared with this config[/]; the audio of its "
-                      f"{checked} clip files is unchanged (checked in {seconds:.1f} s)", highlight=False)
-    if missing:
-        console.print(f"[yellow]{len(missing)} clip(s)' audio files are missing[/]: {escape(', '.join(missing[:10]))}"
-                      f"{' …' if len(missing) > 10 else ''} (01_precompute reports them as failed)", highlight=False)
+                record["duration"] = _measured_duration(Path(resolve(record["path"], root)))
+    return any(verdict in ("changed", "touched") for verdict, _, _ in verdicts)
 
 
 def _audio_now(record: dict, root: Path) -> tuple[str, tuple[int, int] | None, None]:

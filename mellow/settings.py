@@ -251,12 +251,14 @@ class ShardedJobConfig:
             return task, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
         return max(self.rank, 0), 1
 
-    def my_shards(self, writer: StoreWriter) -> tuple[list[int], int]:
-        """(this process's shards still to compute, how many of its shards are already done). A committed shard
-        whose files are missing, cut short or not as written is taken back first, and computed again."""
+    def mine(self, writer: StoreWriter) -> range:
+        """This process's shards: rank, rank + world, ..."""
         rank, world = self.work_split()
-        mine = range(rank, writer.num_shards, world)
-        writer.take_back_damaged(mine)
+        return range(rank, writer.num_shards, world)
+
+    def my_shards(self, writer: StoreWriter) -> tuple[list[int], int]:
+        """(this process's shards still to compute, how many of its shards are already done)."""
+        mine = self.mine(writer)
         todo = [shard for shard in mine if not writer.is_done(shard)]
         return todo, len(mine) - len(todo)
 

@@ -309,27 +309,32 @@ class StoreWriter:
     def read_marker(self, shard: int) -> dict:
         return read_json(self._marker(shard))
 
-    def damaged_shards(self, shards: Iterable[int]) -> dict[int, str]:
-        """{shard: what is wrong with its files} for each committed shard among `shards` whose files are missing,
-        cut short or otherwise not as they were written."""
-        damaged = {}
-        for shard in shards:
-            if not self.is_done(shard):
-                continue
-            marker = self.read_marker(shard)
-            holds_encoded = any(record["status"] == "ok" for record in marker["records"])
-            problem = self.files.problem(shard, marker.get("files"), holds_encoded)
-            if problem is not None:
-                damaged[shard] = problem
-        return damaged
+    def damage(self, shard: int, marker: dict) -> str | None:
+        """What is wrong with a committed shard's files (missing, cut short, not as written), from its marker; None
+        when nothing is."""
+        holds_encoded = any(record["status"] == "ok" for record in marker["records"])
+        return self.files.problem(shard, marker.get("files"), holds_encoded)
 
-    def take_back_damaged(self, shards: Iterable[int]) -> None:
-        """Uncommit (to compute again) each committed shard among `shards` whose files are damaged, saying so."""
-        damaged = {shard: self.files.describe(shard, problem, remedy="computing it again")
-                   for shard, problem in self.damaged_shards(shards).items()}
-        for message in damaged.values():
+    def take_back_damaged(self, damaged: dict[int, str]) -> None:
+        """Uncommit (to compute again) shards whose files are damaged ({shard: what is wrong}), saying so."""
+        for shard, problem in sorted(damaged.items()):
+            message = self.files.describe(shard, problem, remedy="computing it again")
             console.print(f"[yellow]damaged:[/] {escape(message)}", highlight=False)
         self.uncommit(sorted(damaged), "shard files damaged")
+
+    def committed_markers(self, shards: Iterable[int]) -> Iterator[tuple[int, dict]]:
+        """(shard, marker) of each committed shard among `shards`, with its damaged ones taken back (said, and to be
+        computed again): each marker is read once, for whatever else the caller checks in it."""
+        damaged = {}
+        for shard in shards:
+            if self.is_done(shard):
+                marker = self.read_marker(shard)
+                problem = self.damage(shard, marker)
+                if problem is None:
+                    yield shard, marker
+                else:
+                    damaged[shard] = problem
+        self.take_back_damaged(damaged)
 
     def uncommit(self, shards: list[int], why: str, clips: list[str] = ()) -> None:
         """Take committed shards back, so that this run computes them again: their markers and files go, the store
@@ -532,6 +537,7 @@ class EmbeddingStore:
                                              f"({change['why']})")
         return "; ".join(phrases) or None
 
+    @cached_property
     def encoded_rows(self) -> np.ndarray:
         """(N,) bool: the rows whose clip encoded (their data must be there; a failed clip's row is zeros)."""
         encoded = np.zeros(self.meta["rows"], dtype=bool)
@@ -543,7 +549,7 @@ class EmbeddingStore:
         """Refuse (DamagedStoreError) a store one of whose shard files is missing, cut short or not as written:
         a stat per shard file (and, for a store made before sizes were recorded, its chunk index)."""
         recorded = self.meta.get("shard_bytes") or {}
-        encoded = self.encoded_rows()
+        encoded = self.encoded_rows
         per_shard = self.meta["clips_per_shard"]
         for shard in range(-(-self.meta["rows"] // per_shard)):
             committed = {array: sizes[shard] for array, sizes in recorded.items() if shard < len(sizes)}
@@ -556,7 +562,7 @@ class EmbeddingStore:
         """A reader of `emb` rows that refuses a missing or short shard file and an encoded row without data (None
         for an array laid out otherwise: read it with zarr)."""
         return open_rows(self.path / "store.zarr" / "emb", threads, (self.meta.get("shard_bytes") or {}).get("emb"),
-                         self.encoded_rows())
+                         self.encoded_rows)
 
     def damaged(self, error: ShardFileError) -> DamagedStoreError:
         """The store's one-line message for a shard file a reader found damaged."""

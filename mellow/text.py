@@ -113,6 +113,8 @@ def validate_args(config: CaptionsConfig) -> list[dict]:
 
 def process(config: CaptionsConfig, encoder: TextEncoder, writer: StoreWriter,
             captions: list[dict]) -> PrecomputeResult:
+    for _shard, _marker in writer.committed_markers(config.mine(writer)):
+        pass  # reading them is the check: shards whose files are damaged are taken back, to compute again
     todo, skipped = config.my_shards(writer)
     rows = sum(len(writer.shard_rows(shard)) for shard in todo)
     with progress_bar() as progress:

@@ -112,3 +112,14 @@ def test_unknown_text_encoder_is_a_clear_error(tmp_path):
         TextEncoderConfig(name="bert-huge")
     with pytest.raises(ValueError, match="is not a directory"):
         TextEncoderConfig(name=f"st:{tmp_path / 'none'}")
+
+
+def test_a_caption_shard_whose_file_is_gone_is_computed_again(tiny_dataset, tmp_path):
+    store_path = _store(tmp_path / "shards", tiny_dataset)
+    before = zarr.open(str(store_path / "store.zarr"), mode="r")["emb"][:]
+    (store_path / "store.zarr" / "emb" / "c" / "1" / "0" / "0").unlink()
+    result = text.run(CaptionsConfig(dataset=tiny_dataset, store=StoreConfig(root=tmp_path / "shards",
+                                                                             shard_clips=16)))
+    assert result.computed_shards == 1
+    np.testing.assert_array_equal(zarr.open(str(store_path / "store.zarr"), mode="r")["emb"][:], before)
+    assert read_json(store_path / "meta.json")["complete"]
