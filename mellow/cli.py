@@ -44,6 +44,7 @@ from mellow.settings import (
 )
 from mellow.store import EncoderExpectation, StoreConfig, StoreMismatchError
 
+
 def one_line_usage_errors(main, standalone_mode: bool, **arguments):
     """Run a click `main` so that the command line's own mistakes (a number that is not one, an unknown option,
     a missing argument) are one `error:` line naming the option, like every other bad input, and not a usage box."""

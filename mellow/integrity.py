@@ -20,13 +20,20 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 import zarr
 
 from mellow.files import read_json, sha256_file
 from mellow.manifests import is_remote, resolve
-from mellow.shard_reader import ShardFileError, open_rows, read_with_zarr
+from mellow.shard_reader import (
+    ChecksumError,
+    ShardFileError,
+    ShardLayoutError,
+    check_layout,
+    open_rows,
+    read_chunk_index,
+    read_with_zarr,
+)
 
 ARRAYS = ("emb", "valid")
 REMEDY = "rerun 01_precompute on its dataset to recompute it, or copy the store again"
@@ -90,13 +97,13 @@ class ShardFiles:
                 if holds_encoded:
                     return f"{where} is missing"
                 continue
-            if array == "emb" and not _index_intact(path, size, self.metadata[array]):
+            if array == "emb" and not _index_intact(path, self.metadata[array]):
                 return f"{where} is cut short or damaged (its chunk index fails its checksum)"
         return None
 
-    def describe(self, shard: int, problem: str, rows: range | None = None, remedy: str = REMEDY) -> str:
+    def describe(self, shard: int, problem: str, remedy: str = REMEDY) -> str:
         """The one line every reader and `store verify` gives for a damaged shard: the shard, its file, what is
-        wrong, its clips, and what to do."""
+        wrong, its clips (from its marker), and what to do."""
         marker = self.store_path / "parts" / f"shard-{shard:05d}.json"
         records = read_json(marker)["records"] if marker.is_file() else []
         clips = ""
@@ -104,25 +111,24 @@ class ShardFiles:
             ids = [record["id"] for record in records]
             shown = ", ".join(ids[:2]) + (f" … {ids[-1]}" if len(ids) > 3 else "".join(f", {i}" for i in ids[2:]))
             clips = f": it holds {len(ids)} clips, {shown} (rows {records[0]['row']}-{records[-1]['row']})"
-        elif rows is not None:
-            clips = f": it holds rows {rows.start}-{rows.stop - 1}"
         return f"shard {shard} of {self.store_path} {problem}{clips}; {remedy}"
 
 
-def _index_intact(path: Path, size: int, metadata: dict) -> bool:
-    """Whether a shard file ends in its (offset, nbytes) chunk index and that index's crc32c, as the Zarr v3
-    sharding codec writes it: a file cut short or grown ends in other bytes."""
-    codecs = metadata.get("codecs", [])
-    if not codecs or codecs[0].get("name") != "sharding_indexed":
+def _index_intact(path: Path, metadata: dict) -> bool:
+    """Whether a shard file ends in its chunk index and that index's crc32c (as the Zarr v3 sharding codec writes
+    it): a file cut short or grown ends in other bytes."""
+    try:
+        _, chunks = check_layout(metadata)
+    except ShardLayoutError:
         return True  # not a layout whose index is read here; zarr checks it when it reads
-    chunks = metadata["chunk_grid"]["configuration"]["chunk_shape"][0] // codecs[0]["configuration"]["chunk_shape"][0]
-    length = chunks * 16 + 4
-    if size < length:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        read_chunk_index(descriptor, chunks, path, 0)
+        return True
+    except (ShardFileError, ChecksumError):
         return False
-    with open(path, "rb") as handle:
-        handle.seek(size - length)
-        raw = handle.read(length)
-    return google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:], "little")
+    finally:
+        os.close(descriptor)
 
 
 # Verifying a whole store ------------------------------------------------------------------------------------

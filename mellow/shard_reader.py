@@ -46,7 +46,7 @@ class ShardFileError(ValueError):
         super().__init__(f"{path} {problem}")
 
 
-def _check_layout(metadata: dict) -> tuple[tuple[int, ...], int]:
+def check_layout(metadata: dict) -> tuple[tuple[int, ...], int]:
     """(row shape, rows per shard) of a sharded array with one chunk per row, bytes(little) -> zstd -> crc32c
     inside and bytes(little) -> crc32c for an index at the end; ShardLayoutError for anything else."""
     codecs = metadata.get("codecs", [])
@@ -68,6 +68,21 @@ def _check_layout(metadata: dict) -> tuple[tuple[int, ...], int]:
     return tuple(shape[1:]), shard[0]
 
 
+def read_chunk_index(descriptor: int, chunks: int, path: Path, shard: int) -> np.ndarray:
+    """The (chunks, 2) uint64 (offset, nbytes) table that ends a shard file, after its crc32c is checked: a file
+    cut short or grown ends in other bytes. ShardFileError when the file is shorter than the table, ChecksumError
+    when the table's checksum fails."""
+    size = chunks * 16 + 4
+    length = os.fstat(descriptor).st_size
+    if length < size:
+        raise ShardFileError(path, shard, f"is cut short ({length:,} bytes, less than its own chunk index)")
+    raw = os.pread(descriptor, size, length - size)
+    if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        raise ChecksumError(f"{path}: the shard index fails its crc32c checksum (damaged or truncated file); run "
+                            "`mellow store verify`")
+    return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+
+
 class ShardedRows:
     """Reads whole rows of one sharded Zarr v3 array (the store's `emb`) by index, with identical values to
     `zarr.open(...)[rows]`, several times faster. Safe to use from one process at a time; a forked process
@@ -81,7 +96,7 @@ class ShardedRows:
                  required: np.ndarray | None = None) -> None:
         self.path = Path(array_path)
         metadata = json.loads((self.path / "zarr.json").read_text())
-        self.row_shape, self.rows_per_shard = _check_layout(metadata)
+        self.row_shape, self.rows_per_shard = check_layout(metadata)
         self.num_rows = metadata["shape"][0]
         self.dtype = np.dtype(metadata["data_type"]).newbyteorder("<")
         self.fill_value = metadata["fill_value"]
@@ -125,16 +140,7 @@ class ShardedRows:
     def _index(self, shard: int, descriptor: int) -> np.ndarray:
         """The shard's (rows_per_shard, 2) uint64 (offset, nbytes) table, read once per process."""
         if shard not in self._indexes:
-            size = self.rows_per_shard * 16 + 4
-            length = os.fstat(descriptor).st_size
-            if length < size:
-                raise ShardFileError(self.shard_path(shard), shard, f"is cut short ({length:,} bytes, less than its "
-                                                                    "own chunk index)")
-            raw = os.pread(descriptor, size, length - size)
-            if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise ChecksumError(f"{self.shard_path(shard)}: the shard index fails its crc32c checksum "
-                                    "(damaged or truncated file); run `mellow store verify`")
-            self._indexes[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            self._indexes[shard] = read_chunk_index(descriptor, self.rows_per_shard, self.shard_path(shard), shard)
         return self._indexes[shard]
 
     @property

@@ -122,3 +122,16 @@ def test_precompute_recomputes_a_damaged_shard(damaged, tiny_dataset, mel_store)
     np.testing.assert_array_equal(original["emb"][:], repaired["emb"][:])
     np.testing.assert_array_equal(original["valid"][:], repaired["valid"][:])
     assert EmbeddingStore(store).meta["complete"]
+
+
+def test_a_missing_valid_counts_file_is_refused_too(mel_store, tmp_path):
+    """`valid` (tokens per clip) would read as 0 for every clip of a shard whose chunk file is gone."""
+    root = tmp_path / "shards"
+    shutil.copytree(mel_store.parent.parent, root)
+    store = root / mel_store.parent.name / mel_store.name
+    (store / "store.zarr" / "valid" / "c" / "1").unlink()
+    message = _verify_message(store)
+    assert "shard 1" in message and "valid/c/1" in message and "is missing" in message
+    with pytest.raises(ValueError) as raised:
+        RowsFromZarr(EmbeddingStore(store))
+    assert _one_line(str(raised.value)) == message
