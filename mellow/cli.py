@@ -505,14 +505,26 @@ def store_export_command(
 
 @store_app.command("verify")
 @friendly_errors
-def store_verify_command(path: Path = typer.Argument(..., help="A store folder (shards/<dataset>/<tag>).")) -> None:
+def store_verify_command(
+    path: Path = typer.Argument(..., help="A store folder (shards/<dataset>/<tag>)."),
+    repair: bool = typer.Option(False, help="Take back every damaged shard (its marker and files go, the store is "
+                                            "marked incomplete), so that rerunning 01_precompute on its dataset "
+                                            "computes it again."),
+) -> None:
     """Check that every shard file is there and as long as it was written, every chunk checksum, and the index;
     name the shard and clips of any damage (exit 1 if any)."""
     from mellow.integrity import committed_shards, verify_store
 
     problems = verify_store(path)
-    for problem in problems:
+    for _, problem in problems:
         console.print(f"[bold red]damaged:[/] {escape(problem)}", highlight=False)
+    damaged = sorted({shard for shard, _ in problems if shard is not None})
+    if repair and damaged:
+        from mellow.store import StoreWriter
+
+        StoreWriter.open_existing(path).uncommit(damaged, "damaged (found by store verify)")
+        console.print(f"took back {len(damaged)} shard(s) ({', '.join(map(str, damaged))}): run 01_precompute on "
+                      f"{read_json(path / 'meta.json').get('dataset', 'its dataset')} to compute them again")
     if problems:
         raise typer.Exit(code=1)
     shards, total = committed_shards(path)

@@ -146,10 +146,10 @@ def is_finalized(meta: dict) -> bool:
     return bool(meta.get("finalized", meta.get("complete")))
 
 
-def verify_store(path: Path) -> list[str]:
+def verify_store(path: Path) -> list[tuple[int | None, str]]:
     """Check that every committed shard's files are there and as long as they were written, that every row the
-    index calls encoded holds data whose checksum passes, and the index's rows; one line per problem (empty: all
-    good).
+    index calls encoded holds data whose checksum passes, and the index's rows; (the shard it is in, or None for
+    the store's index, one line) per problem (empty: all good).
 
     A store that precompute has not finished (interrupted, or stopped by a full disk) is checked shard by shard
     for what it committed: every shard with a marker must read back; the others are rewritten by the next run.
@@ -165,12 +165,13 @@ def verify_store(path: Path) -> list[str]:
     problems = []
     shards, total = committed_shards(path)
     if is_finalized(meta):
-        problems.extend(f"shard {shard} has no commit marker (parts/shard-{shard:05d}.json), though the store is "
-                        f"finalized; {REMEDY}" for shard in sorted(set(range(total)) - set(shards)))
+        problems.extend((shard, f"shard {shard} has no commit marker (parts/shard-{shard:05d}.json), though the "
+                                f"store is finalized; {REMEDY}") for shard in sorted(set(range(total)) - set(shards)))
         with open(path / "index.jsonl") as handle:
             rows = np.fromiter((json.loads(line)["row"] for line in handle if line.strip()), dtype=np.int64)
         if not np.array_equal(np.sort(rows), np.arange(meta["rows"])):
-            problems.append(f"index.jsonl lists rows {len(rows)} for a store of {meta['rows']} rows")
+            problems.append((None, f"index.jsonl lists rows {len(rows)} for a store of {meta['rows']} rows; rerun "
+                                   "01_precompute (or `mellow store finalize`) to write it again"))
     encoded = np.zeros(meta["rows"], dtype=bool)  # filled a shard at a time, from its marker
     reader = open_rows(path / "store.zarr" / "emb", required=encoded)
     read = reader.read if reader else functools.partial(read_with_zarr, emb)
@@ -183,7 +184,8 @@ def verify_store(path: Path) -> list[str]:
         if problem is None:
             problem = _chunk_problems(read, valid, files, shard, range(start, stop), records["records"])
         if problem:
-            problems.extend([files.describe(shard, problem)] if isinstance(problem, str) else problem)
+            problems.extend((shard, line) for line in ([files.describe(shard, problem)] if isinstance(problem, str)
+                                                       else problem))
     return problems
 
 
@@ -206,7 +208,8 @@ def _chunk_problems(read: Callable, valid: zarr.Array, files: ShardFiles, shard:
             valid[row]
         except Exception as error:
             damaged.append(f"clip {ids.get(row, '?')} (row {row}) in shard {shard} {files.named('emb', shard)}: "
-                           f"{type(error).__name__}: {error}")
+                           f"{type(error).__name__}: {error}; `mellow store verify --repair` takes the shard back "
+                           "for 01_precompute to compute again")
     return damaged
 
 

@@ -41,7 +41,7 @@ from mellow.integrity import (
 )
 from mellow.manifests import read_audio_records
 from mellow.progress import console, progress_bar
-from mellow.settings import PrecomputeConfig, ShardedJobConfig  # noqa: F401 (re-exported)
+from mellow.settings import PrecomputeConfig, ShardedJobConfig, prepare_command  # noqa: F401 (re-exported)
 from mellow.store import FINALIZE_LOCK, StoreWriter, check_failures, finalize_store  # noqa: F401 (re-exported)
 from mellow.wds import Source, sources_of
 
@@ -117,8 +117,9 @@ def recheck_audio(config: PrecomputeConfig, writer: StoreWriter, records: list[d
         clips = [record["id"] for _, record in verdicts["refuse"]]
         raise ValueError(f"{', '.join(clips[:5])}{' …' if len(clips) > 5 else ''}: {len(clips)} clip(s) of "
                          f"{config.dataset} changed since 00_prepare recorded them (their files no longer match the "
-                         "sha256 in audio.jsonl); run 00_prepare again with the same options, which re-checks the "
-                         "audio and records the change, then this command again to re-encode them")
+                         f"sha256 in audio.jsonl); run 00_prepare again with the same options (`"
+                         f"{prepare_command(config.dataset)}`), which re-checks the audio and records the change, "
+                         "then this command again to re-encode them")
     for shard in sorted({shard for shard, _ in stats}):
         writer.refresh_stats(shard, {row: now for (done, row), now in stats.items() if done == shard})
     changed = verdicts["re-encode"]

@@ -8,9 +8,11 @@ settings class (`from mellow.train import TrainConfig` works as before).
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -154,6 +156,25 @@ class PrepareConfig:
     @property
     def dataset_dir(self) -> Path:
         return self.root / self.dataset_name
+
+
+def prepare_command(dataset: Path) -> str:
+    """The 00_prepare command that made `dataset`, with the options its prepare.json records (those that differ
+    from the defaults), to run it again: with the same options it re-checks the dataset's audio."""
+    try:
+        recorded = json.loads((dataset / "prepare.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return f"uv run stages/00_prepare.py --name {dataset.name} <the options it was made with>"
+    defaults = {spec.name: spec.default if spec.default is not MISSING else spec.default_factory()
+                for spec in fields(PrepareConfig)}
+    words = ["uv run stages/00_prepare.py"]
+    for key, value in recorded.items():
+        flag = "--" + key.replace("_", "-")
+        if key != "name" and (value == defaults.get(key) or str(value) == str(defaults.get(key))):
+            continue
+        words.append((flag if value else f"--no-{flag[2:]}") if isinstance(value, bool)
+                     else f"{flag} {shlex.quote(str(value))}")
+    return " ".join(words + [f"--root {shlex.quote(str(dataset.parent))}"])
 
 
 @dataclass

@@ -135,3 +135,24 @@ def test_a_missing_valid_counts_file_is_refused_too(mel_store, tmp_path):
     with pytest.raises(ValueError) as raised:
         RowsFromZarr(EmbeddingStore(store))
     assert _one_line(str(raised.value)) == message
+
+
+def test_a_damaged_chunk_is_repaired_by_verify_then_precompute(mel_store, tiny_dataset, tmp_path):
+    """A flipped byte inside a chunk leaves the file's size as it was: verify finds it, `--repair` takes the shard
+    back, and 01_precompute computes it again."""
+    root = tmp_path / "shards"
+    shutil.copytree(mel_store.parent.parent, root)
+    store = root / mel_store.parent.name / mel_store.name
+    shard_file = store / "store.zarr" / "emb" / "c" / "1" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[40] ^= 0xFF  # inside the first chunk of shard 1
+    shard_file.write_bytes(bytes(data))
+    config = PrecomputeConfig(dataset=tiny_dataset, encoder=EncoderConfig(name="mel", clip_seconds=3.0, tokens=4),
+                              store=StoreConfig(root=root, shard_clips=8))
+    assert precompute.run(config).computed_shards == 0  # the cheap check (sizes) cannot see it
+    result = CliRunner().invoke(app, ["store", "verify", "--repair", str(store)])
+    assert result.exit_code == 1 and "checksum" in result.output and "took back 1 shard(s) (1)" in result.output
+    assert precompute.run(config).computed_shards == 1
+    assert verify_store(store) == []
+    np.testing.assert_array_equal(zarr.open(str(mel_store / "store.zarr"), mode="r")["emb"][:],
+                                  zarr.open(str(store / "store.zarr"), mode="r")["emb"][:])
