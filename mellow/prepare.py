@@ -303,12 +303,13 @@ def _warn_of_empty_splits(config: PrepareConfig, examples: dict[str, list[dict]]
     if not any(examples.values()):
         return
     counts = ", ".join(f"{len(examples.get(split, []))} {split}" for split in SPLIT_USES)
-    for split, use in SPLIT_USES.items():
-        if not examples.get(split):
-            console.print(f"[yellow]warning: the {split} split is empty[/] (examples: {counts}, from {clips} clips "
-                          f"at --val-fraction {config.val_fraction:g} and --test-fraction {config.test_fraction:g}, "
-                          f"unless the source names the splits); {use}: add clips, or give them a split",
-                          highlight=False)
+    empty = [split for split in SPLIT_USES if not examples.get(split)]
+    if empty:
+        which = f"the {' and the '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty"
+        console.print(f"[yellow]warning: {which}[/] (examples: {counts}, from {clips} clips at --val-fraction "
+                      f"{config.val_fraction:g} and --test-fraction {config.test_fraction:g}, unless the source names "
+                      f"the splits); {'; '.join(SPLIT_USES[split] for split in empty)}: add clips, or give them a "
+                      "split", highlight=False)
 
 
 def _write_clip(scene: synth.Scene, audio_dir: Path, layout: tuple[str, int, int], seed: int) -> dict:

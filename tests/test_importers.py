@@ -342,8 +342,8 @@ def test_an_empty_split_is_a_warning_with_the_counts(tmp_path):
     counts = {split: len(rows) for split, rows in examples(tmp_path / "x").items()}
     empty = [split for split, count in counts.items() if count == 0]
     assert empty  # three clips cannot fill three splits at the default fractions
-    for split in empty:
-        assert f"warning: the {split} split is empty" in said
+    verb = "splits are" if len(empty) > 1 else "split is"
+    assert f"warning: the {' and the '.join(empty)} {verb} empty" in said
     assert f"{counts['train']} train, {counts['val']} val, {counts['test']} test" in said
 
 

@@ -31,6 +31,7 @@ def test_quickstart_preset_is_the_quickstarts_training_run():
     assert to_dict(preset[0]) == to_dict(train) and preset[1] == model and preset[2] == expected
 
 
+@pytest.mark.slow  # SmolLM2-135M itself on a CPU (~55 s); tests/test_train_toolbox.py trains LoRA on a tiny decoder
 def test_smollm2_lora_preset_trains(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
     preset = PRESETS[[p.stem for p in PRESETS].index("smollm2-lora")]
