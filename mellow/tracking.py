@@ -35,25 +35,24 @@ def peak_memory_mb(device: torch.device) -> float:
 class Tracker:
     """Logs one record (a dict with an `update` key) to every sink; a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, resolved: dict, is_main: bool, resumed_at: int | None, tensorboard: bool,
+    def __init__(self, run_dir: Path, resolved: dict, is_main: bool, resumed_at: int, tensorboard: bool,
                  wandb_setting: str, wandb_project: str) -> None:
         """`resumed_at`: the update the run continues from (0 for a run that starts from nothing); what a killed
-        run logged after it is dropped. None keeps every row."""
+        run logged after it is dropped, so every sink shows each update once."""
         self.metrics_path = run_dir / "metrics.jsonl"
         self.enabled = is_main
         self.tensorboard = None
         self.wandb = None
         if not is_main:
             return
-        if resumed_at is not None and self.metrics_path.exists():
+        if self.metrics_path.exists():
             write_jsonl_atomic(self.metrics_path, [r for r in read_jsonl(self.metrics_path)
                                                    if r["update"] <= resumed_at])
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote past its checkpoint
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"),
-                                             purge_step=resumed_at + 1 if resumed_at is not None else None)
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_at + 1)
         self.wandb = start_wandb(run_dir, resolved, wandb_setting, wandb_project)
 
     def log(self, record: dict) -> None:

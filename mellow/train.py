@@ -120,7 +120,8 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
     if not (train.store / "meta.json").is_file():
         raise ValueError(f"--train.store {str(train.store)!r} is not an embedding store; run 01_precompute "
                          "and pass its output folder (shards/<dataset>/<encoder-tag>)")
-    fingerprint = EmbeddingStore(train.store).fingerprint
+    store = EmbeddingStore(train.store)
+    fingerprint = store.fingerprint
     if fingerprint.get("kind") == "text":
         raise ValueError(f"--train.store {train.store} holds caption text embeddings (precompute-captions); "
                          "pass an audio store made by 01_precompute")
@@ -143,7 +144,6 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, resume: bool, c
         return None, check_init_from(train, model_config) if train.init_from else None
     checkpoint = chosen_checkpoint(train)
     saved = read_json(checkpoint / "trainer.json")
-    store = EmbeddingStore(train.store)
     store.check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
     changes = store.changes_since(saved.get("store_revision", 0))
     if changes:
