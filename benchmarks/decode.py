@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mellow.audio import decode_audio, encode_audio_file  # noqa: E402
+from mellow.audio.decode import decode_audio, encode_audio_file  # noqa: E402
 
 FORMATS = ("wav", "flac", "mp3", "ogg", "m4a")
 

@@ -18,18 +18,19 @@ from pathlib import Path
 
 import torch
 
-from mellow import evaluate, precompute, prepare, train
-from mellow.checkpoint import find_checkpoint, load_trained_model
-from mellow.data import ExampleSet, load_examples
-from mellow.encoders import EncoderConfig
-from mellow.evaluate import EvalConfig
+from mellow.encode import precompute
+from mellow.evaluate import score
 from mellow.files import read_json
-from mellow.model import ModelConfig
-from mellow.precompute import PrecomputeConfig
-from mellow.prepare import PrepareConfig
 from mellow.progress import console
-from mellow.store import EmbeddingStore, StoreConfig
-from mellow.train import TrainConfig
+from mellow.settings import EncoderConfig, EvalConfig, ModelConfig, PrecomputeConfig, TrainConfig
+from mellow.sources import prepare
+from mellow.sources.config import PrepareConfig
+from mellow.store.reader import EmbeddingStore
+from mellow.store.writer import StoreConfig
+from mellow.train import loop
+from mellow.train.checkpoint import load_trained_model
+from mellow.train.data import ExampleSet, load_examples
+from mellow.train.runs import find_checkpoint
 
 
 def fresh_run(work: Path, updates: int) -> Path:
@@ -38,7 +39,7 @@ def fresh_run(work: Path, updates: int) -> Path:
     store = precompute.run(PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name="whisper-tiny", tokens=16),
                                             store=StoreConfig(root=work / "shards"))).store_path
     run_dir = work / "run"
-    train.run(TrainConfig(store=store, dataset=dataset, run_dir=run_dir, max_updates=updates, batch_size=32,
+    loop.run(TrainConfig(store=store, dataset=dataset, run_dir=run_dir, max_updates=updates, batch_size=32,
                           val_every=0, save_every=updates, tensorboard=False, wandb="off"),
               ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4))
     return run_dir
@@ -47,7 +48,7 @@ def fresh_run(work: Path, updates: int) -> Path:
 def timed(model, tokenizer, examples: ExampleSet, batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
     config = EvalConfig(run=Path("."), batch_size=batch_size, max_new_tokens=max_new_tokens)
     started = time.perf_counter()
-    predictions = evaluate.generate_all(model, tokenizer, examples, config, torch.device("cpu"))
+    predictions = score.generate_all(model, tokenizer, examples, config, torch.device("cpu"))
     return time.perf_counter() - started, predictions
 
 

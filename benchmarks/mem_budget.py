@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_store(work: Path, clips: int) -> tuple[Path, Path]:
     """A small synthetic dataset and its whisper-tiny store (16 tokens), as the quickstart makes."""
-    from mellow import precompute, prepare
-    from mellow.encoders import EncoderConfig
-    from mellow.precompute import PrecomputeConfig
-    from mellow.prepare import PrepareConfig
-    from mellow.store import StoreConfig
+    from mellow.encode import precompute
+    from mellow.settings import EncoderConfig, PrecomputeConfig
+    from mellow.sources import prepare
+    from mellow.sources.config import PrepareConfig
+    from mellow.store.writer import StoreConfig
 
     dataset = prepare.run(PrepareConfig(root=work / "datasets", num_clips=clips))
     store = precompute.run(PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name="whisper-tiny", tokens=16),

@@ -21,20 +21,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mellow import precompute, prepare
-from mellow.audio import decode_audio, fit_length
-from mellow.encoders import EncoderConfig, build_encoder
+from mellow.audio import views
+from mellow.audio.decode import decode_audio, fit_length
+from mellow.encode import precompute
+from mellow.encode.encoders import build_encoder
 from mellow.files import read_jsonl
-from mellow.precompute import PrecomputeConfig
-from mellow.prepare import PrepareConfig
-from mellow.store import StoreConfig
+from mellow.settings import EncoderConfig, PrecomputeConfig
+from mellow.sources import prepare
+from mellow.sources.config import PrepareConfig
+from mellow.store.writer import StoreConfig
 
 
 def decode_all(records: list[dict], config: PrecomputeConfig, sample_rate: int,
                workers: int) -> tuple[list[np.ndarray], np.ndarray]:
     """The pipeline's own decode step (ffmpeg, checks, crop) for every clip, in the same kind of pool."""
     def one(record: dict) -> tuple[np.ndarray, float]:
-        return precompute.decode_views(record, str(config.dataset / record["path"]), config.encoder,
+        return views.decode_views(record, str(config.dataset / record["path"]), config.encoder,
                                         config.min_seconds, sample_rate)[0]
 
     with ThreadPoolExecutor(workers) as pool:

@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mellow.files import read_json  # noqa: E402
-from mellow.shard_reader import ShardedRows  # noqa: E402
-from mellow.store import EmbeddingStore, StoreConfig, StoreWriter  # noqa: E402
+from mellow.store.reader import EmbeddingStore  # noqa: E402
+from mellow.store.shards import ShardedRows  # noqa: E402
+from mellow.store.writer import StoreConfig, StoreWriter  # noqa: E402
 
 WORDS = ("dog bark rain engine siren bird chirp tone chord noise click silence loud quiet high low long short "
          "first second audio clip event sound louder higher longer pitch").split()
@@ -263,15 +264,23 @@ METADATA_STEPS = {
     "open store + 1 000 lookups": """
 import mellow
 assert mellow.__file__.startswith(CODE), mellow.__file__
-from mellow.store import EmbeddingStore
+try:
+    from mellow.store.reader import EmbeddingStore
+except ImportError:  # the flat modules of the code before 2026-12-07's packages
+    from mellow.store import EmbeddingStore
 store = EmbeddingStore(PATH)
 ids = [f"clip-{row:07d}" for row in range(0, ROWS, ROWS // 1000)]
 assert [store.rows[clip] for clip in ids] == list(range(0, ROWS, ROWS // 1000))
 """,
     "eval start-up (store + 2 000-example split)": """
-from mellow.data import ExampleSet, RowsFromZarr
-from mellow.decoders import load_tokenizer
-from mellow.store import EmbeddingStore
+try:
+    from mellow.model.decoders import load_tokenizer
+    from mellow.store.reader import EmbeddingStore
+    from mellow.train.data import ExampleSet, RowsFromZarr
+except ImportError:  # the flat modules of the code before 2026-12-07's packages
+    from mellow.data import ExampleSet, RowsFromZarr
+    from mellow.decoders import load_tokenizer
+    from mellow.store import EmbeddingStore
 store, tokenizer = EmbeddingStore(PATH), load_tokenizer("tiny")
 if hasattr(ExampleSet, "from_split"):  # eval as it is now: the split's token cache, rows read per batch
     examples = ExampleSet.from_split(DATASET, "test", store, tokenizer, 256, rows=RowsFromZarr(store))
@@ -314,7 +323,8 @@ def metadata_part(args: argparse.Namespace, codes: dict[str, Path]) -> list[dict
     results = []
     for label, code in reversed(codes.items()):  # ours last: its finalize writes what ours reads
         env = {**os.environ, "PYTHONPATH": str(code)}
-        baseline = measured([sys.executable, "-c", "import mellow.store, mellow.data"], env, args.work)
+        baseline = measured([sys.executable, "-c", "try:\n import mellow.store.reader, mellow.train.data\n"
+                                              "except ImportError:\n import mellow.store, mellow.data"], env, args.work)
         steps = {name: [sys.executable, "-c", f"from pathlib import Path\nPATH = Path({str(path)!r})\n"
                         f"DATASET = Path({str(dataset)!r})\nROWS = {args.meta_rows}\nCODE = {str(code)!r}\n" + body]
                  for name, body in METADATA_STEPS.items()}
@@ -331,9 +341,9 @@ def metadata_part(args: argparse.Namespace, codes: dict[str, Path]) -> list[dict
 
 def tokenize_part(args: argparse.Namespace) -> list[dict]:
     """Tokenising a new split once (a first start's one-time cost): one process against one per core, same run."""
-    from mellow.decoders import load_tokenizer
-    from mellow.store import EmbeddingStore
-    from mellow.tokenized import tokenize_file
+    from mellow.model.decoders import load_tokenizer
+    from mellow.store.reader import EmbeddingStore
+    from mellow.train.tokens import tokenize_file
 
     store = args.work / "startup-store"
     write_store(store, args.clips, tokens=4, dim=64, shard_clips=8192)
@@ -402,10 +412,11 @@ def stat_limit(folder: Path, store: Path) -> float:
 def recheck_part(args: argparse.Namespace) -> list[dict]:
     """What a rerun of 00_prepare or 01_precompute pays to notice edited audio, at 10 k / 100 k / 1 M clips:
     a stat per clip (nothing changed, so nothing is hashed), against stat_limit in the same run."""
-    from mellow import precompute, prepare
-    from mellow.encoders import EncoderConfig
+    from mellow.encode import precompute
     from mellow.manifests import read_audio_records
-    from mellow.settings import PrecomputeConfig, PrepareConfig
+    from mellow.settings import EncoderConfig, PrecomputeConfig
+    from mellow.sources import prepare
+    from mellow.sources.config import PrepareConfig
 
     results = []
     for clips in args.sizes:

@@ -21,22 +21,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mellow import precompute, prepare, train
-from mellow.data import ExampleSet, load_examples
+from mellow.audio.views import decode_views
 from mellow.distributed import DistributedContext
-from mellow.encoders import EncoderConfig, build_encoder
+from mellow.encode import precompute
+from mellow.encode.encoders import build_encoder
 from mellow.files import read_jsonl
-from mellow.model import ModelConfig, build_model
-from mellow.precompute import PrecomputeConfig, decode_views
-from mellow.prepare import PrepareConfig
-from mellow.store import EmbeddingStore, StoreConfig
-from mellow.train import TrainConfig, _optimizer, micro_batches, mixed_precision, training_precision
+from mellow.model.modeling import build_model
+from mellow.settings import EncoderConfig, ModelConfig, PrecomputeConfig, TrainConfig
+from mellow.sources import prepare
+from mellow.sources.config import PrepareConfig
+from mellow.store.reader import EmbeddingStore
+from mellow.store.writer import StoreConfig
+from mellow.train import loop
+from mellow.train.data import ExampleSet, load_examples
+from mellow.train.loop import _optimizer, micro_batches, mixed_precision, training_precision
 
 
 def from_store(store: Path, dataset: Path, run_dir: Path, model: ModelConfig, args: argparse.Namespace,
                cache: str) -> tuple[float, float]:
     """(samples/s, data-wait fraction) of mellow's own training loop over the measured updates."""
-    train.run(TrainConfig(store=store, dataset=dataset, run_dir=run_dir, batch_size=args.batch_size,
+    loop.run(TrainConfig(store=store, dataset=dataset, run_dir=run_dir, batch_size=args.batch_size,
                           max_updates=args.warmup + args.updates, log_every=1, val_every=0, save_every=0,
                           data_cache=cache, data_workers=args.data_workers, tensorboard=False, wandb="off",
                           lr=1e-4, warmup_updates=1, compile=args.compile, precision=args.precision), model)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+import rich.columns
+import rich.table
+import rich.text
 import typer
+import typer.rich_utils
 import yaml
 from rich.markup import escape
 
@@ -22,8 +27,7 @@ except (ValueError, OSError, UnicodeDecodeError) as env_error:
     print(f"error: {env_error}", file=sys.stderr)
     sys.exit(2)
 
-from mellow import runs
-from mellow.audio import AudioDecodeError, FfmpegNotFoundError
+from mellow.audio.decode import AudioDecodeError, FfmpegNotFoundError
 from mellow.config import build, cli_option, help_table, load_yaml_with_lines, parse_dotted
 from mellow.errors import PeerLostError, TooManyFailuresError
 from mellow.files import DISK_FULL, DiskFullError, read_json
@@ -38,11 +42,18 @@ from mellow.settings import (
     ExportConfig,
     ModelConfig,
     PrecomputeConfig,
-    PrepareConfig,
     TextEncoderConfig,
     TrainConfig,
 )
-from mellow.store import EncoderExpectation, StoreConfig, StoreMismatchError
+from mellow.sources.config import PrepareConfig
+from mellow.store.writer import EncoderExpectation, StoreConfig, StoreMismatchError
+from mellow.train import runs
+
+try:  # the machine's .env first: it sets the defaults of the settings below (roots, caches, keys)
+    envfile.load_env_file()
+except (ValueError, OSError, UnicodeDecodeError) as env_error:
+    print(f"error: {env_error}", file=sys.stderr)
+    sys.exit(2)
 
 
 def one_line_usage_errors(main, standalone_mode: bool, **arguments):
@@ -82,8 +93,34 @@ class OneLineErrorsGroup(typer.core.TyperGroup):
                                      complete_var=complete_var, **extra)
 
 
+class _FoldingTable(rich.table.Table):
+    """typer's help tables, with long words folded onto the next line instead of cut with "…" (typer has no
+    option for it): a value such as `folder:<manifest.csv|jsonl>` must be readable whole at any width."""
+
+    def add_row(self, *renderables, **kwargs) -> None:
+        super().add_row(*renderables, **kwargs)
+        for column in self.columns:
+            column.overflow = "fold"
+
+
+def _folding_parameter_help(**kwargs) -> rich.columns.Columns:
+    """An option's help as typer makes it (a rich Columns of Text), each Text folding its long words."""
+    columns = _typer_parameter_help(**kwargs)
+    for item in columns.renderables:
+        if isinstance(item, rich.text.Text):
+            item.overflow = "fold"
+    return columns
+
+
+_typer_parameter_help = typer.rich_utils._get_parameter_help
+typer.rich_utils.Table = _FoldingTable
+typer.rich_utils._get_parameter_help = _folding_parameter_help
+# the help is as wide as the terminal ($COLUMNS, else the terminal's own width); piped, 100 columns
+typer.rich_utils.MAX_WIDTH = typer.rich_utils.MAX_WIDTH or shutil.get_terminal_size((100, 24)).columns
+
 app = typer.Typer(help="mellow: a staged training pipeline for small audio-language models.", cls=OneLineErrorsGroup,
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
 
 TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "encoder": EncoderExpectation}
 
@@ -159,7 +196,7 @@ def prepare_command(
 ) -> None:
     """Stage 00: write a dataset folder (audio files + manifests) from a source."""
     config = PrepareConfig(**locals())
-    from mellow import prepare  # the heavy modules: only once the settings are known to be good
+    from mellow.sources import prepare  # the heavy modules: only once the settings are known to be good
 
     prepare.run(config)
 
@@ -207,7 +244,7 @@ def precompute_command(
                           zstd_level=zstd_level),
         decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
         world_size=world_size, allow_pipes=allow_pipes, check_audio=check_audio)
-    from mellow import precompute
+    from mellow.encode import precompute
 
     precompute.run(config)
 
@@ -238,9 +275,9 @@ def precompute_captions_command(
         dataset=dataset, encoder=TextEncoderConfig(name=text_encoder, batch_size=batch_size, device=device),
         store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips),
         max_failures=max_failures, rank=rank, world_size=world_size)
-    from mellow import text
+    from mellow.encode import captions
 
-    text.run(config)
+    captions.run(config)
 
 
 def load_train_configs(config_file: Path | None, overrides: list[str],
@@ -311,7 +348,7 @@ def align_command(
                                "stages/02_align.py --store shards/synth/<encoder-tag> --captions "
                                "shards/synth/<captions-tag>", "02_align.py"))
     config = AlignConfig(**locals())
-    from mellow import align
+    from mellow.train import align
 
     align.run(config)
 
@@ -346,12 +383,15 @@ def train_command(
                  *(["--train.resume_from", resume_from] if resume_from else []),
                  *(["--train.align_from", str(align_from)] if align_from else [])]
     train_config, model_config, expected = load_train_configs(config, overrides, resume)
-    from mellow import train  # torch and transformers: only once the settings are known to be good
+    if train_config.store == Path(""):
+        raise ValueError(needs("03_train needs the audio store that 01_precompute wrote (--train.store)",
+                               "uv run stages/03_train.py --train.store shards/synth/<encoder-tag>", "03_train.py"))
+    from mellow.train import loop  # torch and transformers: only once the settings are known to be good
 
     if print_config:
-        console.print(yaml.safe_dump(train.resolved_config(train.with_dataset(train_config), model_config, expected)))
+        console.print(yaml.safe_dump(loop.resolved_config(loop.with_dataset(train_config), model_config, expected)))
         return
-    result = train.run(train_config, model_config, resume=resume, expected=expected)
+    result = loop.run(train_config, model_config, resume=resume, expected=expected)
     if result.interrupted:
         raise typer.Exit(130)  # saved; Ctrl-C still ends a chain of commands (`03_train ... && 04_eval ...`)
 
@@ -380,9 +420,9 @@ def eval_command(
         run = runs.most_recent_run("a run folder", "uv run stages/04_eval.py checkpoints/<run>")
         runs.announce(run, "scoring", "a run folder (uv run stages/04_eval.py checkpoints/<run>)")
     config = EvalConfig(**locals())
-    from mellow import evaluate
+    from mellow.evaluate import score
 
-    evaluate.run(config)
+    score.run(config)
 
 
 @app.command("leaderboard")
@@ -396,7 +436,7 @@ def leaderboard_command(
 ) -> None:
     """One leaderboard for a chain of stages (align -> train -> fine-tune): a row per stage with its retrieval
     figures or its newest scored checkpoint's scores, the classification figures of closed-label tasks included."""
-    from mellow.report import write_chain_leaderboard
+    from mellow.evaluate.run_report import write_chain_leaderboard
 
     rows = write_chain_leaderboard(runs, split, output)
     console.print((output.with_suffix(".md")).read_text(), highlight=False)
@@ -426,7 +466,7 @@ def ask_command(
                          "\"Describe the audio.\" --checkpoint checkpoints/<run>")
     config = AskConfig(checkpoint=checkpoint, model=model, which=which, beams=beams, max_new_tokens=max_new_tokens,
                        device=device)
-    from mellow import ask
+    from mellow.evaluate import ask
 
     answer = ask.ask(config, [Path(path) for path in inputs[:-1]], inputs[-1])
     print(answer)
@@ -445,12 +485,14 @@ def export_command(
     merged), the projector (safetensors), the encoder's spec and fingerprint, settings, and a model card with
     its eval scores. `mellow ask --model OUT` runs it; transformers loads OUT/decoder alone."""
     config = ExportConfig(checkpoint=checkpoint, which=which, out=out, overwrite=overwrite)
-    from mellow import export
+    from mellow.evaluate import export
 
     export.export(config)
 
 
 store_app = typer.Typer(help="Inspect and check embedding stores.", no_args_is_help=True)
+
+
 app.add_typer(store_app, name="store")
 
 
@@ -458,7 +500,7 @@ app.add_typer(store_app, name="store")
 @friendly_errors
 def store_info_command(path: Path = typer.Argument(..., help="A store folder (shards/<dataset>/<tag>).")) -> None:
     """Summarise a store: fingerprint, rows, shards, failed clips, size on disk."""
-    from mellow.store import EmbeddingStore
+    from mellow.store.reader import EmbeddingStore
 
     store = EmbeddingStore(path)
     size = sum(f.stat().st_size for f in (path / "store.zarr").rglob("*") if f.is_file())
@@ -478,7 +520,7 @@ def store_finalize_command(
     """Write index.jsonl and meta.json once every shard is done (normally the last precompute process does),
     and mark the store complete if no more than --max-failures of its clips failed: this is how a store over its
     failure budget is accepted. Also clears the finalize lock a process killed while finalizing left behind."""
-    from mellow.store import FINALIZE_LOCK, StoreWriter, check_failures, finalize_store
+    from mellow.store.writer import FINALIZE_LOCK, StoreWriter, check_failures, finalize_store
 
     writer = StoreWriter.open_existing(path)
     missing = writer.missing_shards()
@@ -498,7 +540,7 @@ def store_export_command(
     clips_per_tar: int = typer.Option(1000, help="Clips per tar shard."),
 ) -> None:
     """Export a store as WebDataset tar shards (<key>.npy + <key>.json), readable by stock webdataset."""
-    from mellow.wds import export_webdataset
+    from mellow.store.wds_export import export_webdataset
 
     export_webdataset(path, out, clips_per_tar)
 
@@ -513,14 +555,14 @@ def store_verify_command(
 ) -> None:
     """Check that every shard file is there and as long as it was written, every chunk checksum, and the index;
     name the shard and clips of any damage (exit 1 if any)."""
-    from mellow.integrity import committed_shards, verify_store
+    from mellow.store.integrity import committed_shards, verify_store
 
     problems = verify_store(path)
     for _, problem in problems:
         console.print(f"[bold red]damaged:[/] {escape(problem)}", highlight=False)
     damaged = sorted({shard for shard, _ in problems if shard is not None})
     if repair and damaged:
-        from mellow.store import StoreWriter
+        from mellow.store.writer import StoreWriter
 
         StoreWriter.open_existing(path).uncommit(damaged, "damaged (found by store verify)")
         console.print(f"took back {len(damaged)} shard(s) ({', '.join(map(str, damaged))}): run 01_precompute on "
@@ -584,3 +626,4 @@ def run_stage(command: str) -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -6,6 +6,7 @@ Every config field is declared with `setting(default, "help")`; the help text is
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -42,6 +43,8 @@ class ConfigTypeError(ValueError):
 
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 WHOLE_NUMBER = re.compile(r"[+-]?\d+")
 
 
@@ -96,6 +99,15 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+def _unknown(key: str, known: dict, prefix: str, where: str | None) -> str:
+    """An unknown option, named where it was given, with the nearest known one (or where to find them all)."""
+    where = where or f"{prefix}{key}"
+    dashes = "--" if where.startswith("--") else ""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {dashes}{prefix}{close[0]}?" if close else "--help lists every option"
+    return f"unknown option {where} ({hint})"
+
+
 def build(cls: type[T], values: dict[str, Any], section: str = "", names: dict[str, str] | None = None) -> T:
     """Make `cls` from a dict, rejecting unknown keys with the list of known ones. `names` says how to name a
     field in an error (where its value was given: "my.yaml:12: train.lr", "--train.lr"); default section.field."""
@@ -103,8 +115,7 @@ def build(cls: type[T], values: dict[str, Any], section: str = "", names: dict[s
     unknown = set(values) - set(known)
     prefix = f"{section}." if section else ""
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(prefix + u for u in sorted(unknown))}; "
-                         f"known: {', '.join(prefix + k for k in known)}")
+        raise ValueError("; ".join(_unknown(key, known, prefix, (names or {}).get(key)) for key in sorted(unknown)))
     hints = typing.get_type_hints(cls)
     names = names or {}
     converted = {k: _coerce(v, hints[k], names.get(k, prefix + k)) for k, v in values.items()}
@@ -186,3 +197,4 @@ def help_table(sections: dict[str, type]) -> str:
             shown = str(default) if isinstance(default, Path) else repr(default)
             lines.append(f"--{section}.{spec.name} (default {shown}): {spec.metadata.get('help', '')}")
     return "\n\n".join(lines)
+

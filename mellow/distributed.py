@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from mellow.errors import PeerLostError  # noqa: F401 (re-exported)
+from mellow.errors import PeerLostError
 
 
 def resolve_device(name: str) -> str:
@@ -47,8 +47,12 @@ def setup(device: str, timeout_seconds: float = 900.0) -> tuple[DistributedConte
     context = detect()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda:") and context.world_size > 1:
+        raise ValueError(f"device {device} pins one GPU for all {context.world_size} processes; use cuda, which "
+                         "gives each process the GPU of its local rank")
     if device == "cuda":
         device = f"cuda:{context.local_rank}"
+    if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if context.world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("RANK", str(context.rank))
@@ -97,3 +101,4 @@ def barrier() -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+

@@ -25,14 +25,17 @@ import torch.distributed as dist
 from rich.markup import escape
 
 from mellow import envfile
-from mellow.audio import AudioDecodeError, FfmpegNotFoundError, decode_audio, encode_audio_file, find_ffmpeg
-from mellow.encoders import EncoderConfig, build_encoder
+from mellow.audio.decode import AudioDecodeError, FfmpegNotFoundError, decode_audio, encode_audio_file, find_ffmpeg
+from mellow.encode.encoders import build_encoder
+from mellow.evaluate.metrics import java_missing
 from mellow.files import read_jsonl
 from mellow.progress import console
-from mellow.settings import DoctorConfig  # noqa: F401 (re-exported)
-from mellow.stopping import slurm_end_time
+from mellow.settings import DoctorConfig, EncoderConfig
+from mellow.train.stopping import slurm_end_time
 
 Status = Literal["ok", "warn", "fail"]
+
+
 MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
 
 
@@ -46,7 +49,8 @@ class Check:
 
 def run(config: DoctorConfig) -> list[Check]:
     """Run every check and print the report; returns the checks (the CLI exits 1 if one failed)."""
-    checks = [check_python_and_torch(), *check_environment(), *check_gpus(), check_ffmpeg(), *check_bundled_models(),
+    checks = [check_python_and_torch(), *check_environment(), *check_gpus(), check_ffmpeg(), check_java(),
+              *check_bundled_models(),
               *check_rank_variables(os.environ), *check_slurm(os.environ),
               *check_writable({"--store-root": config.store_root, "--checkpoints": config.checkpoints,
                                "MELLOW_CACHE": mellow_cache(), "temporary files": Path(tempfile.gettempdir())}),
@@ -120,6 +124,17 @@ def check_ffmpeg() -> Check:
         return Check("ffmpeg", "fail", f"{binary} decoded {len(samples)} samples of a 0.5 s tone at 16 kHz",
                      "use another ffmpeg build (MELLOW_FFMPEG)")
     return Check("ffmpeg", "ok", f"{binary} ({' '.join(version.split()[:3])}); encoded and decoded a FLAC tone")
+
+
+def check_java() -> Check:
+    """Java runs METEOR and Stanford's PTB tokenizer in 04_eval's caption scores; without it METEOR is skipped
+    (and said so) and a Python tokenizer stands in."""
+    missing = java_missing()
+    if missing:
+        return Check("java", "warn", f"METEOR {missing}: 04_eval skips METEOR",
+                     "install Java (`apt-get install default-jre-headless`) to score METEOR")
+    version = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60).stderr
+    return Check("java", "ok", (version.splitlines() or ["java"])[0] + "; 04_eval scores METEOR")
 
 
 def check_bundled_models() -> list[Check]:
@@ -290,3 +305,4 @@ def report(checks: list[Check]) -> None:
     counts = {status: sum(check.status == status for check in checks) for status in MARKS}
     console.print(f"{len(checks)} checks: {counts['ok']} ok, {counts['warn']} warnings, {counts['fail']} failed"
                   + ("" if counts["fail"] else " - ready"))
+

@@ -32,11 +32,18 @@ VARIABLES: dict[str, tuple[str, bool]] = {
     "WANDB_API_KEY": ("a Weights & Biases key: training logs to W&B (--train.wandb auto)", True),
     "WANDB_MODE": ("online, offline or disabled: W&B's mode (set: training logs to W&B unless disabled)", False),
 }
+
+
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+
+
 LINE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)")
+
 
 # name -> where its value came from (".env:3"), for the variables this process took from the file
 loaded: dict[str, str] = {}
+
+
 ENV_FILE: Path | None = None  # the file read, if any
 
 
@@ -105,3 +112,4 @@ def sources() -> list[tuple[str, str, str]]:
 def secret_values() -> list[str]:
     """The values of the secrets set now (to check that none is written anywhere)."""
     return [value for name, value in os.environ.items() if is_secret(name) and len(value) >= 6]
+

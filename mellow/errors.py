@@ -8,3 +8,4 @@ class TooManyFailuresError(RuntimeError):
 
 class PeerLostError(RuntimeError):
     """Another process of a multi-process run died or stopped answering."""
+

@@ -119,3 +119,4 @@ def cache_dir() -> Path:
     """mellow's per-user cache ($MELLOW_CACHE, default ~/.cache/mellow): converted decoders, token caches of
     read-only datasets."""
     return Path(os.environ.get("MELLOW_CACHE", Path.home() / ".cache" / "mellow"))
+

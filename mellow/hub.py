@@ -32,3 +32,4 @@ def model_folder(location: str, option: str, repo_type: str = "model") -> Path:
         raise ValueError(f"{option} hf:{location}: could not download it ({type(error).__name__}: {error}); "
                          "point hf: at a local folder that holds "
                          + ("the dataset's files" if kind else "config.json and the weights")) from None
+

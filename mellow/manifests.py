@@ -16,7 +16,6 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-
 DATASETS_ROOT = Path(os.environ.get("MELLOW_DATASETS") or "datasets")  # where 00_prepare writes datasets
 
 
@@ -141,3 +140,4 @@ def label_tasks_of(dataset: Path) -> dict[str, list[str]]:
                                                  for labels in declared.values()):
         raise ManifestError(f"{path}: label_tasks must map each task to a list of label strings")
     return declared
+

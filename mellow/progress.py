@@ -64,3 +64,4 @@ def progress_bar(transient: bool = False) -> StageProgress:
         TimeRemainingColumn(),
         console=console, transient=transient, disable=not _is_rank_zero(),
     )
+

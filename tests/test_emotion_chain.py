@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import webdataset
-from conftest import TINY_ARGS
-from test_meld import meld_folder  # noqa: F401 - the MELD.Raw fixture
 from typer.testing import CliRunner
 
 from mellow.cli import app
 from mellow.files import read_json, read_jsonl
+
+from conftest import TINY_ARGS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "stages" / "configs"
 EMOTIONS = ["joy", "anger", "neutral", "sadness"]
@@ -49,7 +49,7 @@ def labelled_tars(dataset: Path, folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_the_emotion_recipe_runs_its_four_stages_and_one_leaderboard(tiny_dataset, meld_folder,  # noqa: F811
+def test_the_emotion_recipe_runs_its_four_stages_and_one_leaderboard(tiny_dataset, meld_folder,
                                                                       tmp_path):
     datasets, shards, runs = tmp_path / "datasets", tmp_path / "shards", tmp_path / "checkpoints"
     # stage 1: both sets precomputed once, with one encoder

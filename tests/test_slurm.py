@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARGS, assert_same_store, latest_weights, logged_losses
 
 from mellow.files import read_jsonl
+
+from conftest import TINY_ARGS, assert_same_store, latest_weights, logged_losses
 
 pytestmark = pytest.mark.slurm
 

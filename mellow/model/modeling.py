@@ -1,0 +1,224 @@
+"""The Mellow-style audio-language model: frozen-encoder tokens -> audio projector -> causal LM.
+
+Input sequence per example (left to right):
+
+    [audio1: T tokens][sep][audio2: T tokens][sep][prompt tokens "\n"][answer tokens][eos]
+
+or, with `--model.prompt_format chat`, inside the decoder tokenizer's chat template (SmolLM2's shown):
+
+    [<|im_start|>system\n<|im_end|>\n<|im_start|>user\n][audio1][sep][audio2][sep]
+    [prompt tokens <|im_end|>\n<|im_start|>assistant\n][answer tokens][eos = <|im_end|>]
+
+Audio tokens past a clip's valid count are masked out; a missing second audio is a learned "no audio"
+embedding (not a random other clip, as in the original Mellow code). Loss is on answer tokens and EOS only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig
+
+from mellow.model.decoders import load_decoder, load_tokenizer
+from mellow.settings import ModelConfig
+
+
+class AudioProjector(nn.Module):
+    """Per-token MLP as in Mellow: Linear -> GELU -> Linear -> dropout, residual from the first Linear, LayerNorm."""
+
+    def __init__(self, audio_dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(audio_dim, hidden, bias=False)
+        self.linear2 = nn.Linear(hidden, hidden, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(hidden)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        first = self.linear1(audio)  # (B, T, H)
+        return self.layer_norm(first + self.dropout(self.linear2(F.gelu(first))))
+
+
+class MellowModel(nn.Module):
+    def __init__(self, language_model: nn.Module, audio_dim: int, dropout: float,
+                 loss_weighting: Literal["example", "token"] = "example",
+                 template: tuple[list[int], str] = ([], "\n")) -> None:
+        super().__init__()
+        self.loss_weighting = loss_weighting
+        prefix_ids, self.prompt_suffix = template  # see prompt_template
+        self.register_buffer("prefix_ids", torch.tensor(prefix_ids, dtype=torch.long), persistent=False)
+        hidden = language_model.get_input_embeddings().embedding_dim
+        self.language_model = language_model
+        self.audio_projector = AudioProjector(audio_dim, hidden, dropout)
+        self.no_audio_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.frozen_overrides: set[str] = set()  # frozen weights loaded by --init-from, saved in checkpoints
+        self.audio_separator = nn.Parameter(torch.randn(hidden) * 0.02)
+
+    def checkpoint_layers(self, share: float) -> int:
+        """Recompute the activations of `share` of the decoder's layers in the backward pass instead of keeping
+        them (gradient checkpointing, non-reentrant: the same dropout, the same gradients); returns how many."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        decoder = self.language_model
+        if hasattr(decoder, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+            decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = [module for module in decoder.modules() if isinstance(module, GradientCheckpointingLayer)]
+        count = round(share * len(layers))
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < count
+        return count
+
+    def get_audio_features(self, audio: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens (B, T, D_audio) -> decoder-width embeddings (B, T, H)."""
+        return self.audio_projector(audio)
+
+    def build_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings (B, L, H), attention mask (B, L) and position ids (B, L) for the whole sequence."""
+        audio1 = self.get_audio_features(batch["audio1"])  # (B, T, H)
+        audio2 = self.get_audio_features(batch["audio2"])  # (B, T, H)
+        has_audio2 = batch["has_audio2"][:, None, None]  # (B, 1, 1)
+        audio2 = torch.where(has_audio2, audio2, self.no_audio_embedding.to(audio2.dtype).expand_as(audio2))
+        batch_size, tokens, _ = audio1.shape
+        separator = self.audio_separator.to(audio1.dtype).expand(batch_size, 1, -1)  # (B, 1, H)
+        text = self.language_model.get_input_embeddings()(batch["input_ids"])  # (B, L_text, H)
+        prefix = self.language_model.get_input_embeddings()(self.prefix_ids).expand(batch_size, -1, -1)  # (B, P, H)
+        embeds = torch.cat([prefix.to(text.dtype), audio1, separator, audio2, separator, text], dim=1)  # (B, L, H)
+
+        positions = torch.arange(tokens, device=audio1.device)
+        mask1 = positions[None] < batch["audio1_valid"][:, None]  # (B, T)
+        mask2 = (positions[None] < batch["audio2_valid"][:, None]) | ~batch["has_audio2"][:, None]
+        ones = torch.ones(batch_size, 1, dtype=torch.bool, device=audio1.device)
+        mask = torch.cat([ones.expand(-1, len(self.prefix_ids)), mask1, ones, mask2, ones, batch["text_mask"].bool()],
+                         dim=1)  # (B, L)
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # masked tokens do not advance positions
+        return embeds, mask.long(), position_ids
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy over answer (+EOS) tokens: mean per example, then over examples (or over all tokens)."""
+        token_losses, example_of_token, scored = self.answer_token_losses(batch)
+        weight = batch.get("loss_weight")  # (B,) class-balancing weights (--train.balance loss), or None
+        if self.loss_weighting == "token":
+            return (token_losses if weight is None else token_losses * weight[example_of_token]).mean()
+        per_example = torch.zeros(scored.shape[0], device=scored.device).index_add_(0, example_of_token, token_losses)
+        per_example = per_example / scored.sum(dim=1).clamp(min=1)  # (B,)
+        return (per_example if weight is None else per_example * weight).mean()
+
+    @torch.inference_mode()
+    def answer_log_likelihood(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) log-probability of each example's whole answer (+EOS) given its audio and prompt: how the model
+        ranks the allowed answers of a closed question (04_eval --closed rank)."""
+        token_losses, example_of_token, scored = self.answer_token_losses(batch)
+        return -torch.zeros(scored.shape[0], device=scored.device).index_add_(0, example_of_token, token_losses)
+
+    def answer_token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cross-entropy of each answer token (N,), the example each belongs to (N,), answer mask (B, L_text))."""
+        embeds, mask, position_ids = self.build_inputs(batch)
+        hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask,
+                                                position_ids=position_ids).last_hidden_state  # (B, L, H)
+        prefix = embeds.shape[1] - batch["input_ids"].shape[1]
+        # Token j of the text is predicted from position prefix + j - 1; only answer positions are scored, and
+        # the output projection runs on those alone (the vocabulary matmul dominates a small decoder's cost).
+        predicting = hidden[:, prefix - 1 : -1]  # (B, L_text, H)
+        labels = batch["labels"]  # (B, L_text), -100 outside the answer
+        scored = labels != -100
+        answers = predicting[scored]  # (N, H)
+        output_projection = self.language_model.get_output_embeddings()
+        if answers.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # torch's bf16 CPU matmul keeps a packed copy of the weight for every new number of rows (19 MB for
+            # the 49 k-word output projection): N differs per batch, so it is rounded up to a multiple of 32
+            # rows, or a bf16 run's memory grew by GBs
+            logits = output_projection(F.pad(answers, (0, 0, 0, -len(answers) % 32)))[: len(answers)]  # (N, V)
+        else:
+            logits = output_projection(answers)  # (N, V)
+        token_losses = F.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
+        return token_losses, scored.nonzero()[:, 0], scored
+
+    @torch.inference_mode()
+    def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,
+                 num_beams: int = 1) -> list[list[int]]:
+        """Batched greedy (num_beams 1) or beam-search decoding with a KV cache, by transformers' `generate` on
+        the audio + prompt embeddings; each answer stops at EOS or max_new_tokens. The prompt text must be
+        left-padded. Returns the answer token ids of every example, without the EOS."""
+        embeds, mask, _ = self.build_inputs(batch)  # generate derives the same positions from the mask
+        settings = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                    eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        tokens = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                              generation_config=settings).tolist()  # (B, new tokens)
+        return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds: those that train, and frozen ones that differ from the base decoder
+        (loaded by --init-from). The rest of a frozen or LoRA decoder is referenced by name, not copied."""
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        keep = trainable | self.frozen_overrides
+        return {name: tensor for name, tensor in self.state_dict().items() if name in keep}
+
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what checkpoint_state_dict saved; every trainable weight must be there."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        absent = {name for name in trainable if name not in state}
+        if unexpected or absent:
+            raise ValueError(f"checkpoint does not match the model: unexpected {sorted(unexpected)[:5]}, "
+                             f"missing {sorted(absent)[:5]}")
+        self.frozen_overrides = set(state) - trainable
+
+
+def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[MellowModel, object]:
+    """The model of `model_config` on the CPU, its projector (and a tiny decoder) initialised from `seed`, and
+    its tokenizer."""
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_config.decoder)
+    shape = (model_config.tiny_hidden, model_config.tiny_layers, model_config.tiny_heads)
+    language_model = load_decoder(model_config.decoder, tokenizer, shape)
+    if model_config.decoder_mode == "lora":
+        language_model = add_lora(language_model, model_config)
+    elif model_config.decoder_mode == "frozen":
+        language_model.requires_grad_(False)
+    model = MellowModel(language_model, audio_dim, model_config.projector_dropout, model_config.loss_weighting,
+                        prompt_template(tokenizer, model_config.prompt_format))
+    if model_config.audio_scale == "embeddings":
+        with torch.no_grad():
+            model.audio_projector.layer_norm.weight.fill_(embedding_rms(language_model))
+    return model, tokenizer
+
+
+def embedding_rms(language_model: nn.Module) -> float:
+    """The root mean square of the decoder's token embeddings: the size text tokens enter it at."""
+    return language_model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
+
+
+def prompt_template(tokenizer, prompt_format: str) -> tuple[list[int], str]:
+    """The token ids that come before the audio, and the text that follows every prompt, for `prompt_format`."""
+    if prompt_format == "plain":
+        return [], "\n"
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--model.prompt_format chat: the decoder's tokenizer has no chat template; use plain")
+    marker = "\ue000audio\ue000"  # a private-use character no prompt contains
+    user = {"role": "user", "content": marker}
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": ""}, user], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # templates that refuse a system turn raise their own error types
+        text = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    before, after = text.split(marker)
+    return tokenizer(before, add_special_tokens=False)["input_ids"], after
+
+
+def add_lora(language_model: nn.Module, model_config: ModelConfig) -> nn.Module:
+    """LoRA adapters injected into the decoder in place (peft); only the adapters of the decoder train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = model_config.lora_targets.strip()
+    config = LoraConfig(r=model_config.lora_rank, lora_alpha=model_config.lora_alpha,
+                        lora_dropout=model_config.lora_dropout,
+                        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    try:
+        return inject_adapter_in_model(config, language_model)
+    except ValueError as error:
+        raise ValueError(f"--model.lora_targets {targets!r}: {error}") from None
+

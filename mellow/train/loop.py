@@ -1,0 +1,620 @@
+"""Stage 03: train the audio projector and decoder from the embedding store (single process or torchrun).
+
+Training is counted in optimizer updates. The order of examples is a pure function of (seed, epoch), and a
+checkpoint records the update, the position in that order, the optimizer, scheduler and grad scaler, and every
+rank's random states (see mellow/train/checkpoint.py), so `--resume` continues with the same batches and the same
+numbers as a run that was never stopped, mid-epoch too. A run stops early, saving first, on SIGTERM/SIGUSR1
+or before its time limit (mellow/train/stopping.py), and under SLURM requeues itself.
+
+    <run_dir>/config.yaml          the resolved config (train, model, encoder sections)
+    <run_dir>/metrics.jsonl        one line per logged update / validation
+    <run_dir>/step-000500/         a checkpoint; latest.json and best.json point to checkpoints
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
+
+from mellow import answers, distributed
+from mellow.config import describe_differences, to_dict
+from mellow.distributed import DistributedContext
+from mellow.files import read_json, sha256_file, write_json_atomic, write_text_atomic
+from mellow.manifests import label_tasks_of
+from mellow.model.decoders import decoder_reference
+from mellow.model.modeling import MellowModel, build_model, embedding_rms
+from mellow.progress import console, progress_bar
+from mellow.settings import ModelConfig, TrainConfig
+from mellow.store.reader import EmbeddingStore, dataset_of
+from mellow.store.writer import EncoderExpectation
+from mellow.train.allocator import keep_freed_memory
+from mellow.train.checkpoint import (
+    TrainingState,
+    check_base_decoder,
+    initialise_from,
+    load_aligned_projector,
+    load_checkpoint,
+    read_alignment,
+    report_world_size_change,
+    save_checkpoint,
+)
+from mellow.train.data import ExampleSet, batch_loader, embedding_rows, move_to, split_path, workers_ended
+from mellow.train.runs import find_checkpoint
+from mellow.train.stopping import StopControl, requeue_slurm_job
+from mellow.train.tracking import Tracker, peak_memory_mb
+
+# Options that may differ when a run resumes: where things are, how often to log/validate/save, and when this
+# invocation stops. Any other difference would change the training itself, so resuming with it is refused.
+CHANGEABLE_ON_RESUME = {
+    "train": {"store", "dataset", "run_dir", "stop_after", "resume_from", "time_limit", "slurm_time_limit",
+              "stop_margin", "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
+              "dist_timeout", "compile", "mem_budget", "tensorboard", "wandb", "wandb_project", "data_workers",
+              "prefetch", "data_cache", "ram_cache_gb"},
+    "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
+}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    updates: int
+    final_loss: float
+    best_value: float | None  # of train.best_metric
+    seconds: float
+    stop_reason: str | None = None  # why the invocation stopped before max_updates (None: it did not)
+    peak_memory_mb: float = 0.0
+    interrupted: bool = False  # stopped (and saved) for Ctrl-C: the command then exits with 130
+
+
+def resolved_config(train: TrainConfig, model: ModelConfig, expected: EncoderExpectation | None = None) -> dict:
+    return {"train": to_dict(train), "model": to_dict(model), "encoder": vars(expected or EncoderExpectation())}
+
+
+def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
+        expected: EncoderExpectation | None = None) -> TrainResult:
+    """Train (or, with `resume`, continue) the run in train.run_dir; `expected` is what the store must be."""
+    started = time.time()
+    train = with_dataset(train)
+    store = open_training_store(train)
+    context, device = distributed.setup(train.device, train.dist_timeout)
+    try:
+        with StopControl(started, train.time_limit, train.slurm_time_limit, train.stop_margin, device) as stopper:
+            resolved = resolved_config(train, model_config, expected)
+            checkpoint, initial = validate_args(train, model_config, store, resume, context,
+                                                expected or EncoderExpectation(), resolved)
+            result = fit(setup(train, model_config, store, checkpoint, initial, context, device, resolved, stopper))
+            result.interrupted = stopper.interrupted
+        if result.stop_reason and stopper.preempted and train.requeue and context.is_main:
+            requeue_slurm_job()
+        result.seconds = time.time() - started
+        report(result, train)
+        return result
+    except RuntimeError as error:
+        distributed.raise_if_peer_lost(error, context, f"continue from {train.run_dir} with --resume")
+        raise
+    finally:
+        distributed.teardown()
+
+
+def with_dataset(train: TrainConfig) -> TrainConfig:
+    """`train` with its dataset: --train.dataset, else the one its store was made from (said), so that a store of
+    any dataset trains on that dataset's examples."""
+    if train.dataset is not None:
+        return train
+    dataset = dataset_of(train.store, "--train.dataset")
+    console.print(f"dataset {dataset} (from the store's meta.json; --train.dataset sets another)", highlight=False)
+    return dataclasses.replace(train, dataset=dataset)
+
+
+def open_training_store(train: TrainConfig) -> EmbeddingStore:
+    """The store --train.store names, opened once for the whole run: an audio store made by 01_precompute."""
+    if not (train.store / "meta.json").is_file():
+        raise ValueError(f"--train.store {str(train.store)!r} is not an embedding store; run 01_precompute "
+                         "and pass its output folder (shards/<dataset>/<encoder-tag>)")
+    store = EmbeddingStore(train.store)
+    if store.fingerprint.get("kind") == "text":
+        raise ValueError(f"--train.store {train.store} holds caption text embeddings (precompute-captions); "
+                         "pass an audio store made by 01_precompute")
+    return store
+
+
+def validate_args(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore, resume: bool,
+                  context: DistributedContext, expected: EncoderExpectation,
+                  resolved: dict) -> tuple[Path | None, Path | None]:
+    """Check inputs before any work; return the checkpoint to resume from and the one to initialise from."""
+    expected.check(train.store, store.fingerprint)
+    if train.batch_size % (context.world_size * train.grad_accum):
+        raise ValueError(f"--train.batch_size {train.batch_size} must be divisible by world size "
+                         f"{context.world_size} x --train.grad_accum {train.grad_accum}")
+    latest = train.run_dir / "latest.json"
+    if train.resume_from != "latest" and not resume:
+        raise ValueError(f"--train.resume_from {train.resume_from} continues a run: pass --resume too (or "
+                         "--resume-from, which is both)")
+    if latest.exists() and not resume:
+        raise ValueError(f"{train.run_dir} already holds a run; pass --resume to continue it, or choose another "
+                         "--train.run_dir")
+    if not latest.exists():
+        if resume:
+            console.print(f"no checkpoint in {train.run_dir} yet; starting a new run")
+        if train.align_from is not None:
+            read_alignment(train.align_from)  # before any work: the folder holds a finished alignment
+        return None, check_init_from(train, model_config, store) if train.init_from else None
+    checkpoint = find_checkpoint(train.run_dir, train.resume_from, "--train.resume_from")
+    saved = read_json(checkpoint / "trainer.json")
+    store.check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
+    changes = store.changes_since(saved.get("store_revision", 0))
+    if changes:
+        console.print(f"[yellow]note:[/] the store changed since {checkpoint.name} was saved on it (revision "
+                      f"{saved.get('store_revision', 0)} -> {store.revision}): {changes}. Training goes on with the "
+                      "store as it is now", highlight=False)
+    check_resumable_config(saved["config"], resolved, checkpoint)
+    split = split_path(train.dataset, train.train_split)
+    if sha256_file(split) != saved["train_split_sha256"]:
+        raise ValueError(f"{split} changed since {checkpoint} was saved: resuming would train on other "
+                         "examples. Restore it, or start a new run (--train.run_dir)")
+    return checkpoint, None
+
+
+def branch_from(run_dir: Path, checkpoint: Path) -> Path | None:
+    """Make `checkpoint` the run's latest before continuing from it: the checkpoints newer than it, and the
+    metrics logged past it, move to <run_dir>/branches/<from>-<time>/, and branches.json records the branch
+    point. Returns that folder, or None when the checkpoint is already the newest (rank 0 only)."""
+    update = read_json(checkpoint / "trainer.json")["update"]
+    newer = sorted(p for p in run_dir.glob("step-*") if (p / "trainer.json").is_file()
+                   and read_json(p / "trainer.json")["update"] > update)
+    if not newer:
+        return None
+    kept = run_dir / "branches" / f"{checkpoint.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    kept.mkdir(parents=True)
+    latest_before = read_json(run_dir / "latest.json")
+    for folder in newer:
+        folder.rename(kept / folder.name)
+    for pointer in ("latest.json", "best.json", "metrics.jsonl"):
+        if (run_dir / pointer).is_file():
+            shutil.copy2(run_dir / pointer, kept / pointer)
+    best = run_dir / "best.json"
+    if best.is_file() and not (run_dir / read_json(best)["path"]).is_dir():
+        best.unlink()  # it was one of the newer checkpoints; validation finds the new branch's best again
+    write_json_atomic(run_dir / "latest.json", {"path": checkpoint.name, "update": update})
+    history = read_json(run_dir / "branches.json") if (run_dir / "branches.json").is_file() else []
+    write_json_atomic(run_dir / "branches.json", history + [{
+        "from": checkpoint.name, "update": update, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "previous_latest": latest_before["path"], "kept_in": str(kept.relative_to(run_dir)),
+        "moved": [folder.name for folder in newer]}])
+    return kept
+
+
+def check_init_from(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore) -> Path:
+    """The checkpoint --train.init_from names, if its weights can start this run."""
+    source = find_checkpoint(train.init_from, option="--train.init_from")
+    trainer = read_json(source / "trainer.json")
+    check_base_decoder(source, trainer)
+    if trainer["config"]["model"]["decoder"] != model_config.decoder:
+        raise ValueError(f"--train.init_from {source} was trained with decoder {trainer['config']['model']['decoder']}"
+                         f"; this run uses {model_config.decoder}. Use the same --model.decoder")
+    store.check_fingerprint(trainer["store_fingerprint"], f"--train.init_from {source}")
+    return source
+
+
+def check_resumable_config(saved: dict, now: dict, checkpoint: Path) -> None:
+    """Refuse a resume whose config changes the training, listing every such option."""
+    changed = [line for section in ("train", "model") for line in describe_differences(
+        {k: v for k, v in saved.get(section, {}).items() if k not in CHANGEABLE_ON_RESUME.get(section, ())},
+        {k: v for k, v in now[section].items() if k not in CHANGEABLE_ON_RESUME.get(section, ())},
+        prefix=f"{section}.")]
+    if changed:
+        raise ValueError(f"resuming {checkpoint} with options that change the training:\n  " + "\n  ".join(changed)
+                         + "\nresume with the run's own config (it is the default with --resume), or start a new "
+                         "run in another --train.run_dir")
+
+
+def _schedule(train: TrainConfig):
+    """Learning-rate factor per update: linear warmup to 1, cosine decay to min_lr_ratio, linear cooldown to 0."""
+    decay_end = train.max_updates - train.cooldown_updates
+
+    def factor(update: int) -> float:
+        if update < train.warmup_updates:
+            return (update + 1) / train.warmup_updates
+        if update >= decay_end:
+            return train.min_lr_ratio * max(0.0, (train.max_updates - update) / max(1, train.cooldown_updates))
+        progress = (update - train.warmup_updates) / max(1, decay_end - train.warmup_updates)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _optimizer(model: MellowModel, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with a parameter group per part (projector, decoder) and decay kind (matrices decay, the rest not),
+    each part at its own peak learning rate."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            part = "decoder" if name.startswith("language_model.") else "projector"
+            decays = parameter.dim() >= 2 and "embed" not in name
+            groups.setdefault((part, decays), []).append(parameter)
+    peak = {"projector": train.projector_lr or train.lr, "decoder": train.decoder_lr or train.lr}
+    return torch.optim.AdamW([{"params": parameters, "lr": peak[part], "name": f"{part}/{'decay' if decays else 'no'}",
+                               "weight_decay": train.weight_decay if decays else 0.0}
+                              for (part, decays), parameters in sorted(groups.items())], betas=(0.9, 0.98), fused=True)
+
+
+def epoch_micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int, bucket: int,
+                        weights: np.ndarray | None = None) -> np.ndarray:
+    """The global micro-batches of one epoch, (batches, micro_batch) example indices, a pure function of
+    (seed, epoch). An array, not lists: at a million examples the epoch's order must not be a million objects.
+    With `weights` (--train.balance sampler) the epoch draws as many examples, with replacement, each with a
+    probability proportional to its weight.
+
+    With `bucket` > 1, each run of `bucket` micro-batches of a random permutation is sorted by text length
+    before it is cut, and the cut micro-batches are shuffled again: batches hold similar lengths, so far less
+    padding is computed, while the epoch stays a random order.
+    """
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    if weights is None:
+        order = torch.randperm(len(lengths), generator=generator).numpy()
+    else:
+        order = torch.multinomial(torch.from_numpy(weights), len(lengths), replacement=True,
+                                  generator=generator).numpy()
+    per_epoch = len(lengths) // micro_batch
+    order = order[: per_epoch * micro_batch]
+    if bucket <= 1:
+        return order.reshape(per_epoch, micro_batch)
+    lengths = np.asarray(lengths)
+    batches = []
+    span = micro_batch * bucket
+    for start in range(0, len(order), span):
+        group = order[start : start + span]
+        group = group[np.argsort(lengths[group], kind="stable")]
+        cut = group.reshape(-1, micro_batch)
+        batches.append(cut[torch.randperm(len(cut), generator=generator).numpy()])
+    return np.concatenate(batches)
+
+
+def micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, start: int, context: DistributedContext,
+                  bucket: int, weights: np.ndarray | None = None) -> Iterator[tuple[int, list[int]]]:
+    """Yield (epoch, this rank's example indices) for every global micro-batch from number `start` on, forever."""
+    per_epoch = len(lengths) // micro_batch
+    if per_epoch == 0:
+        raise ValueError(f"the training split has {len(lengths)} examples, fewer than one micro-batch "
+                         f"({micro_batch}); lower --train.batch_size")
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        for batch in epoch_micro_batches(lengths, micro_batch, seed, epoch, bucket, weights)[offset:]:
+            yield epoch, batch[context.rank :: context.world_size].tolist()
+        epoch, offset = epoch + 1, 0
+
+
+def balancing_weights(train: TrainConfig, train_set: ExampleSet) -> np.ndarray:
+    """Per-example class weights of the training split's closed-label tasks, said in one line per task."""
+    label_tasks = label_tasks_of(train.dataset)
+    if not label_tasks:
+        raise ValueError(f"--train.balance {train.balance}: {train.dataset} declares no closed-label task (its "
+                         "prepare.json has no label_tasks); use --train.balance off")
+    weights = train_set.class_weights(label_tasks)
+    for task, labels in label_tasks.items():
+        console.print(f"balancing the {len(labels)} classes of {task} by {train.balance}", highlight=False)
+    return weights
+
+
+@dataclass
+class LogWindow:
+    """The updates since the last logged line: when it began, how long it waited for batches, how many it timed."""
+
+    start: float = dataclasses.field(default_factory=time.time)
+    wait: float = 0.0
+    timed: int = 0
+
+
+@dataclass
+class Training:
+    """What one invocation trains with, built once by `setup`; `fit` runs the loop on it."""
+
+    train: TrainConfig
+    context: DistributedContext
+    device: torch.device
+    model: MellowModel
+    wrapped: torch.nn.Module  # the model, or its DistributedDataParallel wrapper (for no_sync)
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]  # the loss as the loop computes it (wrapped, compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+    state: TrainingState
+    val_set: ExampleSet
+    batches: Iterator[dict[str, torch.Tensor]]
+    tracker: Tracker
+    stopper: StopControl
+    meta: dict  # what every checkpoint records beside the weights
+    stop_at: int  # the update this invocation stops at (--train.stop_after, else max_updates)
+
+    def save(self, is_best: bool) -> None:
+        started = time.time()
+        save_checkpoint(self.train.run_dir, self.train.keep_last, self.model, self.optimizer, self.scheduler,
+                        self.scaler, self.state, is_best, self.context, self.meta)
+        self.stopper.save_took(time.time() - started)
+
+
+def setup(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore, checkpoint: Path | None,
+          initial: Path | None, context: DistributedContext, device: torch.device, resolved: dict,
+          stopper: StopControl) -> Training:
+    """Build everything the loop needs. The order matters: seeds and random draws happen as in every run before,
+    so that a resumed run stays bitwise equal to one never stopped."""
+    model, tokenizer = build_training_model(train, model_config, store, checkpoint, initial)
+    train_set, val_set, split_sha256 = load_splits(train, store, tokenizer, model)
+    model.to(device)
+    precision = training_precision(model, train.precision, device)
+    if train.precision == "auto":
+        console.print(f"precision auto: {precision} autocast on {device.type}")
+    optimizer = _optimizer(model, train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
+    torch.manual_seed(train.seed + context.rank)  # dropout differs across ranks, reproducibly
+    state = restore_or_start(train, checkpoint, model, optimizer, scheduler, scaler, context, resolved,
+                             len(train_set))
+    # a run started again from nothing (killed before its first checkpoint) drops what it logged: every update once
+    tracker = Tracker(train.run_dir, resolved, context.is_main, state.update, train.tensorboard, train.wandb,
+                      train.wandb_project)
+    wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
+    if train.compile:  # the partitioner keeps activations up to this share of the memory, recomputes the rest
+        torch._functorch.config.activation_memory_budget = train.mem_budget
+    forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
+    batches = training_batches(train, train_set, state, context, device)
+    stop_at = min(train.max_updates, state.update + train.stop_after) if train.stop_after else train.max_updates
+    meta = {"store_fingerprint": store.fingerprint, "store_revision": store.revision, "store": str(train.store),
+            "config": resolved, "base_decoder": decoder_reference(model_config.decoder, train.seed),
+            "train_split_sha256": split_sha256, "initialised_from": str(initial) if initial else None}
+    return Training(train, context, device, model, wrapped, forward, optimizer, scheduler, scaler,
+                    mixed_precision(precision, device), state, val_set, batches, tracker, stopper, meta, stop_at)
+
+
+def build_training_model(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore,
+                         checkpoint: Path | None, initial: Path | None) -> tuple[MellowModel, object]:
+    """The model and its tokenizer, with its starting weights: --train.init_from's, or a projector aligned by
+    02_align (a resumed run gets its weights from the checkpoint later)."""
+    model, tokenizer = build_model(model_config, store.dim, train.seed)
+    if train.mem_budget < 1.0 and not train.compile:
+        checkpointed = model.checkpoint_layers(1.0 - train.mem_budget)
+        console.print(f"--train.mem_budget {train.mem_budget:g}: {checkpointed} decoder layer(s) recompute their "
+                      "activations in the backward pass")
+    if initial is not None:
+        loaded = initialise_from(initial, model)
+        console.print(f"initialised from {initial} ({loaded} tensors): a new run, with a new optimizer, schedule "
+                      "and data order")
+    elif train.align_from is not None and checkpoint is None:
+        load_aligned_projector(train.align_from, model.audio_projector, store)
+        if model_config.audio_scale == "embeddings":  # the aligned projector's output, brought to text-token size
+            with torch.no_grad():
+                scale = embedding_rms(model.language_model)
+                model.audio_projector.layer_norm.weight.mul_(scale)
+                model.audio_projector.layer_norm.bias.mul_(scale)
+        console.print(f"audio projector warm-started from {train.align_from}")
+    return model, tokenizer
+
+
+def load_splits(train: TrainConfig, store: EmbeddingStore, tokenizer,
+                model: MellowModel) -> tuple[ExampleSet, ExampleSet, str]:
+    """The training and validation examples (tokenised once, cached), sharing one reader of the store's rows,
+    and the sha256 of the training split that checkpoints record."""
+    rows = embedding_rows(store, train.data_cache, train.ram_cache_gb)
+    split_sha256 = sha256_file(split_path(train.dataset, train.train_split))
+    train_set = ExampleSet.from_split(train.dataset, train.train_split, store, tokenizer, train.max_text_tokens,
+                                      rows=rows, seed=train.seed, prompt_suffix=model.prompt_suffix,
+                                      split_sha256=split_sha256)
+    val_set = ExampleSet.from_split(train.dataset, train.val_split, store, tokenizer, train.max_text_tokens,
+                                    rows=rows, prompt_suffix=model.prompt_suffix)
+    return train_set, val_set, split_sha256
+
+
+def restore_or_start(train: TrainConfig, checkpoint: Path | None, model: MellowModel,
+                     optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                     context: DistributedContext, resolved: dict, examples: int) -> TrainingState:
+    """Continue from `checkpoint` (making it the run's latest first: a branch), or start the run folder."""
+    if checkpoint is None:
+        if context.is_main:
+            train.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(train.run_dir / "config.yaml", yaml.safe_dump(resolved))
+        return TrainingState()
+    if context.is_main and (kept := branch_from(train.run_dir, checkpoint)) is not None:
+        console.print(f"continuing from {checkpoint.name}, an earlier checkpoint: the newer ones and their "
+                      f"metrics are kept in {kept} (branches.json records the branch point)")
+    distributed.barrier()
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, context, train.seed)
+    saved_world = read_json(checkpoint / "trainer.json")["world_size"]
+    if saved_world != context.world_size:
+        report_world_size_change(saved_world, context.world_size)
+    epoch, position = divmod(state.micro_batches, examples // (train.batch_size // train.grad_accum))
+    console.print(f"resuming {train.run_dir} from update {state.update} ({checkpoint.name}): epoch {epoch}, "
+                  f"micro-batch {position} of it")
+    return state
+
+
+def training_batches(train: TrainConfig, train_set: ExampleSet, state: TrainingState, context: DistributedContext,
+                     device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches from the run's position on, assembled in DataLoader workers; class balancing
+    (--train.balance) draws or weighs the examples."""
+    weights = balancing_weights(train, train_set) if train.balance != "off" else None
+    if train.balance == "loss":
+        train_set.loss_weights = weights / weights.mean()  # the average example still weighs 1
+    order = micro_batches(train_set.lengths(), train.batch_size // train.grad_accum, train.seed, state.micro_batches,
+                          context, train.length_buckets, weights if train.balance == "sampler" else None)
+    return batch_loader(train_set, order, train.data_workers, train.prefetch, pin_memory=device.type == "cuda")
+
+
+def fit(t: Training) -> TrainResult:
+    """The training loop: an update, its log line, validation, checkpoints, and whether to stop early."""
+    train, state = t.train, t.state
+    window, last_loss, stop_reason, validation_seconds = LogWindow(), float("nan"), None, 0.0
+    keep_freed_memory()  # every step reuses the last one's large blocks: ~5-10% faster on CPU (train/allocator.py)
+    with t.tracker, progress_bar() as progress, workers_ended(t.batches):
+        task = progress.add_task("training", total=train.max_updates, completed=state.update)
+        while state.update < t.stop_at:
+            update_started = time.time()
+            grad_norm = train_step(t, window)
+            if state.update % train.log_every == 0 or state.update == t.stop_at:
+                last_loss, rate = log_window(t, window, grad_norm)
+                skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
+                progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s{skipped}")
+                window = LogWindow()
+            t.stopper.update_took(time.time() - update_started)
+            is_best = False
+            if train.val_every and (state.update % train.val_every == 0 or state.update == train.max_updates):
+                validation_started = time.time()
+                is_best = validate_and_record(t, progress.console)
+                validation_seconds = time.time() - validation_started
+            saved = (train.save_every and state.update % train.save_every == 0) or state.update == t.stop_at or is_best
+            if saved:
+                t.save(is_best)
+            progress.update(task, completed=state.update)
+            if state.update < t.stop_at:
+                validates_next = train.val_every and (state.update + 1) % train.val_every == 0
+                stop_reason = t.stopper.reason_to_stop(validation_seconds if validates_next else 0.0)
+                if stop_reason:
+                    if not saved:
+                        t.save(False)
+                    break
+    if stop_reason is None and state.update < train.max_updates:
+        stop_reason = f"--train.stop_after {train.stop_after}"
+    return TrainResult(train.run_dir, state.update, last_loss, state.best_value, 0.0, stop_reason,
+                       peak_memory_mb(t.device))
+
+
+def train_step(t: Training, window: LogWindow) -> torch.Tensor:
+    """One optimizer update over grad_accum micro-batches; its gradient norm (an update whose norm is not finite
+    is skipped, and counted)."""
+    train, state = t.train, t.state
+    t.model.train()
+    for micro_step in range(train.grad_accum):
+        waited = time.time()
+        batch = move_to(next(t.batches), t.device)
+        window.wait += time.time() - waited
+        # ranks exchange gradients once per update, after the last micro-batch
+        last = micro_step == train.grad_accum - 1
+        with contextlib.nullcontext() if last or t.wrapped is t.model else t.wrapped.no_sync():
+            with t.autocast:
+                loss = t.forward(batch) / train.grad_accum
+            t.scaler.scale(loss).backward()
+        state.window_loss += loss.item()
+    state.micro_batches += train.grad_accum
+    t.scaler.unscale_(t.optimizer)  # true gradients for clipping (a no-op without fp16)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), train.clip_grad or float("inf"))
+    if torch.isfinite(grad_norm):  # the same on every rank: gradients are all-reduced first
+        t.scaler.step(t.optimizer)
+    else:
+        state.skipped_updates += 1
+    t.scaler.update()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    state.update += 1
+    state.window_updates += 1
+    window.timed += 1
+    return grad_norm
+
+
+def log_window(t: Training, window: LogWindow, grad_norm: torch.Tensor) -> tuple[float, float]:
+    """Log the updates since the last line: the loss averaged over them and over the ranks, and samples/s."""
+    state = t.state
+    loss = distributed.mean_across_ranks(state.window_loss / state.window_updates, t.device)
+    seconds = time.time() - window.start
+    rate = window.timed * t.train.batch_size / seconds
+    t.tracker.log({"update": state.update, "loss": loss, "lr": t.scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "samples_per_s": rate,
+                   "data_wait": window.wait / seconds, "skipped_updates": state.skipped_updates,
+                   "peak_memory_mb": peak_memory_mb(t.device)})
+    state.window_loss, state.window_updates = 0.0, 0
+    return loss, rate
+
+
+def validate_and_record(t: Training, printer: Console) -> bool:
+    """Validate, log and print the scores; whether this update is the best so far by --train.best_metric."""
+    state, metric = t.state, t.train.best_metric
+    with t.autocast:
+        scores = validate(t.model, t.val_set, t.train, t.context, t.device)
+    t.tracker.log({"update": state.update, **scores})
+    printer.print(f"update {state.update}: " + ", ".join(
+        f"{name.replace('_', ' ')} {value:.4f}" for name, value in scores.items()))
+    value = scores[metric]
+    is_best = state.best_value is None or (value < state.best_value if metric == "val_loss"
+                                           else value > state.best_value)
+    state.best_value = value if is_best else state.best_value
+    return is_best
+
+
+@torch.no_grad()
+def validate(model: MellowModel, val_set: ExampleSet, train: TrainConfig, context: DistributedContext,
+             device: torch.device) -> dict[str, float]:
+    """val_loss over the first val_examples validation examples, and val_accuracy (greedy answers to the
+    closed-task ones) when it picks the best checkpoint. Ranks take interleaved shares that may differ in size
+    (a rank may have none); sums are weighted by examples, so the values equal the one-process ones."""
+    model.eval()
+    count = len(val_set) if not train.val_examples else min(train.val_examples, len(val_set))
+    indices = list(range(count))[context.rank :: context.world_size]
+    step = max(1, train.batch_size // context.world_size)
+    total, examples = 0.0, 0
+    for start in range(0, len(indices), step):
+        batch = indices[start : start + step]
+        total += model(move_to(val_set.batch(batch), device)).item() * len(batch)
+        examples += len(batch)
+    total, examples = distributed.sum_across_ranks([total, float(examples)], device)
+    scores = {"val_loss": total / max(examples, 1.0)}
+    if train.best_metric == "val_accuracy":
+        closed = [i for i in indices if val_set.examples[i]["task"] in answers.CLOSED_TASKS]
+        correct = 0
+        for start in range(0, len(closed), step):
+            batch = closed[start : start + step]
+            generated = model.generate(move_to(val_set.batch(batch, for_generation=True), device), 16,
+                                     val_set.tokenizer.eos_token_id)
+            texts = val_set.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            correct += sum(answers.is_correct(val_set.examples[i], text.strip()) for i, text in zip(batch, texts))
+        correct, asked = distributed.sum_across_ranks([float(correct), float(len(closed))], device)
+        if asked == 0:
+            raise ValueError(f"--train.best_metric val_accuracy: the first {count} validation examples hold no "
+                             f"closed-task example ({', '.join(answers.CLOSED_TASKS)}); use val_loss")
+        scores["val_accuracy"] = correct / asked
+    return scores
+
+
+def training_precision(model: MellowModel, precision: str, device: torch.device) -> str:
+    """`precision` made concrete for `device` (auto: bf16 where the device has native bf16 arithmetic, else fp32),
+    with the model set up for it. On a CPU under bf16 the decoder's attention runs eagerly (matmuls and a
+    softmax): torch's bf16 SDPA kernel for CPUs took ~4x its fp32 time at the quickstart's shapes, while eager
+    attention's matmuls run in bf16 (a quickstart step: 0.40 s in fp32, 0.31 s in bf16 with SDPA, 0.26 s eager)."""
+    if precision == "auto":
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_bf16
+        precision = "bf16" if native else "fp32"
+    if precision == "bf16" and device.type == "cpu":
+        model.language_model.set_attn_implementation("eager")
+    return precision
+
+
+def mixed_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for a resolved precision (fp32: none; `training_precision` resolves auto)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    assert precision in ("bf16", "fp16"), f"precision {precision!r} is resolved by training_precision first"
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def report(result: TrainResult, train: TrainConfig) -> None:
+    best = f", best {train.best_metric} {result.best_value:.4f}" if result.best_value is not None else ""
+    best += f", peak memory {result.peak_memory_mb:.0f} MB"
+    last = "nothing left to train" if math.isnan(result.final_loss) else f"last loss {result.final_loss:.4f}"
+    if result.stop_reason:
+        console.print(f"[bold yellow]stopped early[/] ({result.stop_reason}) at update {result.updates} of "
+                      f"{train.max_updates}, saved; {last}{best} in {result.seconds:.1f} s. Continue with "
+                      f"--resume --train.run_dir {result.run_dir}")
+        return
+    console.print(f"[bold green]trained[/] {result.run_dir}: {result.updates} updates, {last}{best} "
+                  f"in {result.seconds:.1f} s")
+
