@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mellow.config import from_names
 from mellow.encode import precompute
 from mellow.evaluate import score
 from mellow.files import read_json
@@ -39,7 +40,7 @@ def fresh_run(work: Path, updates: int) -> Path:
     store = precompute.run(PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name="whisper-tiny", tokens=16),
                                             store=StoreConfig(root=work / "shards"))).store_path
     run_dir = work / "run"
-    loop.run(TrainConfig(store=store, dataset=dataset, run_dir=run_dir, max_updates=updates, batch_size=32,
+    loop.run(from_names(TrainConfig, store=store, dataset=dataset, run_dir=run_dir, max_updates=updates, batch_size=32,
                           val_every=0, save_every=updates, tensorboard=False, wandb="off"),
               ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4))
     return run_dir

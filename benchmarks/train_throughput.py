@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mellow.audio.views import decode_views
+from mellow.config import from_names
 from mellow.distributed import DistributedContext
 from mellow.encode import precompute
 from mellow.encode.encoders import build_encoder
@@ -40,7 +41,7 @@ from mellow.train.loop import _optimizer, micro_batches, mixed_precision, traini
 def from_store(store: Path, dataset: Path, run_dir: Path, model: ModelConfig, args: argparse.Namespace,
                cache: str) -> tuple[float, float]:
     """(samples/s, data-wait fraction) of mellow's own training loop over the measured updates."""
-    loop.run(TrainConfig(store=store, dataset=dataset, run_dir=run_dir, batch_size=args.batch_size,
+    loop.run(from_names(TrainConfig, store=store, dataset=dataset, run_dir=run_dir, batch_size=args.batch_size,
                           max_updates=args.warmup + args.updates, log_every=1, val_every=0, save_every=0,
                           data_cache=cache, data_workers=args.data_workers, tensorboard=False, wandb="off",
                           lr=1e-4, warmup_updates=1, compile=args.compile, precision=args.precision), model)
@@ -58,7 +59,7 @@ def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig,
     model, tokenizer = build_model(model_config, store.dim, seed=0)
     precision = training_precision(model, args.precision, torch.device("cpu"))  # as 03_train sets it up
     examples = ExampleSet(load_examples(dataset, "train"), store, tokenizer, 96, seed=0)
-    optimizer = _optimizer(model, TrainConfig(lr=1e-4))
+    optimizer = _optimizer(model, from_names(TrainConfig, lr=1e-4))
     encoder = build_encoder(EncoderConfig(name="whisper-tiny", tokens=16))
     config = PrecomputeConfig(dataset=dataset, encoder=encoder.config)
     records = {r["id"]: r for r in read_jsonl(dataset / "audio.jsonl")}

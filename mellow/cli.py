@@ -28,32 +28,25 @@ except (ValueError, OSError, UnicodeDecodeError) as env_error:
     sys.exit(2)
 
 from mellow.audio.decode import AudioDecodeError, FfmpegNotFoundError
-from mellow.config import build, cli_option, help_table, load_yaml_with_lines, parse_dotted
+from mellow.config import Names, cli_option
 from mellow.errors import PeerLostError, TooManyFailuresError
 from mellow.files import DISK_FULL, DiskFullError, read_json
+from mellow.options import CONFIG_HELP, MissingSetting, settings, stage
 from mellow.progress import console
 from mellow.settings import (
     AlignConfig,
     AskConfig,
     CaptionsConfig,
     DoctorConfig,
-    EncoderConfig,
     EvalConfig,
     ExportConfig,
-    ModelConfig,
     PrecomputeConfig,
-    TextEncoderConfig,
-    TrainConfig,
+    QuickstartConfig,
+    TrainJob,
 )
 from mellow.sources.config import PrepareConfig
-from mellow.store.writer import EncoderExpectation, StoreConfig, StoreMismatchError
+from mellow.store.writer import StoreMismatchError
 from mellow.train import runs
-
-try:  # the machine's .env first: it sets the defaults of the settings below (roots, caches, keys)
-    envfile.load_env_file()
-except (ValueError, OSError, UnicodeDecodeError) as env_error:
-    print(f"error: {env_error}", file=sys.stderr)
-    sys.exit(2)
 
 
 def one_line_usage_errors(main, standalone_mode: bool, **arguments):
@@ -122,9 +115,6 @@ app = typer.Typer(help="mellow: a staged training pipeline for small audio-langu
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
-TRAIN_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "encoder": EncoderExpectation}
-
-
 def friendly_errors(command):
     """Turn configuration and input errors into one red line and exit code 2, instead of a traceback; too
     many failed clips (the store is written, but not accepted), a lost process of a multi-process run and a
@@ -174,255 +164,138 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code=code) from None
 
 
-@app.command("prepare")
+
+CONFIG_FILE = typer.Option(None, "--config", help=CONFIG_HELP, show_default=False)
+
+
+@app.command("prepare", cls=stage(PrepareConfig))
 @friendly_errors
-def prepare_command(
-    source: str = cli_option(PrepareConfig, "source"),
-    name: str = cli_option(PrepareConfig, "name"),
-    root: Path = cli_option(PrepareConfig, "root"),
-    audio_root: Path | None = cli_option(PrepareConfig, "audio_root"),
-    num_clips: int = cli_option(PrepareConfig, "num_clips"),
-    max_seconds: float = cli_option(PrepareConfig, "max_seconds"),
-    seed: int = cli_option(PrepareConfig, "seed"),
-    val_fraction: float = cli_option(PrepareConfig, "val_fraction"),
-    test_fraction: float = cli_option(PrepareConfig, "test_fraction"),
-    comparisons_per_clip: int = cli_option(PrepareConfig, "comparisons_per_clip"),
-    columns: str = cli_option(PrepareConfig, "columns"),
-    label_field: str = cli_option(PrepareConfig, "label_field"),
-    label_task: str = cli_option(PrepareConfig, "label_task"),
-    meld_text: bool = cli_option(PrepareConfig, "meld_text"),
-    workers: int = cli_option(PrepareConfig, "workers"),
-    overwrite: bool = cli_option(PrepareConfig, "overwrite"),
-) -> None:
+def prepare_command(context: typer.Context, config: Optional[Path] = CONFIG_FILE) -> None:
     """Stage 00: write a dataset folder (audio files + manifests) from a source."""
-    config = PrepareConfig(**locals())
+    prepared = settings(context, PrepareConfig, config)
     from mellow.sources import prepare  # the heavy modules: only once the settings are known to be good
 
-    prepare.run(config)
+    prepare.run(prepared)
 
 
-@app.command("precompute")
+def _names_option(names: Names, given: str, name: str) -> bool:
+    try:
+        return names.resolve(given).dotted == name
+    except ValueError:
+        return False
+
+
+@app.command("precompute", cls=stage(PrecomputeConfig, aliases={"encoder": "encoder.name",
+                                                                 "store_root": "store.root"}))
 @friendly_errors
 def precompute_command(
-    dataset: Optional[Path] = typer.Argument(None, help="Dataset folder made by 00_prepare (holds audio.jsonl).",
-                                             show_default=False),
-    encoder: str = cli_option(EncoderConfig, "name", "--encoder"),
-    clip_seconds: float = cli_option(EncoderConfig, "clip_seconds"),
-    crop: str = cli_option(EncoderConfig, "crop"),
-    tokens: int = cli_option(EncoderConfig, "tokens"),
-    views: int = cli_option(EncoderConfig, "views"),
-    output: str = cli_option(EncoderConfig, "output"),
-    pooling: str = cli_option(EncoderConfig, "pooling"),
-    batch_size: int = cli_option(EncoderConfig, "batch_size"),
-    device: str = cli_option(EncoderConfig, "device"),
-    threads: int = cli_option(EncoderConfig, "threads"),
-    store_root: Path = cli_option(StoreConfig, "root", "--store-root"),
-    shard_megabytes: int = cli_option(StoreConfig, "shard_megabytes"),
-    shard_clips: int = cli_option(StoreConfig, "shard_clips"),
-    zstd_level: int = cli_option(StoreConfig, "zstd_level"),
-    decode_workers: int = cli_option(PrecomputeConfig, "decode_workers"),
-    max_failures: float = cli_option(PrecomputeConfig, "max_failures"),
-    min_seconds: float = cli_option(PrecomputeConfig, "min_seconds"),
-    rank: int = cli_option(PrecomputeConfig, "rank"),
-    world_size: int = cli_option(PrecomputeConfig, "world_size"),
-    allow_pipes: bool = cli_option(PrecomputeConfig, "allow_pipes"),
-    check_audio: bool = cli_option(PrecomputeConfig, "check_audio"),
+    context: typer.Context,
+    dataset: Optional[Path] = typer.Argument(None, help="Dataset folder made by 00_prepare (holds audio.jsonl); "
+                                                        "the same as --dataset.", show_default=False),
+    config: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Stage 01: decode every clip through ffmpeg, run the frozen encoder once, write the embedding store.
 
     Several processes split the work by whole shards: `torchrun --nproc_per_node=N stages/01_precompute.py`,
     a SLURM job array, or explicit --rank/--world-size; the last one to finish writes the index."""
-    if dataset is None:
-        raise ValueError(needs("01_precompute needs the dataset folder that 00_prepare wrote",
-                               "uv run stages/01_precompute.py datasets/synth --encoder whisper-tiny --tokens 16",
-                               "01_precompute.py"))
-    config = PrecomputeConfig(
-        dataset=dataset,
-        encoder=EncoderConfig(name=encoder, clip_seconds=clip_seconds, crop=crop, tokens=tokens, views=views,
-                              output=output, pooling=pooling, batch_size=batch_size, device=device, threads=threads),
-        store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips,
-                          zstd_level=zstd_level),
-        decode_workers=decode_workers, max_failures=max_failures, min_seconds=min_seconds, rank=rank,
-        world_size=world_size, allow_pipes=allow_pipes, check_audio=check_audio)
+    job = settings(context, PrecomputeConfig, config, arguments={"dataset": dataset}, needs=needs(
+        "01_precompute needs the dataset folder that 00_prepare wrote",
+        "uv run stages/01_precompute.py datasets/synth --encoder whisper-tiny --tokens 16", "01_precompute.py"))
     from mellow.encode import precompute
 
-    precompute.run(config)
+    precompute.run(job)
 
 
-@app.command("precompute-captions")
+@app.command("precompute-captions", cls=stage(CaptionsConfig, aliases={"text_encoder": "encoder.name",
+                                                                        "store_root": "store.root"}))
 @friendly_errors
 def precompute_captions_command(
+    context: typer.Context,
     dataset: Optional[Path] = typer.Argument(None, help="Dataset folder made by 00_prepare (with caption "
-                                                        "examples).", show_default=False),
-    text_encoder: str = cli_option(TextEncoderConfig, "name", "--text-encoder"),
-    batch_size: int = cli_option(TextEncoderConfig, "batch_size"),
-    device: str = cli_option(TextEncoderConfig, "device"),
-    store_root: Path = cli_option(StoreConfig, "root", "--store-root"),
-    shard_megabytes: int = cli_option(StoreConfig, "shard_megabytes"),
-    shard_clips: int = cli_option(StoreConfig, "shard_clips"),
-    max_failures: float = cli_option(CaptionsConfig, "max_failures"),
-    rank: int = cli_option(CaptionsConfig, "rank"),
-    world_size: int = cli_option(CaptionsConfig, "world_size"),
+                                                        "examples); the same as --dataset.", show_default=False),
+    config: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Stage 01 for text: embed every caption once with a sentence encoder, into a store like the audio one.
 
     02_align reads it. One row per (clip, caption); the same shards, resume, growth and rank split as audio."""
-    if dataset is None:
-        raise ValueError(needs("01_precompute_captions needs the dataset folder that 00_prepare wrote (its caption "
-                               "examples are encoded)", "uv run stages/01_precompute_captions.py datasets/synth",
-                               "01_precompute_captions.py"))
-    config = CaptionsConfig(
-        dataset=dataset, encoder=TextEncoderConfig(name=text_encoder, batch_size=batch_size, device=device),
-        store=StoreConfig(root=store_root, shard_megabytes=shard_megabytes, shard_clips=shard_clips),
-        max_failures=max_failures, rank=rank, world_size=world_size)
+    job = settings(context, CaptionsConfig, config, arguments={"dataset": dataset}, needs=needs(
+        "01_precompute_captions needs the dataset folder that 00_prepare wrote (its caption examples are encoded)",
+        "uv run stages/01_precompute_captions.py datasets/synth", "01_precompute_captions.py"))
     from mellow.encode import captions
 
-    captions.run(config)
+    captions.run(job)
 
 
-def load_train_configs(config_file: Path | None, overrides: list[str],
-                       resume: bool = False) -> tuple[TrainConfig, ModelConfig, EncoderExpectation]:
-    """YAML sections (train:, model:, encoder:) overlaid with dotted CLI overrides, validated. With `resume`,
-    the run's own saved config.yaml comes first, so only what is given explicitly differs from it."""
-    from_file, file_lines = load_yaml_with_lines(config_file) if config_file is not None else ({}, {})
-    from_command_line = parse_dotted(overrides)
-    for section in from_file:
-        if section not in TRAIN_SECTIONS:
-            raise ValueError(f"--config {config_file}: unknown section {section!r}; use {', '.join(TRAIN_SECTIONS)}")
-    for section in from_command_line:
-        if section not in TRAIN_SECTIONS:
-            raise ValueError(f"--{section}.*: unknown section; use {', '.join(TRAIN_SECTIONS)}")
-    layers = [(from_file, lambda section, key: f"{config_file}:{file_lines.get((section, key), '?')}: "
-                                                f"{section}.{key}"),
-              (from_command_line, lambda section, key: f"--{section}.{key}")]
-    if resume:
-        run_dir = {**from_file.get("train", {}), **from_command_line.get("train", {})}.get("run_dir")
-        if run_dir is None:  # --resume alone: the most recent run under checkpoints/
-            run_dir = runs.most_recent_run("--train.run_dir <run folder>", "uv run stages/03_train.py --resume "
-                                           "--train.run_dir checkpoints/<run>")
-            runs.announce(run_dir, "resuming", "--train.run_dir <run folder>")
-            from_command_line.setdefault("train", {})["run_dir"] = str(run_dir)
-        saved = Path(run_dir) / "config.yaml"
-        if saved.is_file():
-            saved_values, saved_lines = load_yaml_with_lines(saved)
-            layers.insert(0, (saved_values, lambda section, key: f"{saved}:{saved_lines.get((section, key), '?')}: "
-                                                                 f"{section}.{key}"))
-    values: dict[str, dict] = {section: {} for section in TRAIN_SECTIONS}
-    names: dict[str, dict[str, str]] = {section: {} for section in TRAIN_SECTIONS}  # where each value was given
-    for layer, name in layers:
-        for section, entries in layer.items():
-            values[section].update(entries or {})
-            names[section].update({key: name(section, key) for key in entries or {}})
-    return tuple(build(cls, values[section], section, names[section])  # type: ignore[return-value]
-                 for section, cls in TRAIN_SECTIONS.items())
-
-
-@app.command("align")
+@app.command("align", cls=stage(AlignConfig))
 @friendly_errors
-def align_command(
-    store: Path = cli_option(AlignConfig, "store"),
-    captions: Path = cli_option(AlignConfig, "captions"),
-    dataset: Optional[Path] = cli_option(AlignConfig, "dataset"),
-    run_dir: Path = cli_option(AlignConfig, "run_dir"),
-    decoder: str = cli_option(AlignConfig, "decoder"),
-    tiny_hidden: int = cli_option(AlignConfig, "tiny_hidden"),
-    updates: int = cli_option(AlignConfig, "updates"),
-    batch_size: int = cli_option(AlignConfig, "batch_size"),
-    lr: float = cli_option(AlignConfig, "lr"),
-    warmup_updates: int = cli_option(AlignConfig, "warmup_updates"),
-    weight_decay: float = cli_option(AlignConfig, "weight_decay"),
-    temperature: float = cli_option(AlignConfig, "temperature"),
-    projector_dropout: float = cli_option(AlignConfig, "projector_dropout"),
-    val_every: int = cli_option(AlignConfig, "val_every"),
-    eval_split: str = cli_option(AlignConfig, "eval_split"),
-    seed: int = cli_option(AlignConfig, "seed"),
-    device: str = cli_option(AlignConfig, "device"),
-    overwrite: bool = cli_option(AlignConfig, "overwrite"),
-) -> None:
+def align_command(context: typer.Context, config: Optional[Path] = CONFIG_FILE) -> None:
     """Stage 02 (optional): warm-start the audio projector by contrastive training against the caption store;
     reports audio-text retrieval. Then: 03_train --train.align_from <run-dir>."""
-    if store == Path("") or captions == Path(""):
+    aligned = settings(context, AlignConfig, config)
+    if aligned.store == Path("") or aligned.captions == Path(""):
         raise ValueError(needs("02_align needs the audio store that 01_precompute wrote (--store) and the caption "
                                "store that 01_precompute_captions wrote from the same dataset (--captions)",
                                "uv run stages/01_precompute_captions.py datasets/synth, then uv run "
                                "stages/02_align.py --store shards/synth/<encoder-tag> --captions "
                                "shards/synth/<captions-tag>", "02_align.py"))
-    config = AlignConfig(**locals())
     from mellow.train import align
 
-    align.run(config)
+    align.run(aligned)
 
 
-@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             epilog="Options (--section.name VALUE; also settable in the YAML file):\n\n"
-             + help_table(TRAIN_SECTIONS))
+@app.command("train", cls=stage(TrainJob))
 @friendly_errors
 def train_command(
     context: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with train:, model: and (optional) "
-                                                                 "encoder: sections."),
+                                                                 "encoder: sections; options given on the command "
+                                                                 "line win over it.", show_default=False),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --train.run_dir exactly, with its "
                                                          "saved config (options given here may change where "
                                                          "things are and when this invocation stops)."),
-    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Continue the run from this checkpoint: "
-                                              "latest, best or step-N (= --resume --train.resume_from); an "
-                                              "earlier one branches the run, keeping the newer checkpoints in "
-                                              "<run_dir>/branches/."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from the trained weights "
-                                             "of this run or checkpoint folder (= --train.init_from)."),
-    align_from: Optional[Path] = typer.Option(None, "--align-from", help="Start the audio projector of a new run "
-                                              "from a 02_align run folder (= --train.align_from)."),
 ) -> None:
     """Stage 03: train the projector (+ decoder) from the store. Runs under torchrun for several processes.
 
     The encoder: section says what the store must be (e.g. --encoder.name whisper-tiny --encoder.tokens 16);
-    a store made otherwise is refused, with what differs."""
-    resume = resume or resume_from is not None
-    overrides = [*context.args, *(["--train.init_from", str(init_from)] if init_from else []),
-                 *(["--train.resume_from", resume_from] if resume_from else []),
-                 *(["--train.align_from", str(align_from)] if align_from else [])]
-    train_config, model_config, expected = load_train_configs(config, overrides, resume)
-    if train_config.store == Path(""):
+    a store made otherwise is refused, with what differs. --resume-from latest|best|step-N (train.resume_from)
+    also resumes."""
+    resume = resume or any(_names_option(context.meta["names"], name, "train.checkpoint.resume_from")
+                           for name in context.meta["settings"].values)
+    job = runs.train_settings(context.meta["settings"], config, resume)
+    if job.train.store == Path(""):
         raise ValueError(needs("03_train needs the audio store that 01_precompute wrote (--train.store)",
                                "uv run stages/03_train.py --train.store shards/synth/<encoder-tag>", "03_train.py"))
     from mellow.train import loop  # torch and transformers: only once the settings are known to be good
 
     if print_config:
-        console.print(yaml.safe_dump(loop.resolved_config(loop.with_dataset(train_config), model_config, expected)))
+        console.print(yaml.safe_dump(loop.resolved_config(loop.with_dataset(job.train), job.model, job.encoder)))
         return
-    result = loop.run(train_config, model_config, resume=resume, expected=expected)
+    result = loop.run(job.train, job.model, resume=resume, expected=job.encoder)
     if result.interrupted:
         raise typer.Exit(130)  # saved; Ctrl-C still ends a chain of commands (`03_train ... && 04_eval ...`)
 
 
-@app.command("eval")
+@app.command("eval", cls=stage(EvalConfig))
 @friendly_errors
 def eval_command(
+    context: typer.Context,
     run: Optional[Path] = typer.Argument(None, help="A training run folder, or one checkpoint folder inside it "
-                                                    "(default: the most recent run under checkpoints/)."),
-    which: str = cli_option(EvalConfig, "which"),
-    split: str = cli_option(EvalConfig, "split"),
-    store: Optional[Path] = cli_option(EvalConfig, "store"),
-    dataset: Optional[Path] = cli_option(EvalConfig, "dataset"),
-    batch_size: int = cli_option(EvalConfig, "batch_size"),
-    max_new_tokens: int = cli_option(EvalConfig, "max_new_tokens"),
-    beams: int = cli_option(EvalConfig, "beams"),
-    closed: str = cli_option(EvalConfig, "closed"),
-    max_examples: int = cli_option(EvalConfig, "max_examples"),
-    rescore: bool = cli_option(EvalConfig, "rescore"),
-    similarity: bool = cli_option(EvalConfig, "similarity"),
-    device: str = cli_option(EvalConfig, "device"),
+                                                    "(default: the most recent run under checkpoints/); the same "
+                                                    "as --run.", show_default=False),
+    config: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Stage 04: generate answers for a split from the store and score them per task, for every checkpoint of
     a run not scored yet; then the run's leaderboard and report (Markdown + PNG plots) in <run>/eval-<split>/."""
-    if run is None:
+    try:
+        scoring = settings(context, EvalConfig, config, arguments={"run": run}, needs="no run given")
+    except MissingSetting:  # the most recent run under checkpoints/
         run = runs.most_recent_run("a run folder", "uv run stages/04_eval.py checkpoints/<run>")
         runs.announce(run, "scoring", "a run folder (uv run stages/04_eval.py checkpoints/<run>)")
-    config = EvalConfig(**locals())
+        scoring = settings(context, EvalConfig, config, arguments={"run": run})
     from mellow.evaluate import score
 
-    score.run(config)
+    score.run(scoring)
 
 
 @app.command("leaderboard")
@@ -444,50 +317,40 @@ def leaderboard_command(
                   f"{output.with_suffix('.json')}")
 
 
-@app.command("ask")
+@app.command("ask", cls=stage(AskConfig))
 @friendly_errors
 def ask_command(
-    inputs: list[str] = typer.Argument(..., metavar="AUDIO1 [AUDIO2] PROMPT",
-                                       help="One or two audio files (any format ffmpeg reads), then the prompt."),
-    checkpoint: Optional[Path] = cli_option(AskConfig, "checkpoint"),
-    model: Optional[Path] = cli_option(AskConfig, "model"),
-    which: str = cli_option(AskConfig, "which"),
-    beams: int = cli_option(AskConfig, "beams"),
-    max_new_tokens: int = cli_option(AskConfig, "max_new_tokens"),
-    device: str = cli_option(AskConfig, "device"),
+    context: typer.Context,
+    inputs: Optional[list[str]] = typer.Argument(None, metavar="AUDIO1 [AUDIO2] PROMPT", show_default=False,
+                                                 help="One or two audio files (any format ffmpeg reads), then the "
+                                                      "prompt."),
+    config: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Answer a prompt about one or two audio files with a trained checkpoint or an exported model.
 
     The audio is decoded and encoded on the fly with the encoder and preprocessing of the checkpoint's store
     (checked by fingerprint). Example: mellow ask a.wav b.wav "Which one is louder?" --checkpoint checkpoints/run
     """
-    if len(inputs) < 2:
-        raise ValueError("give one or two audio files and then the prompt, e.g. mellow ask clip.wav "
+    asked = settings(context, AskConfig, config)
+    if not inputs or len(inputs) < 2:
+        raise ValueError("give one or two audio files and then the prompt, e.g. uv run mellow ask clip.wav "
                          "\"Describe the audio.\" --checkpoint checkpoints/<run>")
-    config = AskConfig(checkpoint=checkpoint, model=model, which=which, beams=beams, max_new_tokens=max_new_tokens,
-                       device=device)
     from mellow.evaluate import ask
 
-    answer = ask.ask(config, [Path(path) for path in inputs[:-1]], inputs[-1])
+    answer = ask.ask(asked, [Path(path) for path in inputs[:-1]], inputs[-1])
     print(answer)
 
 
-@app.command("export")
+@app.command("export", cls=stage(ExportConfig))
 @friendly_errors
-def export_command(
-    checkpoint: Path = typer.Option(..., help="A training run folder (its latest or best checkpoint) or one "
-                                              "checkpoint folder."),
-    out: Path = typer.Option(..., help="Folder to write the model to."),
-    which: str = cli_option(ExportConfig, "which"),
-    overwrite: bool = cli_option(ExportConfig, "overwrite"),
-) -> None:
+def export_command(context: typer.Context, config: Optional[Path] = CONFIG_FILE) -> None:
     """Write a checkpoint as a self-contained model folder: the decoder and tokenizer (save_pretrained, LoRA
     merged), the projector (safetensors), the encoder's spec and fingerprint, settings, and a model card with
     its eval scores. `mellow ask --model OUT` runs it; transformers loads OUT/decoder alone."""
-    config = ExportConfig(checkpoint=checkpoint, which=which, out=out, overwrite=overwrite)
+    exported = settings(context, ExportConfig, config)
     from mellow.evaluate import export
 
-    export.export(config)
+    export.export(exported)
 
 
 store_app = typer.Typer(help="Inspect and check embedding stores.", no_args_is_help=True)
@@ -577,40 +440,29 @@ def store_verify_command(
                       "intact; the store is not finished (rerun 01_precompute to write the rest)")
 
 
-@app.command("doctor")
+@app.command("doctor", cls=stage(DoctorConfig, aliases={"encoder": "encoder.name"}))
 @friendly_errors
-def doctor_command(
-    store_root: Path = cli_option(DoctorConfig, "store_root"),
-    checkpoints: Path = cli_option(DoctorConfig, "checkpoints"),
-    dataset: Optional[Path] = cli_option(DoctorConfig, "dataset"),
-    encoder: str = cli_option(EncoderConfig, "name", "--encoder"),
-    tokens: int = cli_option(EncoderConfig, "tokens"),
-    views: int = cli_option(EncoderConfig, "views"),
-    output: str = cli_option(EncoderConfig, "output"),
-) -> None:
+def doctor_command(context: typer.Context, config: Optional[Path] = CONFIG_FILE) -> None:
     """Check this machine for a mellow job: torch, GPUs and NCCL, ffmpeg, bundled models, rank variables and
     the rendezvous port, SLURM, writable output folders, disk space for a planned store. Prints what is wrong
     and how to fix it; exits 1 if a check failed. Run it where the job will run (inside the sbatch/srun)."""
-    config = DoctorConfig(store_root=store_root, checkpoints=checkpoints, dataset=dataset,
-                          encoder=EncoderConfig(name=encoder, tokens=tokens, views=views, output=output))
+    checked = settings(context, DoctorConfig, config)
     from mellow import doctor
 
-    if any(check.status == "fail" for check in doctor.run(config)):
+    if any(check.status == "fail" for check in doctor.run(checked)):
         raise typer.Exit(1)
 
 
-@app.command("quickstart")
+@app.command("quickstart", cls=stage(QuickstartConfig))
 @friendly_errors
-def quickstart_command(
-    root: Path = typer.Option(Path("."), help="Folder under which datasets/, shards/ and checkpoints/ go."),
-    encoder: str = typer.Option("whisper-tiny", help="Audio encoder: whisper-tiny, mel, or hf:<dir or org/name>."),
-    num_clips: int = typer.Option(800, help="Synthetic clips to generate."),
-    updates: int = typer.Option(1600, help="Training updates."),
-) -> None:
-    """Run prepare -> precompute -> train -> eval on the built-in synthetic set and print the scores."""
+def quickstart_command(context: typer.Context, config: Optional[Path] = CONFIG_FILE) -> None:
+    """Run prepare -> precompute -> train -> eval on the built-in synthetic set and print the scores.
+
+    The training run is stages/configs/quickstart.yaml's."""
+    chosen = settings(context, QuickstartConfig, config)
     from mellow import quickstart
 
-    quickstart.run(root=root, encoder=encoder, num_clips=num_clips, updates=updates)
+    quickstart.run(chosen)
 
 
 def main() -> None:

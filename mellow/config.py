@@ -20,15 +20,14 @@ import yaml
 T = TypeVar("T")
 
 
-def setting(default: Any, help: str) -> Any:
-    """A dataclass field whose `help` doubles as CLI help."""
+def setting(default: Any, help: str, *, on_resume: bool = False) -> Any:
+    """A dataclass field whose `help` is its command-line help and its docs. `on_resume=True` marks a training
+    setting that may differ when a run resumes (where things are, how often to log or save, when to stop); a
+    resume that changes any other one is refused, since it would change the training."""
+    metadata = {"help": help, "on_resume": on_resume}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def field_help(cls: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def cli_option(cls: type, name: str, *flags: str) -> Any:
@@ -93,87 +92,32 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
                 pass
         raise _wrong(name, "a number", value)
     if annotation in (str, Path):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float, Path)) and not isinstance(value, bool):
             return annotation(str(value)) if annotation is Path else str(value)
         raise _wrong(name, "a path" if annotation is Path else "text", value)
     return value
 
 
-def _unknown(key: str, known: dict, prefix: str, where: str | None) -> str:
-    """An unknown option, named where it was given, with the nearest known one (or where to find them all)."""
-    where = where or f"{prefix}{key}"
-    dashes = "--" if where.startswith("--") else ""
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f"did you mean {dashes}{prefix}{close[0]}?" if close else "--help lists every option"
-    return f"unknown option {where} ({hint})"
-
-
-def build(cls: type[T], values: dict[str, Any], section: str = "", names: dict[str, str] | None = None) -> T:
-    """Make `cls` from a dict, rejecting unknown keys with the list of known ones. `names` says how to name a
-    field in an error (where its value was given: "my.yaml:12: train.lr", "--train.lr"); default section.field."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(known)
-    prefix = f"{section}." if section else ""
-    if unknown:
-        raise ValueError("; ".join(_unknown(key, known, prefix, (names or {}).get(key)) for key in sorted(unknown)))
-    hints = typing.get_type_hints(cls)
-    names = names or {}
-    converted = {k: _coerce(v, hints[k], names.get(k, prefix + k)) for k, v in values.items()}
-    return cls(**converted)
-
-
 def to_dict(config: Any) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}
+    """A config as nested plain dicts (sections as dicts, paths as text): what runs save and compare."""
+    return _plain(dataclasses.asdict(config))
 
 
-def parse_dotted(args: list[str]) -> dict[str, dict[str, str]]:
-    """`--train.lr 3e-4 --model.decoder=tiny` -> {"train": {"lr": "3e-4"}, "model": {"decoder": "tiny"}}."""
-    overrides: dict[str, dict[str, str]] = {}
-    index = 0
-    while index < len(args):
-        argument = args[index]
-        if not argument.startswith("--") or "." not in argument.split("=")[0]:
-            raise ValueError(f"unexpected argument {argument!r}; overrides look like --section.option VALUE")
-        key, _, value = argument[2:].partition("=")
-        if not _:
-            if index + 1 >= len(args):
-                raise ValueError(f"{argument} needs a value")
-            index += 1
-            value = args[index]
-        section, _, name = key.partition(".")
-        overrides.setdefault(section, {})[name] = value
-        index += 1
-    return overrides
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections as one level of dotted names: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
-def load_yaml_with_lines(path: Path) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], int]]:
-    """The sections of a YAML config file, and the line of each `section: {option: ...}` entry (for errors); a
-    file that is not valid YAML is one error naming file, line and column."""
-    if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        loaded = yaml.safe_load(text) or {}
-        root = yaml.compose(text)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ValueError(f"{where}: not valid YAML: {error.problem or error.context}") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"--config {path}: expected a mapping of sections (train:, model:, ...)")
-    lines: dict[tuple[str, str], int] = {}
-    for section_key, section_value in root.value if isinstance(root, yaml.MappingNode) else []:
-        if isinstance(section_value, yaml.MappingNode):
-            for option_key, _ in section_value.value:
-                lines[(str(section_key.value), str(option_key.value))] = option_key.start_mark.line + 1
-    for section, entries in loaded.items():
-        if entries is not None and not isinstance(entries, dict):
-            line = next((n for (s, _), n in lines.items() if s == section), None)
-            raise ValueError(f"{path}{f':{line}' if line else ''}: section {section}: expected options "
-                             f"(option: value lines indented under it), got {entries!r}")
-    return loaded, lines
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(entry) for key, entry in value.items()}
+    return str(value) if isinstance(value, Path) else value
 
 
 def describe_differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:
@@ -188,13 +132,237 @@ def describe_differences(expected: dict, actual: dict, prefix: str = "") -> list
     return lines
 
 
-def help_table(sections: dict[str, type]) -> str:
-    """Every option of every section with its default and help, for `--help` epilogs and the README."""
-    lines = []
-    for section, cls in sections.items():
-        for spec in fields(cls):
-            default = spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[misc]
-            shown = str(default) if isinstance(default, Path) else repr(default)
-            lines.append(f"--{section}.{spec.name} (default {shown}): {spec.metadata.get('help', '')}")
-    return "\n\n".join(lines)
+def is_section(annotation: Any) -> bool:
+    """A field whose type is itself a config dataclass: a section (encoder:, store:, train.optimizer:)."""
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
 
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One leaf setting of a config tree: its path (("encoder", "tokens")), type, default and help."""
+
+    path: tuple[str, ...]
+    annotation: Any
+    default: Any
+    help: str
+    on_resume: bool
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+
+def options_of(cls: type, prefix: tuple[str, ...] = ()) -> list[Option]:
+    """Every leaf setting of `cls`, sections walked depth first, in declaration order."""
+    found = []
+    hints = typing.get_type_hints(cls)
+    for spec in fields(cls):
+        annotation = hints[spec.name]
+        if is_section(annotation):
+            found.extend(options_of(annotation, (*prefix, spec.name)))
+            continue
+        default = spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[misc]
+        found.append(Option((*prefix, spec.name), annotation, default, spec.metadata.get("help", ""),
+                            spec.metadata.get("on_resume", False)))
+    return found
+
+
+def _is_subsequence(parts: list[str], path: tuple[str, ...]) -> bool:
+    remaining = iter(path)
+    return all(part in remaining for part in parts)
+
+
+class Names:
+    """How a stage's settings may be named: the full dotted path (`encoder.tokens`, `train.optimizer.lr`), or any
+    shorter form that keeps the last name and drops section names while it still names one setting
+    (`tokens`, `train.lr`); `-` and `_` are the same; `aliases` add names for documented short flags
+    (`encoder` for `encoder.name`)."""
+
+    def __init__(self, cls: type, aliases: dict[str, str] | None = None) -> None:
+        self.options = options_of(cls)
+        self.by_path = {option.dotted: option for option in self.options}
+        self.aliases = {key.replace("-", "_"): value for key, value in (aliases or {}).items()}
+
+    def resolve(self, name: str, where: str | None = None) -> Option:
+        """The setting `name` names; a ValueError naming `where` (how it was given) if none or several do."""
+        key = name.replace("-", "_")
+        key = self.aliases.get(key, key)
+        if key in self.by_path:
+            return self.by_path[key]
+        parts = key.split(".")
+        matches = [o for o in self.options if o.path[-1] == parts[-1] and _is_subsequence(parts, o.path)]
+        if len(matches) == 1:
+            return matches[0]
+        where = where or f"--{name}"
+        if matches:
+            raise ValueError(f"{where} is ambiguous: give one of {', '.join(o.dotted for o in matches)}")
+        raise ValueError(self.unknown(name, where))
+
+    def sections(self) -> set[str]:
+        """Every section's dotted name (`train`, `train.optimizer`, `encoder`)."""
+        return {".".join(o.path[:depth]) for o in self.options for depth in range(1, len(o.path))}
+
+    def is_section(self, name: str) -> bool:
+        """Whether `name` is a section (`train`, `encoder`, `train.optimizer`), not a setting."""
+        return any(o.dotted.startswith(name.replace("-", "_") + ".") for o in self.options)
+
+    def short(self, option: Option) -> str:
+        """The shortest name of `option`: its last name alone where no other setting has it."""
+        if sum(o.path[-1] == option.path[-1] for o in self.options) == 1:
+            return option.path[-1]
+        return option.dotted
+
+    def unknown(self, name: str, where: str) -> str:
+        """An unknown option, named where it was given, with the nearest known one in the same section (or where
+        to find them all)."""
+        *sections, last = name.replace("-", "_").split(".")
+        candidates = {o.path[-1] for o in self.options if _is_subsequence(sections, o.path[:-1])}
+        if not sections:
+            candidates |= set(self.aliases)
+        close = difflib.get_close_matches(last, sorted(candidates), n=1, cutoff=0.6)
+        if not close:
+            return f"unknown option {where} (--help lists every option)"
+        nearest = ".".join([*sections, close[0]])
+        nearest = nearest.replace("_", "-") if "-" in name else nearest
+        return f"unknown option {where} (did you mean {'--' if where.startswith('--') else ''}{nearest}?)"
+
+
+@dataclasses.dataclass
+class Layer:
+    """Values of one source of settings (a YAML file, a run's saved config, the command line): name -> value,
+    and how to name each one in an error ("my.yaml:12: train.lr", "--train.lr")."""
+
+    values: dict[str, Any]
+    where: dict[str, str]
+
+
+def yaml_layer(path: Path, option: str = "--config") -> Layer:
+    """A YAML config file as a Layer: its mapping as it is (sections nested), every key named by file and line."""
+    if not path.is_file():
+        raise ValueError(f"{option} {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        loaded = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: not valid YAML: {error.problem or error.context}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    if loaded is None:
+        return Layer({}, {})
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{option} {path}: expected a mapping of options and sections (train:, model:, ...)")
+    where: dict[str, str] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:  # the line of every key, at every depth
+        for key_node, value_node in node.value:
+            name = f"{prefix}{key_node.value}"
+            where[name] = f"{path}:{key_node.start_mark.line + 1}: {name}"
+            if isinstance(value_node, yaml.MappingNode):
+                walk(value_node, f"{name}.")
+
+    walk(root, "")
+    return Layer(loaded, where)
+
+
+def from_dict(cls: type[T], values: dict, where: str) -> T:
+    """`cls` from a saved dict of settings (a checkpoint's model: section), through the one config path."""
+    return load(cls, [Layer(values, {name: f"{where}: {name}" for name in flatten(values)})])
+
+
+def from_names(cls: type[T], **settings: Any) -> T:
+    """`cls` from settings named as on the command line (`from_names(TrainConfig, lr=3e-4, batch_size=8)`: the
+    short names of nested settings), through the one config path."""
+    return load(cls, [Layer(settings, {name: name for name in settings})])
+
+
+def command_line_layer(given: dict[str, Any]) -> Layer:
+    """Options given on the command line (their names as typed, without the dashes) as a Layer."""
+    return Layer(dict(given), {name: f"--{name}" for name in given})
+
+
+def load(cls: type[T], layers: list[Layer], aliases: dict[str, str] | None = None) -> T:
+    """The one config path: `cls`'s defaults, overlaid by each layer in turn (a YAML preset, a run's saved config,
+    the command line), every value checked against its field's type; every unknown or badly typed option is
+    reported at once, named where it was given."""
+    return construct(cls, checked(cls, layers, aliases))
+
+
+def checked(cls: type, layers: list[Layer], aliases: dict[str, str] | None = None) -> dict[tuple[str, ...], Any]:
+    """{path: value} of every setting the layers give (the last one to name a setting wins), each converted to its
+    field's type; a ValueError listing every unknown name and every value of the wrong type."""
+    names = Names(cls, aliases)
+    chosen: dict[tuple[str, ...], tuple[Any, str]] = {}
+    problems = []
+    for layer in layers:
+        for name, value, where in _entries(layer, layer.values, "", names, problems):
+            try:
+                option = names.resolve(name, where)
+                chosen[option.path] = (_coerce(value, option.annotation, where), where)
+            except ValueError as error:
+                problems.append(str(error))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return {path: value for path, (value, _) in chosen.items()}
+
+
+def _entries(layer: Layer, values: dict, prefix: str, names: Names, problems: list[str]):
+    """(name, value, where) of every setting a layer gives: a section's mapping is entered (`train: {lr: 1}` gives
+    train.lr); a mapping given where no section is, and a section given one value, are problems."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        where = layer.where.get(name, name)
+        section = names.is_section(name) and name.replace("-", "_") not in names.aliases
+        if isinstance(value, dict) and (section or not prefix and not _is_setting(names, name)):
+            if not section:
+                close = difflib.get_close_matches(name, sorted(names.sections()), n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]}?" if close else f"sections: {', '.join(sorted(names.sections()))}"
+                problems.append(f"unknown section {where} ({hint})")
+                continue
+            yield from _entries(layer, value, f"{name}.", names, problems)
+        elif section:
+            if value is not None:  # `model:` with nothing under it is no setting at all
+                problems.append(f"{where}: {name} is a section; expected options (option: value lines indented "
+                                f"under it, or --{name}.<option> VALUE), got {value!r}")
+        else:
+            yield name, value, where
+
+
+def _is_setting(names: Names, name: str) -> bool:
+    try:
+        names.resolve(name)
+        return True
+    except ValueError:
+        return False
+
+
+def construct(cls: type[T], values: dict[tuple[str, ...], Any], prefix: tuple[str, ...] = (),
+              base: Any = None) -> T:
+    """`cls` from leaf values by path: sections built first (from their default, so a section default such as
+    align's optimizer keeps its own defaults), then `cls` itself, whose checks run once."""
+    hints = typing.get_type_hints(cls)
+    arguments = {}
+    for spec in fields(cls):
+        path = (*prefix, spec.name)
+        if is_section(hints[spec.name]):
+            default = spec.default_factory() if spec.default_factory is not MISSING else hints[spec.name]()
+            inside = {p: v for p, v in values.items() if p[: len(path)] == path}
+            arguments[spec.name] = construct(hints[spec.name], inside, path, default) if inside else default
+        elif path in values:
+            arguments[spec.name] = values[path]
+    if base is not None:
+        return dataclasses.replace(base, **arguments)
+    return cls(**arguments)
+
+
+def flat(config: Any) -> dict[str, Any]:
+    """A config as {dotted name: value}, paths as text: what a run saves and compares."""
+    return {option.dotted: _value_at(config, option.path) for option in options_of(type(config))}
+
+
+def _value_at(config: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        config = getattr(config, name)
+    return str(config) if isinstance(config, Path) else config

@@ -11,44 +11,52 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mellow.config import Layer, load, yaml_layer
 from mellow.encode import precompute
 from mellow.evaluate import score
 from mellow.evaluate.score import scores_table
 from mellow.progress import console
-from mellow.settings import EncoderConfig, EvalConfig, ModelConfig, PrecomputeConfig, TrainConfig
+from mellow.settings import EncoderConfig, EvalConfig, PrecomputeConfig, QuickstartConfig, TrainJob
 from mellow.sources import prepare
 from mellow.sources.config import PrepareConfig
-from mellow.store.writer import EncoderExpectation, StoreConfig
+from mellow.store.writer import StoreConfig
 from mellow.train import loop
 
-
-def training_configs(store: Path, dataset: Path, run_dir: Path, encoder: str,
-                     updates: int) -> tuple[TrainConfig, ModelConfig, EncoderExpectation]:
-    """The quickstart's training run (stages/configs/quickstart.yaml holds the same, for 03_train)."""
-    return (TrainConfig(store=store, dataset=dataset, run_dir=run_dir, max_updates=updates,
-                        val_every=max(1, updates // 4), save_every=max(1, updates // 4), lr=5e-4,
-                        precision="auto"),
-            ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4),
-            EncoderExpectation(name=encoder, tokens=16))
+PRESET = Path(__file__).resolve().parents[1] / "stages" / "configs" / "quickstart.yaml"
 
 
-def run(root: Path, encoder: str, num_clips: int, updates: int) -> dict:
-    """Run 00 -> 01 -> 03 -> 04 under `root` and return the test scores."""
+def training_job(config: QuickstartConfig, store: Path, dataset: Path, run_dir: Path) -> TrainJob:
+    """The quickstart's training run: stages/configs/quickstart.yaml, with this machine's store, dataset and run
+    folder, and --updates (validation and checkpoints every quarter of them)."""
+    if not PRESET.is_file():
+        raise FileNotFoundError(f"{PRESET}: the quickstart's training config is missing; run from a mellow checkout")
+    every = max(1, config.updates // 4)
+    given = {"train.store": store, "train.dataset": dataset, "train.run_dir": run_dir,
+             "train.max_updates": config.updates, "train.val_every": every, "train.save_every": every,
+             "encoder.name": config.encoder}
+    return load(TrainJob, [yaml_layer(PRESET), Layer(given, {name: f"quickstart {name}" for name in given})])
+
+
+def run(config: QuickstartConfig) -> dict:
+    """Run 00 -> 01 -> 03 -> 04 under config.root and return the test scores."""
+    root = config.root
     started = time.time()
     timings = {}
     console.rule("[bold]00 prepare")
-    dataset = prepare.run(PrepareConfig(root=root / "datasets", num_clips=num_clips))
+    dataset = prepare.run(PrepareConfig(root=root / "datasets", num_clips=config.num_clips))
     timings["prepare"] = time.time() - started
     console.rule("[bold]01 precompute")
     stage = time.time()
-    stored = precompute.run(PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name=encoder, tokens=16),
+    expected = training_job(config, Path(""), dataset, Path("")).encoder  # what the preset's store must be
+    stored = precompute.run(PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name=config.encoder,
+                                                                                    tokens=expected.tokens),
                                              store=StoreConfig(root=root / "shards")))
     timings["precompute"] = time.time() - stage
     console.rule("[bold]03 train")
     stage = time.time()
     run_dir = root / "checkpoints" / f"quickstart-{stored.store_path.name}"
-    train_config, model_config, expected = training_configs(stored.store_path, dataset, run_dir, encoder, updates)
-    trained = loop.run(train_config, model_config, resume=True, expected=expected)
+    job = training_job(config, stored.store_path, dataset, run_dir)
+    trained = loop.run(job.train, job.model, resume=True, expected=job.encoder)
     if trained.interrupted:
         console.print("quickstart stopped by Ctrl-C after saving; run `uv run mellow quickstart` again to continue")
         raise SystemExit(130)

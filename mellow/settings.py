@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from mellow.audio.decode import CropPolicy
-from mellow.config import setting
+from mellow.config import Names, flatten, setting
 from mellow.hub import HUB_ID
-from mellow.store.writer import StoreConfig, StoreWriter
+from mellow.store.writer import EncoderExpectation, StoreConfig, StoreWriter
 
 RUNS_ROOT = Path(os.environ.get("MELLOW_CHECKPOINTS") or "checkpoints")  # $MELLOW_CHECKPOINTS
 
@@ -56,6 +56,13 @@ def check_device(value: str, option: str) -> None:
     """The one check of every setting that names a device."""
     if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
         raise ValueError(f"{option} {value!r} must be auto, cpu, cuda or cuda:N")
+
+
+def at_least(config: object, section: str, names: tuple[str, ...], bound: int) -> None:
+    """Refuse any of the settings `names` of `config` below `bound`, naming it as typed (--train.batch_size)."""
+    for name in names:
+        if getattr(config, name) < bound:
+            raise ValueError(f"--{section}.{name} {getattr(config, name)} must be >= {bound}")
 
 
 @dataclass
@@ -262,35 +269,9 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    store: Path = setting(Path(""), "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>).")
-    dataset: Path | None = setting(None, "Dataset folder with the <split>.jsonl example files (default: the one the "
-                                         "store was made from, which its meta.json names).")
-    run_dir: Path = setting(RUNS_ROOT / "run", "Where checkpoints, metrics and the resolved config go (default: "
-                                                "$MELLOW_CHECKPOINTS/run).")
-    init_from: Path | None = setting(None, "Start a new run from the trained weights of this run or checkpoint "
-                                           "folder (fine-tuning on a new task or dataset): only weights, with a new "
-                                           "optimizer, schedule and data order. --resume continues a run instead.")
-    align_from: Path | None = setting(None, "Start the audio projector of a new run from a 02_align run folder (a "
-                                            "contrastive warm start); everything else starts as usual.")
-    train_split: str = setting("train", "Split to train on.")
-    val_split: str = setting("val", "Split for validation loss.")
-    max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
-    stop_after: int = setting(0, "Stop this invocation after this many updates (saving); 0 runs to max_updates.")
-    resume_from: str = setting("latest", "With --resume: the checkpoint to continue from: latest, best, or step-N "
-                                         "(an update number). An earlier one than latest branches the run: the "
-                                         "newer checkpoints and metrics move to <run_dir>/branches/, and "
-                                         "<run_dir>/branches.json records the branch point.")
-    time_limit: float = setting(0.0, "Stop this invocation, saving first, before this many seconds have passed "
-                                     "(0: no limit). The SLURM job's end time counts too (slurm_time_limit).")
-    slurm_time_limit: bool = setting(True, "Under SLURM, stop (saving first) before the job's end time.")
-    stop_margin: float = setting(60.0, "Seconds kept in hand before a time limit, besides the measured time of "
-                                       "one update and one save: they must cover the processes' exit and, under "
-                                       "SLURM, the requeue (a few seconds; more on a busy machine).")
-    requeue: bool = setting(True, "Under SLURM, requeue the job (scontrol requeue) when it stops early for a "
-                                  "signal or a time limit, so it resumes when it runs again.")
-    batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together).")
-    grad_accum: int = setting(1, "Micro-batches accumulated per update.")
+class OptimizerConfig:
+    """The optimizer and its learning-rate schedule (train.optimizer: in YAML)."""
+
     lr: float = setting(1e-3, "Peak learning rate.")
     projector_lr: float = setting(0.0, "Peak learning rate of the audio projector (and separator/no-audio "
                                        "embeddings); 0: lr.")
@@ -302,44 +283,32 @@ class TrainConfig:
     min_lr_ratio: float = setting(0.1, "Learning rate at the end of the cosine decay, as a fraction of lr.")
     clip_grad: float = setting(1.0, "Gradient-norm clipping threshold (0 disables). An update whose gradient "
                                     "norm is not finite is skipped, whatever this is.")
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = setting(
-        "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, fp16 (with a gradient scaler), or auto "
-                "(bf16 where the device has native bf16 arithmetic: a CUDA GPU that supports it, a CPU with "
-                "AVX512-BF16 or AMX; else fp32). Weights and optimizer state stay float32.")
-    mem_budget: float = setting(1.0, "Activation memory budget, 0 to 1: 1 keeps every activation for the backward "
-                                     "pass; below 1 recomputes some in the backward instead (less memory, more "
-                                     "time; the same loss and gradients): with --train.compile through "
-                                     "torch.compile's activation memory budget, else by checkpointing that share "
-                                     "of the decoder's layers (0: every layer).")
-    compile: bool = setting(False, "Compile the model with torch.compile (the first updates are slow while it "
-                                   "compiles; numbers differ from eager in rounding).")
-    val_every: int = setting(250, "Validate every this many updates (0 disables).")
-    val_examples: int = setting(512, "Validation examples used each time (0: all).")
-    best_metric: Literal["val_loss", "val_accuracy"] = setting(
-        "val_loss", "Validation metric that picks the best checkpoint: val_loss (lower is better) or val_accuracy "
-                    "(accuracy of greedy answers to the closed-task validation examples; higher is better; costs "
-                    "a generation pass).")
-    save_every: int = setting(250, "Save a checkpoint every this many updates (0: only at the end and best).")
-    keep_last: int = setting(2, "Numbered checkpoints kept besides the best one.")
-    log_every: int = setting(10, "Write metrics every this many updates.")
-    tensorboard: bool = setting(True, "Also write TensorBoard event files to <run_dir>/tensorboard.")
-    wandb: Literal["auto", "on", "off"] = setting(
-        "auto", "Weights & Biases: auto (on when the environment holds a W&B API key or WANDB_MODE), on, off. "
-                "It runs in WANDB_MODE's mode, else online with a key, else offline (<run_dir>/wandb).")
-    wandb_project: str = setting("mellow", "W&B project name.")
-    seed: int = setting(0, "Seed for initialisation, data order and dropout.")
-    device: str = setting("auto", DEVICES)
-    dist_timeout: float = setting(900.0, "Seconds a process waits for the others in a collective before it "
-                                         "gives up (a rank that hangs, rather than dies).")
+
+
+    def __post_init__(self) -> None:
+        at_least(self, "train", ("warmup_updates", "cooldown_updates", "projector_lr", "decoder_lr"), 0)
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--train.lr must be > 0 and --train.min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """What each update reads and how batches are built and fed (train.data:)."""
+
+    train_split: str = setting("train", "Split to train on.")
+    val_split: str = setting("val", "Split for validation loss.")
+    batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together).")
+    grad_accum: int = setting(1, "Micro-batches accumulated per update.")
     max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
     data_workers: int = setting(2, "Worker processes building batches ahead of the training step (0: in this "
-                                   "process, when needed).")
-    prefetch: int = setting(4, "Batches each data worker prepares ahead.")
+                                   "process, when needed).", on_resume=True)
+    prefetch: int = setting(4, "Batches each data worker prepares ahead.", on_resume=True)
     data_cache: Literal["auto", "ram", "stream"] = setting(
         "auto", "Where embedding rows come from: ram (the whole store read once into memory), stream (read from "
-                "the Zarr store per batch, by the data workers), auto (ram if it fits in ram_cache_gb).")
+                "the Zarr store per batch, by the data workers), auto (ram if it fits in ram_cache_gb).",
+        on_resume=True)
     ram_cache_gb: float = setting(16.0, "Largest store (uncompressed) that data_cache auto keeps in RAM, per "
-                                        "process.")
+                                        "process.", on_resume=True)
     balance: Literal["off", "sampler", "loss"] = setting(
         "off", "Balance the classes of each closed-label task (the dataset's prepare.json declares them): sampler "
                "draws each epoch's examples with probabilities that make every class equally frequent (with "
@@ -348,39 +317,148 @@ class TrainConfig:
     length_buckets: int = setting(1, "Micro-batches sorted by length together to cut padding (1: off). Faster "
                                      "per update, but the task-homogeneous batches learned slower here.")
 
+
+
     def __post_init__(self) -> None:
-        if self.init_from is not None and self.align_from is not None:
-            raise ValueError("--train.init_from already holds a trained projector; drop --train.align_from")
-        positive = ("max_updates", "batch_size", "grad_accum", "log_every", "max_text_tokens", "length_buckets",
-                    "prefetch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 1")
-        for name in ("stop_after", "warmup_updates", "cooldown_updates", "val_every", "val_examples", "save_every",
-                     "keep_last", "time_limit", "stop_margin", "projector_lr", "decoder_lr", "data_workers",
-                     "ram_cache_gb"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--train.{name} {getattr(self, name)} must be >= 0")
-        if self.cooldown_updates and self.warmup_updates + self.cooldown_updates > self.max_updates:
-            raise ValueError(f"--train.warmup_updates {self.warmup_updates} + --train.cooldown_updates "
-                             f"{self.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
+        at_least(self, "train", ("batch_size", "grad_accum", "max_text_tokens", "length_buckets", "prefetch"), 1)
+        at_least(self, "train", ("data_workers", "ram_cache_gb"), 0)
         if self.balance not in ("off", "sampler", "loss"):
             raise ValueError(f"--train.balance {self.balance!r} must be off, sampler or loss")
         if self.data_cache not in ("auto", "ram", "stream"):
             raise ValueError(f"--train.data_cache {self.data_cache!r} must be auto, ram or stream")
-        if self.wandb not in ("auto", "on", "off"):
-            raise ValueError(f"--train.wandb {self.wandb!r} must be auto, on or off")
+
+
+@dataclass
+class CheckpointConfig:
+    """When a run validates and saves, which checkpoint it continues from, and when an invocation stops 
+    (train.checkpoint:)."""
+
+    resume_from: str = setting("latest", "With --resume: the checkpoint to continue from: latest, best, or step-N "
+                                         "(an update number). An earlier one than latest branches the run: the "
+                                         "newer checkpoints and metrics move to <run_dir>/branches/, and "
+                                         "<run_dir>/branches.json records the branch point.", on_resume=True)
+    save_every: int = setting(250, "Save a checkpoint every this many updates (0: only at the end and best).",
+                              on_resume=True)
+    keep_last: int = setting(2, "Numbered checkpoints kept besides the best one.", on_resume=True)
+    val_every: int = setting(250, "Validate every this many updates (0 disables).", on_resume=True)
+    val_examples: int = setting(512, "Validation examples used each time (0: all).", on_resume=True)
+    best_metric: Literal["val_loss", "val_accuracy"] = setting(
+        "val_loss", "Validation metric that picks the best checkpoint: val_loss (lower is better) or val_accuracy "
+                    "(accuracy of greedy answers to the closed-task validation examples; higher is better; costs "
+                    "a generation pass).")
+    stop_after: int = setting(0, "Stop this invocation after this many updates (saving); 0 runs to max_updates.",
+                              on_resume=True)
+    time_limit: float = setting(0.0, "Stop this invocation, saving first, before this many seconds have passed "
+                                     "(0: no limit). The SLURM job's end time counts too (slurm_time_limit).",
+                              on_resume=True)
+    slurm_time_limit: bool = setting(True, "Under SLURM, stop (saving first) before the job's end time.",
+                                     on_resume=True)
+    stop_margin: float = setting(60.0, "Seconds kept in hand before a time limit, besides the measured time of "
+                                       "one update and one save: they must cover the processes' exit and, under "
+                                       "SLURM, the requeue (a few seconds; more on a busy machine).", on_resume=True)
+    requeue: bool = setting(True, "Under SLURM, requeue the job (scontrol requeue) when it stops early for a "
+                                  "signal or a time limit, so it resumes when it runs again.", on_resume=True)
+
+
+    def __post_init__(self) -> None:
+        at_least(self, "train", ("stop_after", "val_every", "val_examples", "save_every", "keep_last", "time_limit",
+                                 "stop_margin"), 0)
         if self.best_metric not in ("val_loss", "val_accuracy"):
             raise ValueError(f"--train.best_metric {self.best_metric!r} must be val_loss or val_accuracy")
+
+
+@dataclass
+class TrackingConfig:
+    """Where a run's metrics go: metrics.jsonl, TensorBoard, Weights & Biases (train.tracking:)."""
+
+    log_every: int = setting(10, "Write metrics every this many updates.", on_resume=True)
+    tensorboard: bool = setting(True, "Also write TensorBoard event files to <run_dir>/tensorboard.", on_resume=True)
+    wandb: Literal["auto", "on", "off"] = setting(
+        "auto", "Weights & Biases: auto (on when the environment holds a W&B API key or WANDB_MODE), on, off. "
+                "It runs in WANDB_MODE's mode, else online with a key, else offline (<run_dir>/wandb).", on_resume=True)
+    wandb_project: str = setting("mellow", "W&B project name.", on_resume=True)
+
+
+    def __post_init__(self) -> None:
+        at_least(self, "train", ("log_every",), 1)
+        if self.wandb not in ("auto", "on", "off"):
+            raise ValueError(f"--train.wandb {self.wandb!r} must be auto, on or off")
+
+
+@dataclass
+class TrainConfig:
+    """A training run (train: in YAML): its store and run folder, length, precision and devices, and its
+    components. What may differ when a run resumes is marked on each field (on_resume)."""
+
+    store: Path = setting(Path(""), "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>).",
+                          on_resume=True)
+    dataset: Path | None = setting(None, "Dataset folder with the <split>.jsonl example files (default: the one the "
+                                         "store was made from, which its meta.json names).", on_resume=True)
+    run_dir: Path = setting(RUNS_ROOT / "run", "Where checkpoints, metrics and the resolved config go (default: "
+                                                "$MELLOW_CHECKPOINTS/run).", on_resume=True)
+    init_from: Path | None = setting(None, "Start a new run from the trained weights of this run or checkpoint "
+                                           "folder (fine-tuning on a new task or dataset): only weights, with a new "
+                                           "optimizer, schedule and data order. --resume continues a run instead.")
+    align_from: Path | None = setting(None, "Start the audio projector of a new run from a 02_align run folder (a "
+                                            "contrastive warm start); everything else starts as usual.")
+    max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = setting(
+        "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, fp16 (with a gradient scaler), or auto "
+                "(bf16 where the device has native bf16 arithmetic: a CUDA GPU that supports it, a CPU with "
+                "AVX512-BF16 or AMX; else fp32). Weights and optimizer state stay float32.")
+    mem_budget: float = setting(1.0, "Activation memory budget, 0 to 1: 1 keeps every activation for the backward "
+                                     "pass; below 1 recomputes some in the backward instead (less memory, more "
+                                     "time; the same loss and gradients): with --train.compile through "
+                                     "torch.compile's activation memory budget, else by checkpointing that share "
+                                     "of the decoder's layers (0: every layer).", on_resume=True)
+    compile: bool = setting(False, "Compile the model with torch.compile (the first updates are slow while it "
+                                   "compiles; numbers differ from eager in rounding).", on_resume=True)
+    seed: int = setting(0, "Seed for initialisation, data order and dropout.")
+    device: str = setting("auto", DEVICES, on_resume=True)
+    dist_timeout: float = setting(900.0, "Seconds a process waits for the others in a collective before it "
+                                         "gives up (a rank that hangs, rather than dies).", on_resume=True)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.init_from is not None and self.align_from is not None:
+            raise ValueError("--train.init_from already holds a trained projector; drop --train.align_from")
+        at_least(self, "train", ("max_updates",), 1)
+        optimizer = self.optimizer
+        if optimizer.cooldown_updates and optimizer.warmup_updates + optimizer.cooldown_updates > self.max_updates:
+            raise ValueError(f"--train.warmup_updates {optimizer.warmup_updates} + --train.cooldown_updates "
+                             f"{optimizer.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
         if not 0.0 <= self.mem_budget <= 1.0:
             raise ValueError(f"--train.mem_budget {self.mem_budget} must be in [0, 1] (1: keep every activation)")
         if self.precision not in ("fp32", "bf16", "fp16", "auto"):
             raise ValueError(f"--train.precision {self.precision!r} must be fp32, bf16, fp16 or auto")
         if self.dist_timeout <= 0:
             raise ValueError(f"--train.dist_timeout {self.dist_timeout} must be > 0 seconds")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("--train.lr must be > 0 and --train.min_lr_ratio in [0, 1]")
         check_device(self.device, "--train.device")
+
+
+@dataclass
+class TrainJob:
+    """Everything 03_train takes: the run (train:), the model (model:) and what its store must be (encoder:)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderExpectation = field(default_factory=EncoderExpectation)
+
+
+def saved_settings(config: dict) -> dict[str, object]:
+    """A run's saved config (trainer.json's "config", config.yaml) as {full dotted name: value}, in either layout
+    (runs saved before train: had components hold its settings one level up: train.lr for train.optimizer.lr).
+    A setting this version does not know keeps its saved name."""
+    names, settings = Names(TrainJob), {}
+    for name, value in flatten(config).items():
+        try:
+            settings[names.resolve(name).dotted] = value
+        except ValueError:
+            settings[name] = value
+    return settings
 
 
 @dataclass
@@ -423,7 +501,8 @@ class AlignConfig:
 @dataclass
 class EvalConfig:
     run: Path = setting(Path("checkpoints/run"), "A training run folder, or one checkpoint folder inside it.")
-    which: str = setting("all", "Checkpoints of a run folder to score: all (each one not scored yet with these "
+    which: Literal["all", "latest", "best"] = setting("all", "Checkpoints of a run folder to score: all (each one "
+                                                             "not scored yet with these "
                                 "settings), latest or best. The run's leaderboard and report cover every scored one.")
     split: str = setting("test", "Split to generate answers for.")
     store: Path | None = setting(None, "Store to read (default: the one the checkpoint was trained on).")
@@ -468,15 +547,19 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    checkpoint: Path = setting(Path("checkpoints/run"), "A training run folder (its latest or best checkpoint) or "
-                                                        "one checkpoint folder.")
-    which: str = setting("latest", "Checkpoint of a run folder to export: latest or best.")
-    out: Path = setting(Path("exported"), "Folder to write (replaced whole if it exists and --overwrite is given).")
+    checkpoint: Path | None = setting(None, "A training run folder (its latest or best checkpoint) or one checkpoint "
+                                            "folder.")
+    which: Literal["latest", "best"] = setting("latest", "Checkpoint of a run folder to export: latest or best.")
+    out: Path | None = setting(None, "Folder to write the model to (replaced whole if it exists and --overwrite is "
+                                     "given).")
     overwrite: bool = setting(False, "Replace --out if it already exists.")
 
     def __post_init__(self) -> None:
         if self.which not in ("latest", "best"):
             raise ValueError(f"--which {self.which!r} must be latest or best")
+        if self.checkpoint is None or self.out is None:
+            raise ValueError("give --checkpoint (a run or checkpoint folder made by 03_train) and --out (the folder "
+                             "to write), e.g. uv run mellow export --checkpoint checkpoints/<run> --out exported")
         if not self.checkpoint.exists():
             raise ValueError(f"--checkpoint {self.checkpoint}: no such folder; pass a run folder made by 03_train")
         if self.out.exists() and not self.overwrite:
@@ -502,7 +585,7 @@ class AskConfig:
     checkpoint: Path | None = setting(None, "A training run folder (its latest or best checkpoint) or one "
                                             "checkpoint folder.")
     model: Path | None = setting(None, "A model folder written by `mellow export` (instead of --checkpoint).")
-    which: str = setting("latest", "Checkpoint of a run folder to use: latest or best.")
+    which: Literal["latest", "best"] = setting("latest", "Checkpoint of a run folder to use: latest or best.")
     beams: int = setting(1, "Beam width: 1 is greedy decoding.")
     max_new_tokens: int = setting(48, "Longest answer, in tokens.")
     device: str = setting("auto", DEVICES)
@@ -521,3 +604,18 @@ class AskConfig:
         if self.model is not None and not self.model.is_dir():
             raise ValueError(f"--model {self.model}: no such folder; pass a folder written by `mellow export`")
 
+
+
+@dataclass
+class QuickstartConfig:
+    """`mellow quickstart`: the synthetic set, its store and the training run of stages/configs/quickstart.yaml."""
+
+    root: Path = setting(Path("."), "Folder under which datasets/, shards/ and checkpoints/ go.")
+    encoder: str = setting("whisper-tiny", "Audio encoder: whisper-tiny, mel, or hf:<dir or org/name>.")
+    num_clips: int = setting(800, "Synthetic clips to generate.")
+    updates: int = setting(1600, "Training updates (validation and checkpoints every quarter of them).")
+
+    def __post_init__(self) -> None:
+        EncoderConfig(name=self.encoder)  # the encoder check, once
+        if self.updates < 1:
+            raise ValueError(f"--updates {self.updates} must be at least 1")

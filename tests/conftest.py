@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from mellow.audio.decode import find_ffmpeg
 from mellow.cli import app
+from mellow.config import from_names
 from mellow.encode import precompute
 from mellow.files import read_json, read_jsonl
 from mellow.settings import EncoderConfig, PrecomputeConfig, TrainConfig
@@ -50,7 +51,7 @@ def train_config(store: Path, dataset: Path, run_dir: Path, **overrides) -> Trai
     """A short, seeded training config for tests; `overrides` replace any field."""
     values = dict(store=store, dataset=dataset, run_dir=run_dir, max_updates=8, batch_size=4, lr=3e-3,
                   warmup_updates=2, val_every=0, save_every=4, log_every=1, seed=5)
-    return TrainConfig(**{**values, **overrides})
+    return from_names(TrainConfig, **{**values, **overrides})
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:

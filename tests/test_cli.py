@@ -107,7 +107,8 @@ def test_help_bad_settings_and_store_commands_do_not_import_torch(mel_store, tmp
 def test_train_help_lists_every_option():
     code, output = invoke("train", "--help")
     assert code == 0
-    for option in ("--train.lr", "--train.max_updates", "--model.decoder", "--model.decoder_mode"):
+    for option in ("--train.optimizer.lr", "--train.lr", "--train.max_updates", "--model.decoder",
+                   "--model.decoder_mode", "--train.data.batch_size", "--train.tracking.wandb"):
         assert option in output
 
 

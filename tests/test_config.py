@@ -5,13 +5,14 @@ one line naming the file and line (for YAML), the option and the type it expects
 from __future__ import annotations
 
 import typing
-from dataclasses import fields
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from mellow.cli import TRAIN_SECTIONS, app
+from mellow.cli import app
+from mellow.config import options_of
+from mellow.settings import TrainJob
 
 
 def _wrong_values(annotation) -> list:
@@ -25,13 +26,8 @@ def _wrong_values(annotation) -> list:
     return wrong.get(annotation, [[1], {"a": 1}])  # Path
 
 
-def _train_fields() -> list[tuple[str, str, object]]:
-    cases = []
-    for section, cls in TRAIN_SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for spec in fields(cls):
-            cases.extend((section, spec.name, value) for value in _wrong_values(hints[spec.name]))
-    return cases
+def _train_fields() -> list[tuple[str, object]]:
+    return [(option.dotted, value) for option in options_of(TrainJob) for value in _wrong_values(option.annotation)]
 
 
 def _one_line_error(result) -> str:
@@ -41,18 +37,22 @@ def _one_line_error(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("section,name,value", _train_fields(), ids=lambda v: str(v)[:20])
-def test_every_train_option_of_the_wrong_type_in_yaml_is_one_line(tmp_path, section, name, value):
+@pytest.mark.parametrize("dotted,value", _train_fields(), ids=lambda v: str(v)[:24])
+def test_every_train_option_of_the_wrong_type_in_yaml_is_one_line(tmp_path, dotted, value):
     import yaml
 
     config = tmp_path / "my.yaml"
+    *sections, name = dotted.split(".")
     other = "log_every" if name == "seed" else "seed"  # a valid option before it, so the line is not the first
-    config.write_text(f"# my run\ntrain:\n  {other}: 3\n" + yaml.safe_dump({section: {name: value}}).replace(
-        "train:\n", ""))
+    nested: object = value
+    for section in reversed(sections):
+        nested = {section: nested if isinstance(nested, dict) and section != sections[-1] else {name: value}
+                  if section == sections[-1] else nested}
+    config.write_text(f"# my run\ntrain:\n  {other}: 3\n" + yaml.safe_dump(nested).replace("train:\n", "", 1))
     line = next(number for number, text in enumerate(config.read_text().splitlines(), 1)
                 if text.strip().startswith(f"{name}:"))
     message = _one_line_error(CliRunner().invoke(app, ["train", "--config", str(config)]))
-    assert f"{config}:{line}: {section}.{name}: expected " in message
+    assert f"{config}:{line}: {dotted}: expected " in message
     assert "Traceback" not in message
 
 
@@ -74,21 +74,30 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
 
 
 def _flag_cases() -> list[tuple[str, str, str]]:
-    """(command, flag, wrong value) for every flag that takes a number."""
+    """(command, flag, wrong value) for every option that takes a number: every setting of every stage (by its
+    first spelling in --help), and the hand-made options of the store tools."""
     cases = []
     group = typer.main.get_command(app)
     commands = {**group.commands, **{f"store {name}": command
                                      for name, command in group.commands["store"].commands.items()}}
     for name, command in commands.items():
+        names = getattr(command, "settings_names", None)
+        kinds_of = {}
         for parameter in command.params:
             if not isinstance(parameter, typer.core.TyperOption) or parameter.is_flag:
                 continue
-            annotation = parameter.type_descriptor.annotation
-            kinds = set(typing.get_args(annotation)) or {annotation}
+            if names is not None:  # a stage: the setting's own type, whatever the help option's is
+                option = next((o for o in names.options if f"--{o.dotted}" == parameter.opts[0]
+                               or f"--{o.dotted.replace('_', '-')}" == parameter.opts[0]), None)
+                kinds_of[parameter.opts[0]] = {option.annotation} if option is not None else set()
+            else:
+                annotation = parameter.type_descriptor.annotation
+                kinds_of[parameter.opts[0]] = set(typing.get_args(annotation)) or {annotation}
+        for flag, kinds in kinds_of.items():
             if int in kinds:
-                cases.extend((name, parameter.opts[0], value) for value in ("128.5", "[8]"))
+                cases.extend((name, flag, value) for value in ("128.5", "[8]"))
             elif float in kinds:
-                cases.append((name, parameter.opts[0], "fast"))
+                cases.append((name, flag, "fast"))
     return cases
 
 

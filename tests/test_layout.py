@@ -7,9 +7,11 @@ import ast
 from pathlib import Path
 
 MELLOW = Path(__file__).resolve().parents[1] / "mellow"
-BOTTOM = ("config", "files", "errors", "progress", "manifests", "answers", "distributed", "envfile", "hub")
+BOTTOM = ("config", "files", "errors", "progress", "manifests", "answers", "distributed", "envfile", "hub",
+          "torchrun_hook")
 FLOOR = {**dict.fromkeys(BOTTOM, 0), "audio": 1, "store": 2, "settings": 3, "model": 4, "sources": 4,
-         "encode": 5, "train": 5, "evaluate": 6, "doctor": 7, "quickstart": 7, "cli": 8}
+         "encode": 5, "train": 5, "evaluate": 6, "doctor": 7, "quickstart": 7,
+         "options": 7, "cli": 8}
 
 
 def _imports() -> list[tuple[str, str, str]]:

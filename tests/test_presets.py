@@ -1,5 +1,5 @@
-"""The YAML presets under stages/configs/: each loads and validates, the quickstart preset is the quickstart's
-own training config, and the SmolLM2 LoRA preset runs."""
+"""The YAML presets under stages/configs/: each loads and validates, the quickstart's training run is its preset
+(the only place it is written), and the SmolLM2 LoRA preset runs."""
 
 from __future__ import annotations
 
@@ -7,28 +7,38 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
-from mellow.cli import app, load_train_configs
-from mellow.config import to_dict
-from mellow.quickstart import training_configs
+from mellow import quickstart
+from mellow.cli import app
+from mellow.config import load, yaml_layer
+from mellow.settings import QuickstartConfig, TrainJob
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "stages" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_preset_loads_and_validates(preset):
-    train, model, expected = load_train_configs(preset, [])
+    job = load(TrainJob, [yaml_layer(preset)])
+    train, model = job.train, job.model
     assert train.max_updates > 0 and train.store.name and model.decoder
     result = CliRunner().invoke(app, ["train", "--config", str(preset), "--print-config"])
     assert result.exit_code == 0 and f"decoder: {model.decoder}" in result.output
 
 
-def test_quickstart_preset_is_the_quickstarts_training_run():
-    preset = load_train_configs(PRESETS[[p.stem for p in PRESETS].index("quickstart")], [])
-    train, model, expected = training_configs(preset[0].store, preset[0].dataset, preset[0].run_dir,
-                                              "whisper-tiny", 1600)
-    assert to_dict(preset[0]) == to_dict(train) and preset[1] == model and preset[2] == expected
+def test_the_quickstart_trains_its_preset(tmp_path):
+    assert quickstart.PRESET == PRESETS[[p.stem for p in PRESETS].index("quickstart")]
+    written = yaml.safe_load(quickstart.PRESET.read_text())
+    job = quickstart.training_job(QuickstartConfig(updates=800), tmp_path / "store", tmp_path / "data",
+                                  tmp_path / "run")
+    assert (job.train.store, job.train.dataset, job.train.run_dir) == (tmp_path / "store", tmp_path / "data",
+                                                                       tmp_path / "run")
+    assert job.train.max_updates == 800 and job.train.checkpoint.val_every == job.train.checkpoint.save_every == 200
+    assert job.train.optimizer.lr == written["train"]["lr"] and job.train.precision == written["train"]["precision"]
+    assert job.train.data.batch_size == written["train"]["batch_size"]
+    assert {key: getattr(job.model, key) for key in written["model"]} == written["model"]
+    assert job.encoder.tokens == written["encoder"]["tokens"] and job.encoder.name == "whisper-tiny"
 
 
 @pytest.mark.slow  # SmolLM2-135M itself on a CPU (~55 s); tests/test_train_toolbox.py trains LoRA on a tiny decoder

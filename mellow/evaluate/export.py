@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mellow.config import build
+from mellow.config import from_dict
 from mellow.evaluate.metrics import main_metric
 from mellow.files import read_json, replace_directory, write_json_atomic, write_text_atomic
 from mellow.model.modeling import MellowModel, build_model
 from mellow.progress import console
-from mellow.settings import ExportConfig, ModelConfig
+from mellow.settings import ExportConfig, ModelConfig, saved_settings
 from mellow.train.checkpoint import load_trained_model
 from mellow.train.runs import find_checkpoint
 
@@ -95,7 +95,7 @@ def load_exported_model(folder: Path, device: torch.device) -> tuple[MellowModel
     exported_encoder(folder)
     info = read_json(folder / "mellow.json")
     settings = {**info["model"], "decoder": f"hf:{folder / 'decoder'}", "decoder_mode": "full"}
-    model, tokenizer = build_model(build(ModelConfig, settings, "model"), info["audio_dim"], seed=0)
+    model, tokenizer = build_model(from_dict(ModelConfig, settings, "model"), info["audio_dim"], seed=0)
     weights = load_file(folder / "projector.safetensors")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     absent = [name for name in missing if name.startswith(PROJECTOR_PREFIXES)]
@@ -106,7 +106,7 @@ def load_exported_model(folder: Path, device: torch.device) -> tuple[MellowModel
 
 
 def model_card(info: dict, encoder: dict) -> str:
-    model, train = info["model"], info["source"]["train"]
+    model, train = info["model"], saved_settings({"train": info["source"]["train"]})
     lines = [
         "# A Mellow-style audio-language model, exported by mellow", "",
         "Two audio clips and a text prompt in, free text out: a frozen audio encoder, a trained audio projector "
@@ -124,11 +124,11 @@ def model_card(info: dict, encoder: dict) -> str:
         f"- prompt format: `{model.get('prompt_format', 'plain')}`", "",
         "## Training", "",
         f"- checkpoint: `{info['source']['checkpoint']}` at update {info['source']['update']} of "
-        f"{train.get('max_updates', '?')}",
-        f"- dataset: `{train.get('dataset', '?')}`, store `{info['source']['store']}`",
+        f"{train.get('train.max_updates', '?')}",
+        f"- dataset: `{train.get('train.dataset', '?')}`, store `{info['source']['store']}`",
         # checkpoints of older mellow versions lack settings added since (their defaults applied)
-        f"- batch {train.get('batch_size', '?')}, learning rate {train.get('lr', '?')}, precision "
-        f"{train.get('precision', 'fp32')}, seed {train.get('seed', 0)}", "",
+        f"- batch {train.get('train.data.batch_size', '?')}, learning rate {train.get('train.optimizer.lr', '?')}, "
+        f"precision {train.get('train.precision', 'fp32')}, seed {train.get('train.seed', 0)}", "",
         "## Scores", "",
     ]
     if info["eval"] is None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mellow import distributed
-from mellow.config import build
+from mellow.config import from_dict
 from mellow.distributed import DistributedContext
 from mellow.files import check_free_space, disk_space, read_json, replace_directory, write_json_atomic
 from mellow.model.decoders import decoder_reference
@@ -98,8 +98,8 @@ def save_checkpoint(run_dir: Path, keep_last: int, model: MellowModel, optimizer
             replace_directory(temporary, run_dir / name)
             write_json_atomic(run_dir / "latest.json", {"path": name, "update": state.update})
             if is_best:
-                write_json_atomic(run_dir / "best.json", {"path": name, "update": state.update,
-                                                          "metric": meta["config"]["train"]["best_metric"],
+                metric = meta["config"]["train"]["checkpoint"]["best_metric"]
+                write_json_atomic(run_dir / "best.json", {"path": name, "update": state.update, "metric": metric,
                                                           "value": state.best_value})
             prune(run_dir, keep_last)
     except OSError:
@@ -232,7 +232,7 @@ def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[MellowMo
     """Rebuild the model of a checkpoint and load its weights; returns (model, tokenizer, trainer.json)."""
     trainer = read_json(checkpoint / "trainer.json")
     check_base_decoder(checkpoint, trainer)
-    model_config = build(ModelConfig, trainer["config"]["model"], "model")
+    model_config = from_dict(ModelConfig, trainer["config"]["model"], f"{checkpoint}/trainer.json model")
     model, tokenizer = build_model(model_config, trainer["store_fingerprint"]["dim"],
                                    seed=trainer["config"]["train"]["seed"])
     model.load_checkpoint_state_dict(load_weights(checkpoint / "model.pt", "checkpoint"))

@@ -29,14 +29,14 @@ from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
 from mellow import answers, distributed
-from mellow.config import describe_differences, to_dict
+from mellow.config import describe_differences, options_of, to_dict
 from mellow.distributed import DistributedContext
 from mellow.files import read_json, sha256_file, write_json_atomic, write_text_atomic
 from mellow.manifests import label_tasks_of
 from mellow.model.decoders import decoder_reference
 from mellow.model.modeling import MellowModel, build_model, embedding_rms
 from mellow.progress import console, progress_bar
-from mellow.settings import ModelConfig, TrainConfig
+from mellow.settings import ModelConfig, TrainConfig, TrainJob, saved_settings
 from mellow.store.reader import EmbeddingStore, dataset_of
 from mellow.store.writer import EncoderExpectation
 from mellow.train.allocator import keep_freed_memory
@@ -55,23 +55,13 @@ from mellow.train.runs import find_checkpoint
 from mellow.train.stopping import StopControl, requeue_slurm_job
 from mellow.train.tracking import Tracker, peak_memory_mb
 
-# Options that may differ when a run resumes: where things are, how often to log/validate/save, and when this
-# invocation stops. Any other difference would change the training itself, so resuming with it is refused.
-CHANGEABLE_ON_RESUME = {
-    "train": {"store", "dataset", "run_dir", "stop_after", "resume_from", "time_limit", "slurm_time_limit",
-              "stop_margin", "requeue", "val_every", "val_examples", "save_every", "keep_last", "log_every", "device",
-              "dist_timeout", "compile", "mem_budget", "tensorboard", "wandb", "wandb_project", "data_workers",
-              "prefetch", "data_cache", "ram_cache_gb"},
-    "encoder": {"name", "weights_hash", "clip_seconds", "crop", "views", "tokens"},  # the store is checked
-}
-
 
 @dataclass
 class TrainResult:
     run_dir: Path
     updates: int
     final_loss: float
-    best_value: float | None  # of train.best_metric
+    best_value: float | None  # of train.checkpoint.best_metric
     seconds: float
     stop_reason: str | None = None  # why the invocation stopped before max_updates (None: it did not)
     peak_memory_mb: float = 0.0
@@ -90,13 +80,14 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
     store = open_training_store(train)
     context, device = distributed.setup(train.device, train.dist_timeout)
     try:
-        with StopControl(started, train.time_limit, train.slurm_time_limit, train.stop_margin, device) as stopper:
+        limits = train.checkpoint
+        with StopControl(started, limits.time_limit, limits.slurm_time_limit, limits.stop_margin, device) as stopper:
             resolved = resolved_config(train, model_config, expected)
             checkpoint, initial = validate_args(train, model_config, store, resume, context,
                                                 expected or EncoderExpectation(), resolved)
             result = fit(setup(train, model_config, store, checkpoint, initial, context, device, resolved, stopper))
             result.interrupted = stopper.interrupted
-        if result.stop_reason and stopper.preempted and train.requeue and context.is_main:
+        if result.stop_reason and stopper.preempted and train.checkpoint.requeue and context.is_main:
             requeue_slurm_job()
         result.seconds = time.time() - started
         report(result, train)
@@ -135,12 +126,12 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, store: Embeddin
                   resolved: dict) -> tuple[Path | None, Path | None]:
     """Check inputs before any work; return the checkpoint to resume from and the one to initialise from."""
     expected.check(train.store, store.fingerprint)
-    if train.batch_size % (context.world_size * train.grad_accum):
-        raise ValueError(f"--train.batch_size {train.batch_size} must be divisible by world size "
-                         f"{context.world_size} x --train.grad_accum {train.grad_accum}")
+    if train.data.batch_size % (context.world_size * train.data.grad_accum):
+        raise ValueError(f"--train.batch_size {train.data.batch_size} must be divisible by world size "
+                         f"{context.world_size} x --train.grad_accum {train.data.grad_accum}")
     latest = train.run_dir / "latest.json"
-    if train.resume_from != "latest" and not resume:
-        raise ValueError(f"--train.resume_from {train.resume_from} continues a run: pass --resume too (or "
+    if train.checkpoint.resume_from != "latest" and not resume:
+        raise ValueError(f"--train.resume_from {train.checkpoint.resume_from} continues a run: pass --resume too (or "
                          "--resume-from, which is both)")
     if latest.exists() and not resume:
         raise ValueError(f"{train.run_dir} already holds a run; pass --resume to continue it, or choose another "
@@ -151,7 +142,7 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, store: Embeddin
         if train.align_from is not None:
             read_alignment(train.align_from)  # before any work: the folder holds a finished alignment
         return None, check_init_from(train, model_config, store) if train.init_from else None
-    checkpoint = find_checkpoint(train.run_dir, train.resume_from, "--train.resume_from")
+    checkpoint = find_checkpoint(train.run_dir, train.checkpoint.resume_from, "--train.resume_from")
     saved = read_json(checkpoint / "trainer.json")
     store.check_fingerprint(saved["store_fingerprint"], f"resuming {checkpoint}")
     changes = store.changes_since(saved.get("store_revision", 0))
@@ -160,7 +151,7 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, store: Embeddin
                       f"{saved.get('store_revision', 0)} -> {store.revision}): {changes}. Training goes on with the "
                       "store as it is now", highlight=False)
     check_resumable_config(saved["config"], resolved, checkpoint)
-    split = split_path(train.dataset, train.train_split)
+    split = split_path(train.dataset, train.data.train_split)
     if sha256_file(split) != saved["train_split_sha256"]:
         raise ValueError(f"{split} changed since {checkpoint} was saved: resuming would train on other "
                          "examples. Restore it, or start a new run (--train.run_dir)")
@@ -209,28 +200,34 @@ def check_init_from(train: TrainConfig, model_config: ModelConfig, store: Embedd
 
 
 def check_resumable_config(saved: dict, now: dict, checkpoint: Path) -> None:
-    """Refuse a resume whose config changes the training, listing every such option."""
-    changed = [line for section in ("train", "model") for line in describe_differences(
-        {k: v for k, v in saved.get(section, {}).items() if k not in CHANGEABLE_ON_RESUME.get(section, ())},
-        {k: v for k, v in now[section].items() if k not in CHANGEABLE_ON_RESUME.get(section, ())},
-        prefix=f"{section}.")]
+    """Refuse a resume whose config changes the training (any train: or model: setting not marked on_resume),
+    listing every such option. A checkpoint saved before the train: section had components reads the same."""
+    changed = describe_differences(_fixed_settings(saved), _fixed_settings(now))
     if changed:
         raise ValueError(f"resuming {checkpoint} with options that change the training:\n  " + "\n  ".join(changed)
                          + "\nresume with the run's own config (it is the default with --resume), or start a new "
                          "run in another --train.run_dir")
 
 
+def _fixed_settings(config: dict) -> dict:
+    """{dotted name: value} of the train: and model: settings of a saved config that a resume may not change."""
+    options = {option.dotted: option for option in options_of(TrainJob)}
+    return {name: value for name, value in saved_settings(config).items() if name.split(".")[0] in ("train", "model")
+            and not (name in options and options[name].on_resume)}
+
+
 def _schedule(train: TrainConfig):
     """Learning-rate factor per update: linear warmup to 1, cosine decay to min_lr_ratio, linear cooldown to 0."""
-    decay_end = train.max_updates - train.cooldown_updates
+    optimizer = train.optimizer
+    decay_end = train.max_updates - optimizer.cooldown_updates
 
     def factor(update: int) -> float:
-        if update < train.warmup_updates:
-            return (update + 1) / train.warmup_updates
+        if update < optimizer.warmup_updates:
+            return (update + 1) / optimizer.warmup_updates
         if update >= decay_end:
-            return train.min_lr_ratio * max(0.0, (train.max_updates - update) / max(1, train.cooldown_updates))
-        progress = (update - train.warmup_updates) / max(1, decay_end - train.warmup_updates)
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return optimizer.min_lr_ratio * max(0.0, (train.max_updates - update) / max(1, optimizer.cooldown_updates))
+        progress = (update - optimizer.warmup_updates) / max(1, decay_end - optimizer.warmup_updates)
+        return optimizer.min_lr_ratio + (1 - optimizer.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
 
@@ -243,9 +240,10 @@ def _optimizer(model: MellowModel, train: TrainConfig) -> torch.optim.Optimizer:
             part = "decoder" if name.startswith("language_model.") else "projector"
             decays = parameter.dim() >= 2 and "embed" not in name
             groups.setdefault((part, decays), []).append(parameter)
-    peak = {"projector": train.projector_lr or train.lr, "decoder": train.decoder_lr or train.lr}
+    settings = train.optimizer
+    peak = {"projector": settings.projector_lr or settings.lr, "decoder": settings.decoder_lr or settings.lr}
     return torch.optim.AdamW([{"params": parameters, "lr": peak[part], "name": f"{part}/{'decay' if decays else 'no'}",
-                               "weight_decay": train.weight_decay if decays else 0.0}
+                               "weight_decay": settings.weight_decay if decays else 0.0}
                               for (part, decays), parameters in sorted(groups.items())], betas=(0.9, 0.98), fused=True)
 
 
@@ -299,11 +297,11 @@ def balancing_weights(train: TrainConfig, train_set: ExampleSet) -> np.ndarray:
     """Per-example class weights of the training split's closed-label tasks, said in one line per task."""
     label_tasks = label_tasks_of(train.dataset)
     if not label_tasks:
-        raise ValueError(f"--train.balance {train.balance}: {train.dataset} declares no closed-label task (its "
+        raise ValueError(f"--train.balance {train.data.balance}: {train.dataset} declares no closed-label task (its "
                          "prepare.json has no label_tasks); use --train.balance off")
     weights = train_set.class_weights(label_tasks)
     for task, labels in label_tasks.items():
-        console.print(f"balancing the {len(labels)} classes of {task} by {train.balance}", highlight=False)
+        console.print(f"balancing the {len(labels)} classes of {task} by {train.data.balance}", highlight=False)
     return weights
 
 
@@ -340,7 +338,7 @@ class Training:
 
     def save(self, is_best: bool) -> None:
         started = time.time()
-        save_checkpoint(self.train.run_dir, self.train.keep_last, self.model, self.optimizer, self.scheduler,
+        save_checkpoint(self.train.run_dir, self.train.checkpoint.keep_last, self.model, self.optimizer, self.scheduler,
                         self.scaler, self.state, is_best, self.context, self.meta)
         self.stopper.save_took(time.time() - started)
 
@@ -363,14 +361,16 @@ def setup(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore, 
     state = restore_or_start(train, checkpoint, model, optimizer, scheduler, scaler, context, resolved,
                              len(train_set))
     # a run started again from nothing (killed before its first checkpoint) drops what it logged: every update once
-    tracker = Tracker(train.run_dir, resolved, context.is_main, state.update, train.tensorboard, train.wandb,
-                      train.wandb_project)
+    tracking = train.tracking
+    tracker = Tracker(train.run_dir, resolved, context.is_main, state.update, tracking.tensorboard, tracking.wandb,
+                      tracking.wandb_project)
     wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
     if train.compile:  # the partitioner keeps activations up to this share of the memory, recomputes the rest
         torch._functorch.config.activation_memory_budget = train.mem_budget
     forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
     batches = training_batches(train, train_set, state, context, device)
-    stop_at = min(train.max_updates, state.update + train.stop_after) if train.stop_after else train.max_updates
+    stop_after = train.checkpoint.stop_after
+    stop_at = min(train.max_updates, state.update + stop_after) if stop_after else train.max_updates
     meta = {"store_fingerprint": store.fingerprint, "store_revision": store.revision, "store": str(train.store),
             "config": resolved, "base_decoder": decoder_reference(model_config.decoder, train.seed),
             "train_split_sha256": split_sha256, "initialised_from": str(initial) if initial else None}
@@ -406,12 +406,13 @@ def load_splits(train: TrainConfig, store: EmbeddingStore, tokenizer,
                 model: MellowModel) -> tuple[ExampleSet, ExampleSet, str]:
     """The training and validation examples (tokenised once, cached), sharing one reader of the store's rows,
     and the sha256 of the training split that checkpoints record."""
-    rows = embedding_rows(store, train.data_cache, train.ram_cache_gb)
-    split_sha256 = sha256_file(split_path(train.dataset, train.train_split))
-    train_set = ExampleSet.from_split(train.dataset, train.train_split, store, tokenizer, train.max_text_tokens,
+    rows = embedding_rows(store, train.data.data_cache, train.data.ram_cache_gb)
+    split_sha256 = sha256_file(split_path(train.dataset, train.data.train_split))
+    data = train.data
+    train_set = ExampleSet.from_split(train.dataset, data.train_split, store, tokenizer, data.max_text_tokens,
                                       rows=rows, seed=train.seed, prompt_suffix=model.prompt_suffix,
                                       split_sha256=split_sha256)
-    val_set = ExampleSet.from_split(train.dataset, train.val_split, store, tokenizer, train.max_text_tokens,
+    val_set = ExampleSet.from_split(train.dataset, data.val_split, store, tokenizer, data.max_text_tokens,
                                     rows=rows, prompt_suffix=model.prompt_suffix)
     return train_set, val_set, split_sha256
 
@@ -433,7 +434,7 @@ def restore_or_start(train: TrainConfig, checkpoint: Path | None, model: MellowM
     saved_world = read_json(checkpoint / "trainer.json")["world_size"]
     if saved_world != context.world_size:
         report_world_size_change(saved_world, context.world_size)
-    epoch, position = divmod(state.micro_batches, examples // (train.batch_size // train.grad_accum))
+    epoch, position = divmod(state.micro_batches, examples // (train.data.batch_size // train.data.grad_accum))
     console.print(f"resuming {train.run_dir} from update {state.update} ({checkpoint.name}): epoch {epoch}, "
                   f"micro-batch {position} of it")
     return state
@@ -443,17 +444,18 @@ def training_batches(train: TrainConfig, train_set: ExampleSet, state: TrainingS
                      device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches from the run's position on, assembled in DataLoader workers; class balancing
     (--train.balance) draws or weighs the examples."""
-    weights = balancing_weights(train, train_set) if train.balance != "off" else None
-    if train.balance == "loss":
+    data = train.data
+    weights = balancing_weights(train, train_set) if data.balance != "off" else None
+    if data.balance == "loss":
         train_set.loss_weights = weights / weights.mean()  # the average example still weighs 1
-    order = micro_batches(train_set.lengths(), train.batch_size // train.grad_accum, train.seed, state.micro_batches,
-                          context, train.length_buckets, weights if train.balance == "sampler" else None)
-    return batch_loader(train_set, order, train.data_workers, train.prefetch, pin_memory=device.type == "cuda")
+    order = micro_batches(train_set.lengths(), data.batch_size // data.grad_accum, train.seed, state.micro_batches,
+                          context, data.length_buckets, weights if data.balance == "sampler" else None)
+    return batch_loader(train_set, order, data.data_workers, data.prefetch, pin_memory=device.type == "cuda")
 
 
 def fit(t: Training) -> TrainResult:
     """The training loop: an update, its log line, validation, checkpoints, and whether to stop early."""
-    train, state = t.train, t.state
+    train, state, every = t.train, t.state, t.train.checkpoint
     window, last_loss, stop_reason, validation_seconds = LogWindow(), float("nan"), None, 0.0
     keep_freed_memory()  # every step reuses the last one's large blocks: ~5-10% faster on CPU (train/allocator.py)
     with t.tracker, progress_bar() as progress, workers_ended(t.batches):
@@ -461,30 +463,30 @@ def fit(t: Training) -> TrainResult:
         while state.update < t.stop_at:
             update_started = time.time()
             grad_norm = train_step(t, window)
-            if state.update % train.log_every == 0 or state.update == t.stop_at:
+            if state.update % train.tracking.log_every == 0 or state.update == t.stop_at:
                 last_loss, rate = log_window(t, window, grad_norm)
                 skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
                 progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s{skipped}")
                 window = LogWindow()
             t.stopper.update_took(time.time() - update_started)
             is_best = False
-            if train.val_every and (state.update % train.val_every == 0 or state.update == train.max_updates):
+            if every.val_every and (state.update % every.val_every == 0 or state.update == train.max_updates):
                 validation_started = time.time()
                 is_best = validate_and_record(t, progress.console)
                 validation_seconds = time.time() - validation_started
-            saved = (train.save_every and state.update % train.save_every == 0) or state.update == t.stop_at or is_best
+            saved = (every.save_every and state.update % every.save_every == 0) or state.update == t.stop_at or is_best
             if saved:
                 t.save(is_best)
             progress.update(task, completed=state.update)
             if state.update < t.stop_at:
-                validates_next = train.val_every and (state.update + 1) % train.val_every == 0
+                validates_next = every.val_every and (state.update + 1) % every.val_every == 0
                 stop_reason = t.stopper.reason_to_stop(validation_seconds if validates_next else 0.0)
                 if stop_reason:
                     if not saved:
                         t.save(False)
                     break
     if stop_reason is None and state.update < train.max_updates:
-        stop_reason = f"--train.stop_after {train.stop_after}"
+        stop_reason = f"--train.stop_after {train.checkpoint.stop_after}"
     return TrainResult(train.run_dir, state.update, last_loss, state.best_value, 0.0, stop_reason,
                        peak_memory_mb(t.device))
 
@@ -494,20 +496,20 @@ def train_step(t: Training, window: LogWindow) -> torch.Tensor:
     is skipped, and counted)."""
     train, state = t.train, t.state
     t.model.train()
-    for micro_step in range(train.grad_accum):
+    for micro_step in range(train.data.grad_accum):
         waited = time.time()
         batch = move_to(next(t.batches), t.device)
         window.wait += time.time() - waited
         # ranks exchange gradients once per update, after the last micro-batch
-        last = micro_step == train.grad_accum - 1
+        last = micro_step == train.data.grad_accum - 1
         with contextlib.nullcontext() if last or t.wrapped is t.model else t.wrapped.no_sync():
             with t.autocast:
-                loss = t.forward(batch) / train.grad_accum
+                loss = t.forward(batch) / train.data.grad_accum
             t.scaler.scale(loss).backward()
         state.window_loss += loss.item()
-    state.micro_batches += train.grad_accum
+    state.micro_batches += train.data.grad_accum
     t.scaler.unscale_(t.optimizer)  # true gradients for clipping (a no-op without fp16)
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), train.clip_grad or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), train.optimizer.clip_grad or float("inf"))
     if torch.isfinite(grad_norm):  # the same on every rank: gradients are all-reduced first
         t.scaler.step(t.optimizer)
     else:
@@ -526,7 +528,7 @@ def log_window(t: Training, window: LogWindow, grad_norm: torch.Tensor) -> tuple
     state = t.state
     loss = distributed.mean_across_ranks(state.window_loss / state.window_updates, t.device)
     seconds = time.time() - window.start
-    rate = window.timed * t.train.batch_size / seconds
+    rate = window.timed * t.train.data.batch_size / seconds
     t.tracker.log({"update": state.update, "loss": loss, "lr": t.scheduler.get_last_lr()[0],
                    "grad_norm": float(grad_norm), "samples_per_s": rate,
                    "data_wait": window.wait / seconds, "skipped_updates": state.skipped_updates,
@@ -537,7 +539,7 @@ def log_window(t: Training, window: LogWindow, grad_norm: torch.Tensor) -> tuple
 
 def validate_and_record(t: Training, printer: Console) -> bool:
     """Validate, log and print the scores; whether this update is the best so far by --train.best_metric."""
-    state, metric = t.state, t.train.best_metric
+    state, metric = t.state, t.train.checkpoint.best_metric
     with t.autocast:
         scores = validate(t.model, t.val_set, t.train, t.context, t.device)
     t.tracker.log({"update": state.update, **scores})
@@ -557,9 +559,9 @@ def validate(model: MellowModel, val_set: ExampleSet, train: TrainConfig, contex
     closed-task ones) when it picks the best checkpoint. Ranks take interleaved shares that may differ in size
     (a rank may have none); sums are weighted by examples, so the values equal the one-process ones."""
     model.eval()
-    count = len(val_set) if not train.val_examples else min(train.val_examples, len(val_set))
+    count = len(val_set) if not train.checkpoint.val_examples else min(train.checkpoint.val_examples, len(val_set))
     indices = list(range(count))[context.rank :: context.world_size]
-    step = max(1, train.batch_size // context.world_size)
+    step = max(1, train.data.batch_size // context.world_size)
     total, examples = 0.0, 0
     for start in range(0, len(indices), step):
         batch = indices[start : start + step]
@@ -567,7 +569,7 @@ def validate(model: MellowModel, val_set: ExampleSet, train: TrainConfig, contex
         examples += len(batch)
     total, examples = distributed.sum_across_ranks([total, float(examples)], device)
     scores = {"val_loss": total / max(examples, 1.0)}
-    if train.best_metric == "val_accuracy":
+    if train.checkpoint.best_metric == "val_accuracy":
         closed = [i for i in indices if val_set.examples[i]["task"] in answers.CLOSED_TASKS]
         correct = 0
         for start in range(0, len(closed), step):
@@ -607,7 +609,7 @@ def mixed_precision(precision: str, device: torch.device) -> contextlib.Abstract
 
 
 def report(result: TrainResult, train: TrainConfig) -> None:
-    best = f", best {train.best_metric} {result.best_value:.4f}" if result.best_value is not None else ""
+    best = f", best {train.checkpoint.best_metric} {result.best_value:.4f}" if result.best_value is not None else ""
     best += f", peak memory {result.peak_memory_mb:.0f} MB"
     last = "nothing left to train" if math.isnan(result.final_loss) else f"last loss {result.final_loss:.4f}"
     if result.stop_reason:

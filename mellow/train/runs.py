@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mellow.config import Layer, Names, load, yaml_layer
 from mellow.files import read_json
-from mellow.settings import RUNS_ROOT
+from mellow.settings import RUNS_ROOT, TrainJob
 
 AMBIGUOUS_SECONDS = 60.0  # two runs saved closer than this: the newest is a guess, so ask
 
@@ -70,3 +71,33 @@ def _when(mtime: float) -> str:
         f"{minutes / 1440:.0f} days"
     return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(mtime))}, {ago} ago"
 
+
+
+def train_settings(command_line: Layer, preset: Path | None, resume: bool) -> TrainJob:
+    """03_train's settings, by the one config path: defaults, the run's saved config.yaml (with `resume`), the
+    --config preset, then the command line. With `resume` and no run folder given, the most recent run."""
+    layers = [*([yaml_layer(preset)] if preset is not None else []), command_line]
+    if resume:
+        run_dir = _named(layers, "train.run_dir")
+        if run_dir is None:  # --resume alone: the most recent run under checkpoints/
+            run_dir = most_recent_run("--train.run_dir <run folder>", "uv run stages/03_train.py --resume "
+                                      "--train.run_dir checkpoints/<run>")
+            announce(run_dir, "resuming", "--train.run_dir <run folder>")
+            layers.append(Layer({"train.run_dir": str(run_dir)}, {"train.run_dir": "--resume"}))
+        saved = Path(run_dir) / "config.yaml"
+        if saved.is_file():
+            layers.insert(0, yaml_layer(saved, "--resume"))
+    return load(TrainJob, layers)
+
+
+def _named(layers: list[Layer], dotted: str) -> object | None:
+    """The value the last of `layers` to name setting `dotted` gives it, or None."""
+    names, found = Names(TrainJob), None
+    for layer in layers:
+        for name, value in layer.values.items():
+            try:
+                if names.resolve(name).dotted == dotted:
+                    found = value
+            except ValueError:
+                pass  # load() reports it
+    return found

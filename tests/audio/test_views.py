@@ -9,6 +9,7 @@ import zarr
 
 from mellow.audio.decode import decode_audio, encode_audio_file
 from mellow.audio.views import view_offsets
+from mellow.config import from_names
 from mellow.encode import precompute
 from mellow.encode.encoders import build_encoder
 from mellow.files import read_jsonl, write_jsonl_atomic
@@ -99,8 +100,9 @@ def test_training_draws_one_view_per_clip_and_epoch(views_store, tiny_dataset):
 
 def test_resume_on_a_views_store_gives_the_same_losses(views_store, tiny_dataset, tmp_path):
     def config(run_dir, **extra):
-        return TrainConfig(store=views_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=12, batch_size=32,
-                           warmup_updates=2, val_every=6, save_every=6, log_every=1, seed=5, **extra)
+        return from_names(TrainConfig, store=views_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=12,
+                          batch_size=32,
+                          warmup_updates=2, val_every=6, save_every=6, log_every=1, seed=5, **extra)
 
     model = ModelConfig(**TINY_MODEL)
     loop.run(config(tmp_path / "straight"), model)  # 184 examples: 5 updates an epoch, so views change

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from mellow.cli import app
+from mellow.config import from_names
 from mellow.encode.encoders import build_encoder
 from mellow.evaluate import ask, score
 from mellow.files import read_json, read_jsonl
@@ -24,7 +25,8 @@ from conftest import TINY_MODEL
 @pytest.fixture(scope="module")
 def run_dir(mel_store, tiny_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ask") / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=60, batch_size=8,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=60,
+                        batch_size=8,
                           lr=1e-2, warmup_updates=2, val_every=0, save_every=60), ModelConfig(**TINY_MODEL))
     return run_dir
 

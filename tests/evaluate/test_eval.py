@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mellow import answers
+from mellow.config import from_names
 from mellow.evaluate import metrics, score
 from mellow.files import read_json, read_jsonl
 from mellow.settings import EvalConfig, ModelConfig, TrainConfig
@@ -59,7 +60,8 @@ def test_scores_are_exact_on_perfect_and_wrong_answers():
 
 def test_eval_stage_writes_predictions_scores_and_summary(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=3, batch_size=4,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=3,
+                        batch_size=4,
                           val_every=0, save_every=3), ModelConfig(**TINY_MODEL))
     result = score.run(EvalConfig(run=run_dir, split="test", max_new_tokens=8, batch_size=7))
     assert result.output_dir == run_dir / "step-000003" / "eval-test"
@@ -78,7 +80,8 @@ def test_eval_refuses_a_store_with_another_fingerprint(mel_store, tiny_dataset, 
     import shutil
 
     run_dir = tmp_path / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=1, batch_size=4,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=1,
+                        batch_size=4,
                           val_every=0), ModelConfig(**TINY_MODEL))
     other = tmp_path / "other-store"
     shutil.copytree(mel_store, other)
@@ -92,7 +95,8 @@ def test_eval_refuses_a_store_with_another_fingerprint(mel_store, tiny_dataset, 
 @pytest.fixture(scope="module")
 def three_checkpoints(mel_store, tiny_dataset, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("eval-run") / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=6, batch_size=4,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=6,
+                        batch_size=4,
                           val_every=0, save_every=2, keep_last=3), ModelConfig(**TINY_MODEL))
     return run_dir
 

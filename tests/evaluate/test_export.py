@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from mellow.cli import app
+from mellow.config import from_names
 from mellow.evaluate import ask, export, score
 from mellow.files import read_json, read_jsonl
 from mellow.settings import AskConfig, EvalConfig, ExportConfig, ModelConfig, TrainConfig
@@ -27,7 +28,8 @@ def _logits(language_model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def chat_run(mel_store, tiny_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=30, batch_size=8,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=30,
+                        batch_size=8,
                           lr=1e-2, warmup_updates=2, val_every=0, save_every=30),
               ModelConfig(**TINY_MODEL, prompt_format="chat"))
     score.run(EvalConfig(run=run_dir, max_new_tokens=8, similarity=False))
@@ -69,7 +71,8 @@ def test_exported_model_answers_as_the_checkpoint_and_its_decoder_loads_with_tra
 def test_lora_adapters_are_merged_into_the_exported_decoder(mel_store, tiny_dataset, tmp_path):
     decoder_dir = save_tiny_llama(tmp_path / "decoder")
     run_dir = tmp_path / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=4, batch_size=4,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=4,
+                        batch_size=4,
                           lr=5e-2, warmup_updates=1, val_every=0),
               ModelConfig(decoder=f"hf:{decoder_dir}", decoder_mode="lora", lora_dropout=0.0))
     export.export(ExportConfig(checkpoint=run_dir, out=tmp_path / "model"))

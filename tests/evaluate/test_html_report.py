@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mellow.config import from_names
 from mellow.evaluate import score
 from mellow.evaluate.html_report import example_sample, markdown_to_html
 from mellow.files import read_jsonl
@@ -25,7 +26,8 @@ from conftest import TINY_MODEL
 @pytest.fixture(scope="module")
 def evaluated_run(mel_store, tiny_dataset, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("html-run") / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=2, batch_size=4,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=2,
+                        batch_size=4,
                           val_every=0, save_every=2), ModelConfig(**TINY_MODEL))
     score.run(EvalConfig(run=run_dir, max_new_tokens=4, similarity=False))
     return run_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mellow.config import from_names
 from mellow.model.modeling import build_model
 from mellow.settings import ModelConfig, TrainConfig
 from mellow.store.reader import EmbeddingStore
@@ -84,7 +85,8 @@ def trained(mel_store, tiny_dataset, tmp_path_factory):
     """A tiny model trained for 60 updates: its answers depend on the prompt (an untrained one says the same
     thing to everything, which would make generation tests pass vacuously)."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=60, batch_size=8,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=60,
+                        batch_size=8,
                           lr=1e-2, warmup_updates=2, val_every=0, save_every=60), ModelConfig(**TINY_MODEL))
     model, tokenizer, _ = load_trained_model(find_checkpoint(run_dir), torch.device("cpu"))
     store = EmbeddingStore(mel_store)
@@ -108,7 +110,8 @@ def test_local_decoder_folder_frozen_mode_saves_only_trainable_parts(mel_store, 
     decoder_dir = save_tiny_llama(tmp_path / "decoder")
     model_config = ModelConfig(decoder=f"hf:{decoder_dir}", decoder_mode="frozen")
     run_dir = tmp_path / "run"
-    loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=2, batch_size=4,
+    loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=2,
+                        batch_size=4,
                           val_every=0), model_config)
     checkpoint = find_checkpoint(run_dir)
     saved = torch.load(checkpoint / "model.pt")

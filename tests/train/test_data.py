@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mellow.config import from_names
 from mellow.distributed import DistributedContext
 from mellow.files import read_jsonl
 from mellow.model.decoders import load_tokenizer
@@ -41,7 +42,8 @@ def test_streamed_rows_in_workers_equal_the_ram_cache(mel_store, tiny_dataset):
 @pytest.mark.parametrize("cache,workers", [("stream", 2), ("ram", 0)])
 def test_training_numbers_do_not_depend_on_the_data_path(mel_store, tiny_dataset, tmp_path, cache, workers):
     def losses(run_dir, **extra):
-        loop.run(TrainConfig(store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=6, batch_size=4,
+        loop.run(from_names(TrainConfig, store=mel_store, dataset=tiny_dataset, run_dir=run_dir, max_updates=6,
+                            batch_size=4,
                               val_every=3, log_every=1, **extra), ModelConfig(**TINY_MODEL))
         return [row.get("loss", row.get("val_loss")) for row in read_jsonl(run_dir / "metrics.jsonl")]
 

@@ -169,7 +169,8 @@ def test_resume_refuses_options_that_change_the_training_and_a_changed_split(mel
     run_dir = tmp_path / "run"
     model = ModelConfig(**TINY_MODEL)
     loop.run(_config(mel_store, dataset, run_dir, stop_after=2), model)
-    with pytest.raises(ValueError, match=r"(?s)train.lr: expected 0.003, found 0.01.*model.tiny_layers"):
+    with pytest.raises(ValueError, match=r"(?s)model.tiny_layers: expected 1, found 2.*"
+                                         r"train.optimizer.lr: expected 0.003, found 0.01"):
         loop.run(_config(mel_store, dataset, run_dir, lr=1e-2), ModelConfig(**{**TINY_MODEL, "tiny_layers": 2}),
                   resume=True)
     (dataset / "train.jsonl").write_text((dataset / "train.jsonl").read_text().replace("Describe", "Explain"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mellow.config import from_names
 from mellow.files import read_json, read_jsonl
 from mellow.model.modeling import MellowModel
 from mellow.settings import ModelConfig, TrainConfig
@@ -152,7 +153,7 @@ def test_an_update_with_non_finite_gradients_is_skipped(mel_store, tiny_dataset,
 
 
 def test_schedule_warms_up_decays_by_cosine_and_cools_down_to_zero():
-    config = TrainConfig(max_updates=100, warmup_updates=10, cooldown_updates=20, min_lr_ratio=0.1)
+    config = from_names(TrainConfig, max_updates=100, warmup_updates=10, cooldown_updates=20, min_lr_ratio=0.1)
     factor = _schedule(config)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0) and factor(45) == pytest.approx(0.55)  # cosine midpoint
@@ -161,7 +162,7 @@ def test_schedule_warms_up_decays_by_cosine_and_cools_down_to_zero():
     values = [factor(update) for update in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # never rises after warmup
     with pytest.raises(ValueError, match="must not exceed"):
-        TrainConfig(max_updates=20, warmup_updates=10, cooldown_updates=15)
+        from_names(TrainConfig, max_updates=20, warmup_updates=10, cooldown_updates=15)
 
 
 def test_gradient_accumulation_equals_the_whole_batch_at_once(mel_store, tiny_dataset, tmp_path):
@@ -187,7 +188,7 @@ def test_projector_and_decoder_get_their_own_learning_rates(mel_store):
     from mellow.model.modeling import build_model
 
     model, _ = build_model(ModelConfig(**TINY_MODEL), EmbeddingStore(mel_store).dim, seed=0)
-    optimizer = _optimizer(model, TrainConfig(lr=1e-3, projector_lr=5e-3, decoder_lr=2e-4))
+    optimizer = _optimizer(model, from_names(TrainConfig, lr=1e-3, projector_lr=5e-3, decoder_lr=2e-4))
     by_name = {group["name"]: group for group in optimizer.param_groups}
     assert set(by_name) == {"decoder/decay", "decoder/no", "projector/decay", "projector/no"}
     assert by_name["projector/decay"]["lr"] == 5e-3 and by_name["decoder/decay"]["lr"] == 2e-4
