@@ -78,7 +78,7 @@ def test_a_store_and_run_of_the_old_code_read_verify_resume_score_and_export(old
     assert EmbeddingStore(store).load_all()[0].shape[0] == 24
 
     resumed = run(None, "03_train.py", "--resume", "--train.run_dir", "cut", cwd=work)
-    assert "continuing from step-000004" in resumed
+    assert "resuming cut from update 4 (step-000004)" in resumed
     old, new = logged_losses(work / "straight"), logged_losses(work / "cut")
     assert [new[update] for update in range(1, 9)] == [old[update] for update in range(1, 9)]  # bitwise
 
