@@ -1,5 +1,5 @@
 """The crop/view policy: which seconds of a clip the store keeps (one crop padded, repeated or centred, or
-several views spread over a long clip), decoded through FFmpeg. 01_precompute, `mellow ask` and the server use
+several views spread over a long clip), decoded through FFmpeg. 01_precompute and `mellow ask` use
 this one policy, so a clip is seen the same way in training and in use."""
 
 from __future__ import annotations
