@@ -232,7 +232,7 @@ def align_command(context: typer.Context, config: Optional[Path] = CONFIG_FILE) 
     """Stage 02 (optional): warm-start the audio projector by contrastive training against the caption store;
     reports audio-text retrieval. Then: 03_train --train.align_from <run-dir>."""
     aligned = settings(context, AlignConfig, config)
-    if aligned.store == Path("") or aligned.captions == Path(""):
+    if aligned.store is None or aligned.captions is None:
         raise ValueError(needs("02_align needs the audio store that 01_precompute wrote (--store) and the caption "
                                "store that 01_precompute_captions wrote from the same dataset (--captions)",
                                "uv run stages/01_precompute_captions.py datasets/synth, then uv run "
@@ -263,7 +263,7 @@ def train_command(
     resume = resume or any(_names_option(context.meta["names"], name, "train.checkpoint.resume_from")
                            for name in context.meta["settings"].values)
     job = runs.train_settings(context.meta["settings"], config, resume)
-    if job.train.store == Path(""):
+    if job.train.store is None:
         raise ValueError(needs("03_train needs the audio store that 01_precompute wrote (--train.store)",
                                "uv run stages/03_train.py --train.store shards/synth/<encoder-tag>", "03_train.py"))
     from mellow.train import loop  # torch and transformers: only once the settings are known to be good

@@ -220,9 +220,14 @@ class Names:
         if not sections:
             candidates |= set(self.aliases)
         close = difflib.get_close_matches(last, sorted(candidates), n=1, cutoff=0.6)
-        if not close:
-            return f"unknown option {where} (--help lists every option)"
-        nearest = ".".join([*sections, close[0]])
+        if close:
+            nearest = ".".join([*sections, close[0]])
+        else:  # a misspelt section: the nearest full or section + last name
+            spellings = {o.dotted for o in self.options} | {f"{o.path[0]}.{o.path[-1]}" for o in self.options}
+            close = difflib.get_close_matches(name.replace("-", "_"), sorted(spellings), n=1, cutoff=0.75)
+            if not close or not sections:
+                return f"unknown option {where} (--help lists every option)"
+            nearest = close[0]
         nearest = nearest.replace("_", "-") if "-" in name else nearest
         return f"unknown option {where} (did you mean {'--' if where.startswith('--') else ''}{nearest}?)"
 
@@ -314,7 +319,7 @@ def _entries(layer: Layer, values: dict, prefix: str, names: Names, problems: li
     for key, value in values.items():
         name = f"{prefix}{key}"
         where = layer.where.get(name, name)
-        section = names.is_section(name) and name.replace("-", "_") not in names.aliases
+        section = names.is_section(name) and (isinstance(value, dict) or name.replace("-", "_") not in names.aliases)
         if isinstance(value, dict) and (section or not prefix and not _is_setting(names, name)):
             if not section:
                 close = difflib.get_close_matches(name, sorted(names.sections()), n=1, cutoff=0.6)

@@ -48,7 +48,7 @@ def _metavar(option: Option) -> str:
 
 
 def _shown_default(value: object) -> str:
-    if value is None or value == Path(""):
+    if value is None:
         return "unset"
     if isinstance(value, bool):
         return str(value).lower()

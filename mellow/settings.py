@@ -390,8 +390,8 @@ class TrainConfig:
     """A training run (train: in YAML): its store and run folder, length, precision and devices, and its
     components. What may differ when a run resumes is marked on each field (on_resume)."""
 
-    store: Path = setting(Path(""), "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>).",
-                          on_resume=True)
+    store: Path | None = setting(None, "Embedding store folder made by 01_precompute (shards/<dataset>/<tag>); "
+                                       "required.", on_resume=True)
     dataset: Path | None = setting(None, "Dataset folder with the <split>.jsonl example files (default: the one the "
                                          "store was made from, which its meta.json names).", on_resume=True)
     run_dir: Path = setting(RUNS_ROOT / "run", "Where checkpoints, metrics and the resolved config go (default: "
@@ -463,8 +463,9 @@ def saved_settings(config: dict) -> dict[str, object]:
 
 @dataclass
 class AlignConfig:
-    store: Path = setting(Path(""), "Audio embedding store made by 01_precompute.")
-    captions: Path = setting(Path(""), "Caption store made by 01_precompute_captions from the same dataset.")
+    store: Path | None = setting(None, "Audio embedding store made by 01_precompute; required.")
+    captions: Path | None = setting(None, "Caption store made by 01_precompute_captions from the same dataset; "
+                                          "required.")
     dataset: Path | None = setting(None, "Dataset folder: its <split>.jsonl caption examples say which clips are in "
                                          "which split (default: the one the audio store was made from, which its "
                                          "meta.json names).")

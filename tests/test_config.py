@@ -105,3 +105,23 @@ def _flag_cases() -> list[tuple[str, str, str]]:
 def test_every_numeric_flag_of_every_command_of_the_wrong_type_is_one_line(command, flag, value):
     message = _one_line_error(CliRunner().invoke(app, [*command.split(), flag, value]))
     assert flag in message and ("integer" in message or "number" in message)
+
+
+def test_a_section_named_like_a_short_flag_and_misspelt_names_in_any_stage(tmp_path):
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("encoder:\n  tokens: 8\n  nme: mel\nstore:\n  root: /tmp/s\n")
+    message = _one_line_error(CliRunner().invoke(app, ["precompute", "nowhere", "--config", str(nested)]))
+    assert f"unknown option {nested}:3: encoder.nme (did you mean encoder.name?)" in message
+    short = tmp_path / "short.yaml"  # `encoder: mel` is the --encoder short flag: encoder.name
+    short.write_text("encoder: mel\n")
+    message = _one_line_error(CliRunner().invoke(app, ["precompute", str(tmp_path / "nowhere"), "--config",
+                                                       str(short)]))
+    assert "no audio.jsonl there" in message  # the settings were good; the dataset is what is missing
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("encodr:\n  tokens: 3\n")
+    message = _one_line_error(CliRunner().invoke(app, ["precompute", "nowhere", "--config", str(typo)]))
+    assert f"unknown section {typo}:1: encodr (did you mean encoder?)" in message
+    message = _one_line_error(CliRunner().invoke(app, ["train", "--trian.lr", "3"]))
+    assert message == "error: unknown option --trian.lr (did you mean --train.lr?)"
+    message = _one_line_error(CliRunner().invoke(app, ["precompute", "nowhere", "--tokns", "4"]))
+    assert message == "error: unknown option --tokns (did you mean --tokens?)"
