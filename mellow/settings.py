@@ -1,9 +1,9 @@
 """The settings of every stage: the dataclasses that the command line, YAML files and stage code share.
 
-Each field is a `setting(default, help)`: its default and help text are the command line's. This module imports
-no torch and no transformers, so `mellow --help`, `mellow store ...` and a stage's argument errors answer in a
-second; the stage's own module (train, evaluate, ...) is imported when the stage runs, and re-exports its
-settings class (`from mellow.train import TrainConfig` works as before).
+Each field is a `setting(default, help)`: its default and help text are the command line's (mellow/options.py
+makes every stage's options from these classes). This module imports no torch and no transformers, so
+`mellow --help`, `mellow store ...` and a stage's argument errors answer in a second; the stage's own package
+(train, evaluate, ...) is imported when the stage runs. 00_prepare's settings are in mellow/sources/config.py.
 """
 
 from __future__ import annotations
