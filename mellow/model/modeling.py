@@ -97,15 +97,26 @@ class MellowModel(nn.Module):
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # masked tokens do not advance positions
         return embeds, mask.long(), position_ids
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy over answer (+EOS) tokens: mean per example, then over examples (or over all tokens)."""
+    def forward(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over answer (+EOS) tokens: mean per example, then over examples (or over all tokens).
+        `reduction="sum"` gives the sum over the examples (or tokens) instead, for a loss that 03_train divides by
+        the whole update's count (`loss_count`), whatever micro-batches and ranks it is split into."""
         token_losses, example_of_token, scored = self.answer_token_losses(batch)
         weight = batch.get("loss_weight")  # (B,) class-balancing weights (--train.balance loss), or None
         if self.loss_weighting == "token":
-            return (token_losses if weight is None else token_losses * weight[example_of_token]).mean()
-        per_example = torch.zeros(scored.shape[0], device=scored.device).index_add_(0, example_of_token, token_losses)
-        per_example = per_example / scored.sum(dim=1).clamp(min=1)  # (B,)
-        return (per_example if weight is None else per_example * weight).mean()
+            losses = token_losses if weight is None else token_losses * weight[example_of_token]
+        else:
+            per_example = torch.zeros(scored.shape[0], device=scored.device).index_add_(0, example_of_token,
+                                                                                        token_losses)
+            per_example = per_example / scored.sum(dim=1).clamp(min=1)  # (B,)
+            losses = per_example if weight is None else per_example * weight
+        return losses.sum() if reduction == "sum" else losses.mean()
+
+    def loss_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the batch's loss sums: its examples, or its answer tokens (token weighting)."""
+        if self.loss_weighting == "token":
+            return int((batch["labels"] != -100).sum())
+        return int(batch["labels"].shape[0])
 
     @torch.inference_mode()
     def answer_log_likelihood(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -495,18 +495,7 @@ def train_step(t: Training, window: LogWindow) -> torch.Tensor:
     """One optimizer update over grad_accum micro-batches; its gradient norm (an update whose norm is not finite
     is skipped, and counted)."""
     train, state = t.train, t.state
-    t.model.train()
-    for micro_step in range(train.data.grad_accum):
-        waited = time.time()
-        batch = move_to(next(t.batches), t.device)
-        window.wait += time.time() - waited
-        # ranks exchange gradients once per update, after the last micro-batch
-        last = micro_step == train.data.grad_accum - 1
-        with contextlib.nullcontext() if last or t.wrapped is t.model else t.wrapped.no_sync():
-            with t.autocast:
-                loss = t.forward(batch) / train.data.grad_accum
-            t.scaler.scale(loss).backward()
-        state.window_loss += loss.item()
+    state.window_loss += accumulate_gradients(t, window)
     state.micro_batches += train.data.grad_accum
     t.scaler.unscale_(t.optimizer)  # true gradients for clipping (a no-op without fp16)
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), train.optimizer.clip_grad or float("inf"))
@@ -521,6 +510,33 @@ def train_step(t: Training, window: LogWindow) -> torch.Tensor:
     state.window_updates += 1
     window.timed += 1
     return grad_norm
+
+
+def accumulate_gradients(t: Training, window: LogWindow) -> float:
+    """The gradients of one update, over its grad_accum micro-batches on every rank, and this rank's share of
+    its loss. The loss is one objective however the update is split: the sum over all of the update's examples
+    (or answer tokens, with token weighting) divided by their number across micro-batches and ranks, all-reduced
+    before the first backward; DDP averages the ranks' gradients, so each rank's sum is scaled by the world size."""
+    t.model.train()
+    batches = []
+    for _ in range(t.train.data.grad_accum):
+        waited = time.time()
+        batches.append(next(t.batches))
+        window.wait += time.time() - waited
+    count = float(sum(t.model.loss_count(batch) for batch in batches))
+    [total] = distributed.sum_across_ranks([count], t.device)
+    divisor = max(total, 1.0) / t.context.world_size
+    loss_share = 0.0
+    for micro_step, batch in enumerate(batches):
+        batch = move_to(batch, t.device)
+        # ranks exchange gradients once per update, after the last micro-batch
+        last = micro_step == len(batches) - 1
+        with contextlib.nullcontext() if last or t.wrapped is t.model else t.wrapped.no_sync():
+            with t.autocast:
+                loss = t.forward(batch, reduction="sum") / divisor
+            t.scaler.scale(loss).backward()
+        loss_share += loss.item()
+    return loss_share  # averaged over the ranks when logged: the update's loss
 
 
 def log_window(t: Training, window: LogWindow, grad_norm: torch.Tensor) -> tuple[float, float]:

@@ -133,9 +133,9 @@ def test_an_update_with_non_finite_gradients_is_skipped(mel_store, tiny_dataset,
     calls = {"count": 0}
     forward = MellowModel.forward
 
-    def poisoned(self, batch):
+    def poisoned(self, batch, reduction="mean"):
         calls["count"] += 1
-        loss = forward(self, batch)
+        loss = forward(self, batch, reduction)
         return loss * float("nan") if calls["count"] == 3 and self.training else loss
 
     monkeypatch.setattr(MellowModel, "forward", poisoned)
