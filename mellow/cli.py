@@ -28,7 +28,7 @@ except (ValueError, OSError, UnicodeDecodeError) as env_error:
     sys.exit(2)
 
 from mellow.audio.decode import AudioDecodeError, FfmpegNotFoundError
-from mellow.config import Names, cli_option
+from mellow.config import cli_option
 from mellow.errors import PeerLostError, TooManyFailuresError
 from mellow.files import DISK_FULL, DiskFullError, read_json
 from mellow.options import CONFIG_HELP, MissingSetting, settings, stage
@@ -178,13 +178,6 @@ def prepare_command(context: typer.Context, config: Optional[Path] = CONFIG_FILE
     prepare.run(prepared)
 
 
-def _names_option(names: Names, given: str, name: str) -> bool:
-    try:
-        return names.resolve(given).dotted == name
-    except ValueError:
-        return False
-
-
 @app.command("precompute", cls=stage(PrecomputeConfig, aliases={"encoder": "encoder.name",
                                                                  "store_root": "store.root"}))
 @friendly_errors
@@ -260,7 +253,8 @@ def train_command(
     The encoder: section says what the store must be (e.g. --encoder.name whisper-tiny --encoder.tokens 16);
     a store made otherwise is refused, with what differs. --resume-from latest|best|step-N (train.resume_from)
     also resumes."""
-    resume = resume or any(_names_option(context.meta["names"], name, "train.checkpoint.resume_from")
+    names = context.meta["names"]
+    resume = resume or any(getattr(names.find(name), "dotted", None) == "train.checkpoint.resume_from"
                            for name in context.meta["settings"].values)
     job = runs.train_settings(context.meta["settings"], config, resume)
     if job.train.store is None:

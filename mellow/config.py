@@ -183,6 +183,13 @@ class Names:
         self.by_path = {option.dotted: option for option in self.options}
         self.aliases = {key.replace("-", "_"): value for key, value in (aliases or {}).items()}
 
+    def find(self, name: str) -> Option | None:
+        """The setting `name` names, or None where none or several do."""
+        try:
+            return self.resolve(name)
+        except ValueError:
+            return None
+
     def resolve(self, name: str, where: str | None = None) -> Option:
         """The setting `name` names; a ValueError naming `where` (how it was given) if none or several do."""
         key = name.replace("-", "_")
@@ -320,7 +327,7 @@ def _entries(layer: Layer, values: dict, prefix: str, names: Names, problems: li
         name = f"{prefix}{key}"
         where = layer.where.get(name, name)
         section = names.is_section(name) and (isinstance(value, dict) or name.replace("-", "_") not in names.aliases)
-        if isinstance(value, dict) and (section or not prefix and not _is_setting(names, name)):
+        if isinstance(value, dict) and (section or not prefix and names.find(name) is None):
             if not section:
                 close = difflib.get_close_matches(name, sorted(names.sections()), n=1, cutoff=0.6)
                 hint = f"did you mean {close[0]}?" if close else f"sections: {', '.join(sorted(names.sections()))}"
@@ -333,14 +340,6 @@ def _entries(layer: Layer, values: dict, prefix: str, names: Names, problems: li
                                 f"under it, or --{name}.<option> VALUE), got {value!r}")
         else:
             yield name, value, where
-
-
-def _is_setting(names: Names, name: str) -> bool:
-    try:
-        names.resolve(name)
-        return True
-    except ValueError:
-        return False
 
 
 def construct(cls: type[T], values: dict[tuple[str, ...], Any], prefix: tuple[str, ...] = (),

@@ -27,7 +27,7 @@ from mellow.config import (
     Option,
     checked,
     command_line_layer,
-    load,
+    construct,
     yaml_layer,
 )
 
@@ -95,9 +95,9 @@ def read_settings(args: list[str], names: Names, own: set[str],
             left.append(argument)
             continue
         name, equals, value = argument[2:].partition("=")
-        option = _option_named(names, name)
+        option = names.find(name)
         if option is None and (name.startswith("no-") or name.startswith("no_")) and not equals:
-            negated = _option_named(names, name[3:])
+            negated = names.find(name[3:])
             if negated is not None and negated.annotation is bool:
                 given[name[3:]] = "false"
                 continue
@@ -113,13 +113,6 @@ def read_settings(args: list[str], names: Names, own: set[str],
         else:
             raise UsageError(f"--{name} needs a value")
     return left, given
-
-
-def _option_named(names: Names, name: str) -> Option | None:
-    try:
-        return names.resolve(name)
-    except ValueError:
-        return None
 
 
 def stage(cls: type, aliases: dict[str, str] | None = None) -> type[typer.core.TyperCommand]:
@@ -160,8 +153,7 @@ def settings(context: typer.Context, cls: type[T], config_file: Path | None,
     given = {name: value for name, value in (arguments or {}).items() if value is not None}
     layers.append(Layer(given, {name: name.upper() for name in given}))
     names: Names = context.meta["names"]
-    if needs is not None:
-        required = names.resolve(next(iter(arguments or {})))
-        if required.path not in checked(cls, layers, names.aliases):
-            raise MissingSetting(needs)
-    return load(cls, layers, names.aliases)
+    values = checked(cls, layers, names.aliases)
+    if needs is not None and names.resolve(next(iter(arguments or {}))).path not in values:
+        raise MissingSetting(needs)
+    return construct(cls, values)

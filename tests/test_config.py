@@ -125,3 +125,17 @@ def test_a_section_named_like_a_short_flag_and_misspelt_names_in_any_stage(tmp_p
     assert message == "error: unknown option --trian.lr (did you mean --train.lr?)"
     message = _one_line_error(CliRunner().invoke(app, ["precompute", "nowhere", "--tokns", "4"]))
     assert message == "error: unknown option --tokns (did you mean --tokens?)"
+
+
+def test_resume_takes_the_run_folder_a_config_file_names(tmp_path, monkeypatch):
+    from mellow.config import Layer
+    from mellow.train.runs import train_settings
+
+    run = tmp_path / "runs" / "mine"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"train:\n  store: {tmp_path}\n  run_dir: {run}\n  optimizer:\n    lr: 0.0007\n")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"train:\n  run_dir: {run}\n")
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here: the most recent run would be none
+    job = train_settings(Layer({}, {}), preset, resume=True)
+    assert job.train.run_dir == run and job.train.optimizer.lr == 0.0007  # the run's saved config, read

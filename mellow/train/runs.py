@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mellow.config import Layer, Names, load, yaml_layer
+from mellow.config import Layer, Names, flatten, load, yaml_layer
 from mellow.files import read_json
 from mellow.settings import RUNS_ROOT, TrainJob
 
@@ -91,13 +91,10 @@ def train_settings(command_line: Layer, preset: Path | None, resume: bool) -> Tr
 
 
 def _named(layers: list[Layer], dotted: str) -> object | None:
-    """The value the last of `layers` to name setting `dotted` gives it, or None."""
+    """The value the last of `layers` to name setting `dotted` gives it (a YAML file's sections entered), or None."""
     names, found = Names(TrainJob), None
     for layer in layers:
-        for name, value in layer.values.items():
-            try:
-                if names.resolve(name).dotted == dotted:
-                    found = value
-            except ValueError:
-                pass  # load() reports it
+        for name, value in flatten(layer.values).items():
+            if getattr(names.find(name), "dotted", None) == dotted:
+                found = value
     return found
