@@ -34,8 +34,9 @@ from mellow.sources.config import PrepareConfig
 from mellow.store.reader import EmbeddingStore
 from mellow.store.writer import StoreConfig
 from mellow.train import loop
+from mellow.train.batching import FixedBatches
 from mellow.train.data import ExampleSet, load_examples
-from mellow.train.loop import _optimizer, micro_batches, mixed_precision, training_precision
+from mellow.train.loop import _optimizer, mixed_precision, training_precision
 
 
 def from_store(store: Path, dataset: Path, run_dir: Path, model: ModelConfig, args: argparse.Namespace,
@@ -66,7 +67,7 @@ def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig,
     clip_of_row = {r["row"]: r["id"] for r in store.index}
     lengths = examples.lengths()
     row1, row2 = examples.tokenized.row1, examples.tokenized.row2
-    order = micro_batches(lengths, args.batch_size, 0, 0, DistributedContext(0, 1, 0), 1)
+    order = FixedBatches(lengths, args.batch_size, 1, 0, 1).stream(0, DistributedContext(0, 1, 0))
     model.train()
     forward = torch.compile(model, dynamic=True) if args.compile else model
     with ThreadPoolExecutor(2 * (os.cpu_count() or 1)) as pool:

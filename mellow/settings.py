@@ -297,7 +297,14 @@ class DataConfig:
 
     train_split: str = setting("train", "Split to train on.")
     val_split: str = setting("val", "Split for validation loss.")
-    batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together).")
+    batch_size: int = setting(32, "Global batch size (all ranks and accumulation steps together); with "
+                                  "batch_tokens, the validation batch only.")
+    batch_tokens: int = setting(0, "Plan batches in positions instead (0: off, batch_size plans them): each "
+                                   "device batch holds as many examples as fit in this many positions (audio + "
+                                   "text, padding included), grouped by length; an update is world size x "
+                                   "grad_accum such batches.")
+    token_buckets: int = setting(16, "With batch_tokens: length buckets (quantiles of the split's lengths) that "
+                                     "a batch's examples are drawn from; more buckets, less padding.")
     grad_accum: int = setting(1, "Micro-batches accumulated per update.")
     max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
     data_workers: int = setting(2, "Worker processes building batches ahead of the training step (0: in this "
@@ -320,8 +327,9 @@ class DataConfig:
 
 
     def __post_init__(self) -> None:
-        at_least(self, "train", ("batch_size", "grad_accum", "max_text_tokens", "length_buckets", "prefetch"), 1)
-        at_least(self, "train", ("data_workers", "ram_cache_gb"), 0)
+        at_least(self, "train", ("batch_size", "grad_accum", "max_text_tokens", "length_buckets", "prefetch",
+                                 "token_buckets"), 1)
+        at_least(self, "train", ("data_workers", "ram_cache_gb", "batch_tokens"), 0)
         if self.balance not in ("off", "sampler", "loss"):
             raise ValueError(f"--train.balance {self.balance!r} must be off, sampler or loss")
         if self.data_cache not in ("auto", "ram", "stream"):

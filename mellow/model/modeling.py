@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,6 +97,22 @@ class MellowModel(nn.Module):
                          dim=1)  # (B, L)
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # masked tokens do not advance positions
         return embeds, mask.long(), position_ids
+
+    def sequence_positions(self, text_lengths: np.ndarray, audio_tokens: int) -> np.ndarray:
+        """(n,) positions each example's sequence takes in a training batch: the prefix, both audio blocks of
+        `audio_tokens` (padded to that length, as a batch lays them out), two separators and its text."""
+        return len(self.prefix_ids) + 2 * audio_tokens + 2 + np.asarray(text_lengths, dtype=np.int64)
+
+    def positions_of(self, batch: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor, int]:
+        """(positions computed, (B,) useful positions of each example, valid audio tokens) of a training batch:
+        its (B, L) layout computes every position; the useful ones carry an example's content (prefix, valid
+        audio tokens, separators, text), not padding, not tokens past a clip's valid count, not the "no audio"
+        block of a single-audio example."""
+        rows, tokens = batch["audio1"].shape[:2]
+        fixed = len(self.prefix_ids) + 2
+        computed = rows * (fixed + 2 * tokens + batch["input_ids"].shape[1])
+        audio = batch["audio1_valid"] + batch["audio2_valid"] * batch["has_audio2"]  # (B,)
+        return computed, fixed + audio + batch["text_mask"].sum(dim=1), int(audio.sum())
 
     def forward(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy over answer (+EOS) tokens: mean per example, then over examples (or over all tokens).

@@ -42,7 +42,7 @@ class TrainingState:
     """Where a run is: what the loop needs besides the weights and optimizer to continue exactly."""
 
     update: int = 0
-    micro_batches: int = 0  # global micro-batches consumed: the position in the data order
+    micro_batches: int = 0  # the position in the data order: global micro-batches, or device batches (batch_tokens)
     best_value: float | None = None  # of the run's best_metric
     skipped_updates: int = 0  # updates whose gradients were not finite, so the optimizer did not step
     # this rank's summed training loss and update count since the last logged row, so that the first row after a

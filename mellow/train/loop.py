@@ -40,6 +40,7 @@ from mellow.settings import ModelConfig, TrainConfig, TrainJob, saved_settings
 from mellow.store.reader import EmbeddingStore, dataset_of
 from mellow.store.writer import EncoderExpectation
 from mellow.train.allocator import keep_freed_memory
+from mellow.train.batching import FixedBatches, TokenBatches
 from mellow.train.checkpoint import (
     TrainingState,
     check_base_decoder,
@@ -53,6 +54,7 @@ from mellow.train.checkpoint import (
 from mellow.train.data import ExampleSet, batch_loader, embedding_rows, move_to, split_path, workers_ended
 from mellow.train.runs import find_checkpoint
 from mellow.train.stopping import StopControl, requeue_slurm_job
+from mellow.train.throughput import FlopModel, Work, describe, device_peak, work_of
 from mellow.train.tracking import Tracker, peak_memory_mb
 
 
@@ -66,6 +68,8 @@ class TrainResult:
     stop_reason: str | None = None  # why the invocation stopped before max_updates (None: it did not)
     peak_memory_mb: float = 0.0
     interrupted: bool = False  # stopped (and saved) for Ctrl-C: the command then exits with 130
+    rates: dict[str, float] = dataclasses.field(default_factory=dict)  # this invocation's work (throughput.Work)
+    peak_source: str = ""  # where MFU's peak FLOP/s came from, or why MFU is omitted
 
 
 def resolved_config(train: TrainConfig, model: ModelConfig, expected: EncoderExpectation | None = None) -> dict:
@@ -126,7 +130,7 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, store: Embeddin
                   resolved: dict) -> tuple[Path | None, Path | None]:
     """Check inputs before any work; return the checkpoint to resume from and the one to initialise from."""
     expected.check(train.store, store.fingerprint)
-    if train.data.batch_size % (context.world_size * train.data.grad_accum):
+    if not train.data.batch_tokens and train.data.batch_size % (context.world_size * train.data.grad_accum):
         raise ValueError(f"--train.batch_size {train.data.batch_size} must be divisible by world size "
                          f"{context.world_size} x --train.grad_accum {train.data.grad_accum}")
     latest = train.run_dir / "latest.json"
@@ -247,52 +251,6 @@ def _optimizer(model: MellowModel, train: TrainConfig) -> torch.optim.Optimizer:
                               for (part, decays), parameters in sorted(groups.items())], betas=(0.9, 0.98), fused=True)
 
 
-def epoch_micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int, bucket: int,
-                        weights: np.ndarray | None = None) -> np.ndarray:
-    """The global micro-batches of one epoch, (batches, micro_batch) example indices, a pure function of
-    (seed, epoch). An array, not lists: at a million examples the epoch's order must not be a million objects.
-    With `weights` (--train.balance sampler) the epoch draws as many examples, with replacement, each with a
-    probability proportional to its weight.
-
-    With `bucket` > 1, each run of `bucket` micro-batches of a random permutation is sorted by text length
-    before it is cut, and the cut micro-batches are shuffled again: batches hold similar lengths, so far less
-    padding is computed, while the epoch stays a random order.
-    """
-    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    if weights is None:
-        order = torch.randperm(len(lengths), generator=generator).numpy()
-    else:
-        order = torch.multinomial(torch.from_numpy(weights), len(lengths), replacement=True,
-                                  generator=generator).numpy()
-    per_epoch = len(lengths) // micro_batch
-    order = order[: per_epoch * micro_batch]
-    if bucket <= 1:
-        return order.reshape(per_epoch, micro_batch)
-    lengths = np.asarray(lengths)
-    batches = []
-    span = micro_batch * bucket
-    for start in range(0, len(order), span):
-        group = order[start : start + span]
-        group = group[np.argsort(lengths[group], kind="stable")]
-        cut = group.reshape(-1, micro_batch)
-        batches.append(cut[torch.randperm(len(cut), generator=generator).numpy()])
-    return np.concatenate(batches)
-
-
-def micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, start: int, context: DistributedContext,
-                  bucket: int, weights: np.ndarray | None = None) -> Iterator[tuple[int, list[int]]]:
-    """Yield (epoch, this rank's example indices) for every global micro-batch from number `start` on, forever."""
-    per_epoch = len(lengths) // micro_batch
-    if per_epoch == 0:
-        raise ValueError(f"the training split has {len(lengths)} examples, fewer than one micro-batch "
-                         f"({micro_batch}); lower --train.batch_size")
-    epoch, offset = divmod(start, per_epoch)
-    while True:
-        for batch in epoch_micro_batches(lengths, micro_batch, seed, epoch, bucket, weights)[offset:]:
-            yield epoch, batch[context.rank :: context.world_size].tolist()
-        epoch, offset = epoch + 1, 0
-
-
 def balancing_weights(train: TrainConfig, train_set: ExampleSet) -> np.ndarray:
     """Per-example class weights of the training split's closed-label tasks, said in one line per task."""
     label_tasks = label_tasks_of(train.dataset)
@@ -307,11 +265,9 @@ def balancing_weights(train: TrainConfig, train_set: ExampleSet) -> np.ndarray:
 
 @dataclass
 class LogWindow:
-    """The updates since the last logged line: when it began, how long it waited for batches, how many it timed."""
+    """The updates since the last logged line: this rank's work in them (seconds: of training steps alone)."""
 
-    start: float = dataclasses.field(default_factory=time.time)
-    wait: float = 0.0
-    timed: int = 0
+    work: Work = dataclasses.field(default_factory=Work)
 
 
 @dataclass
@@ -330,11 +286,16 @@ class Training:
     autocast: contextlib.AbstractContextManager
     state: TrainingState
     val_set: ExampleSet
+    plan: FixedBatches | TokenBatches
     batches: Iterator[dict[str, torch.Tensor]]
     tracker: Tracker
     stopper: StopControl
     meta: dict  # what every checkpoint records beside the weights
     stop_at: int  # the update this invocation stops at (--train.stop_after, else max_updates)
+    flops: FlopModel
+    peak: float | None  # one device's peak FLOP/s in the run's precision (None: MFU omitted)
+    peak_source: str
+    totals: Work = dataclasses.field(default_factory=Work)  # this invocation's work, all ranks
 
     def save(self, is_best: bool) -> None:
         started = time.time()
@@ -357,9 +318,11 @@ def setup(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore, 
     optimizer = _optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
+    peak = device_peak(device, precision)  # before any seeded draw: it draws from a generator of its own
+    console.print(peak[1], highlight=False)
     torch.manual_seed(train.seed + context.rank)  # dropout differs across ranks, reproducibly
-    state = restore_or_start(train, checkpoint, model, optimizer, scheduler, scaler, context, resolved,
-                             len(train_set))
+    plan = data_plan(train, train_set, model, store, checkpoint, context)
+    state = restore_or_start(train, checkpoint, model, optimizer, scheduler, scaler, context, resolved, plan)
     # a run started again from nothing (killed before its first checkpoint) drops what it logged: every update once
     tracking = train.tracking
     tracker = Tracker(train.run_dir, resolved, context.is_main, state.update, tracking.tensorboard, tracking.wandb,
@@ -368,14 +331,16 @@ def setup(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore, 
     if train.compile:  # the partitioner keeps activations up to this share of the memory, recomputes the rest
         torch._functorch.config.activation_memory_budget = train.mem_budget
     forward = torch.compile(wrapped, dynamic=True) if train.compile else wrapped  # text lengths vary per batch
-    batches = training_batches(train, train_set, state, context, device)
+    batches = training_batches(train, train_set, plan, state, context, device)
     stop_after = train.checkpoint.stop_after
     stop_at = min(train.max_updates, state.update + stop_after) if stop_after else train.max_updates
     meta = {"store_fingerprint": store.fingerprint, "store_revision": store.revision, "store": str(train.store),
             "config": resolved, "base_decoder": decoder_reference(model_config.decoder, train.seed),
-            "train_split_sha256": split_sha256, "initialised_from": str(initial) if initial else None}
+            "train_split_sha256": split_sha256, "initialised_from": str(initial) if initial else None,
+            "batches_per_update": plan.per_update(context.world_size)}
     return Training(train, context, device, model, wrapped, forward, optimizer, scheduler, scaler,
-                    mixed_precision(precision, device), state, val_set, batches, tracker, stopper, meta, stop_at)
+                    mixed_precision(precision, device), state, val_set, plan, batches, tracker, stopper, meta,
+                    stop_at, FlopModel.of(model), *peak)
 
 
 def build_training_model(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore,
@@ -419,7 +384,8 @@ def load_splits(train: TrainConfig, store: EmbeddingStore, tokenizer,
 
 def restore_or_start(train: TrainConfig, checkpoint: Path | None, model: MellowModel,
                      optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-                     context: DistributedContext, resolved: dict, examples: int) -> TrainingState:
+                     context: DistributedContext, resolved: dict,
+                     plan: FixedBatches | TokenBatches) -> TrainingState:
     """Continue from `checkpoint` (making it the run's latest first: a branch), or start the run folder."""
     if checkpoint is None:
         if context.is_main:
@@ -434,22 +400,39 @@ def restore_or_start(train: TrainConfig, checkpoint: Path | None, model: MellowM
     saved_world = read_json(checkpoint / "trainer.json")["world_size"]
     if saved_world != context.world_size:
         report_world_size_change(saved_world, context.world_size)
-    epoch, position = divmod(state.micro_batches, examples // (train.data.batch_size // train.data.grad_accum))
+    epoch, position = plan.locate(state.micro_batches)
     console.print(f"resuming {train.run_dir} from update {state.update} ({checkpoint.name}): epoch {epoch}, "
                   f"micro-batch {position} of it")
     return state
 
 
-def training_batches(train: TrainConfig, train_set: ExampleSet, state: TrainingState, context: DistributedContext,
-                     device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches from the run's position on, assembled in DataLoader workers; class balancing
-    (--train.balance) draws or weighs the examples."""
+def data_plan(train: TrainConfig, train_set: ExampleSet, model: MellowModel, store: EmbeddingStore,
+              checkpoint: Path | None, context: DistributedContext) -> FixedBatches | TokenBatches:
+    """The run's batches (mellow/train/batching.py): of batch_size examples, or of batch_tokens positions planned
+    from the token cache's lengths, as many per update as the run's first world size x grad_accum; class
+    balancing (--train.balance) draws or weighs the examples."""
     data = train.data
     weights = balancing_weights(train, train_set) if data.balance != "off" else None
     if data.balance == "loss":
         train_set.loss_weights = weights / weights.mean()  # the average example still weighs 1
-    order = micro_batches(train_set.lengths(), data.batch_size // data.grad_accum, train.seed, state.micro_batches,
-                          context, data.length_buckets, weights if data.balance == "sampler" else None)
+    drawn = weights if data.balance == "sampler" else None
+    if data.batch_tokens:
+        positions = model.sequence_positions(train_set.lengths(), store.tokens)
+        saved = read_json(checkpoint / "trainer.json") if checkpoint else {}
+        per_update = saved.get("batches_per_update", context.world_size * data.grad_accum)
+        plan = TokenBatches(positions, data.batch_tokens, per_update, train.seed,
+                            data.token_buckets, drawn, train_set.source, train_set.tokenized.line)
+        plan.micro_steps(context.world_size)  # refuses a world size that cannot share an update
+        return plan
+    return FixedBatches(train_set.lengths(), data.batch_size, data.grad_accum, train.seed, data.length_buckets, drawn)
+
+
+def training_batches(train: TrainConfig, train_set: ExampleSet, plan: FixedBatches | TokenBatches,
+                     state: TrainingState, context: DistributedContext,
+                     device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches from the run's position on, assembled in DataLoader workers."""
+    data = train.data
+    order = plan.stream(state.micro_batches, context)
     return batch_loader(train_set, order, data.data_workers, data.prefetch, pin_memory=device.type == "cuda")
 
 
@@ -463,10 +446,11 @@ def fit(t: Training) -> TrainResult:
         while state.update < t.stop_at:
             update_started = time.time()
             grad_norm = train_step(t, window)
+            window.work.seconds += time.time() - update_started
             if state.update % train.tracking.log_every == 0 or state.update == t.stop_at:
-                last_loss, rate = log_window(t, window, grad_norm)
+                last_loss, rates = log_window(t, window, grad_norm)
                 skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
-                progress.update(task, status=f"loss {last_loss:.3f}, {rate:.0f} samples/s{skipped}")
+                progress.update(task, status=f"loss {last_loss:.3f}, {describe(rates)}{skipped}")
                 window = LogWindow()
             t.stopper.update_took(time.time() - update_started)
             is_best = False
@@ -488,7 +472,8 @@ def fit(t: Training) -> TrainResult:
     if stop_reason is None and state.update < train.max_updates:
         stop_reason = f"--train.stop_after {train.checkpoint.stop_after}"
     return TrainResult(train.run_dir, state.update, last_loss, state.best_value, 0.0, stop_reason,
-                       peak_memory_mb(t.device))
+                       peak_memory_mb(t.device), rates=t.totals.rates(t.context.world_size, t.peak) if
+                       t.totals.computed else {}, peak_source=t.peak_source)
 
 
 def train_step(t: Training, window: LogWindow) -> torch.Tensor:
@@ -496,7 +481,7 @@ def train_step(t: Training, window: LogWindow) -> torch.Tensor:
     is skipped, and counted)."""
     train, state = t.train, t.state
     state.window_loss += accumulate_gradients(t, window)
-    state.micro_batches += train.data.grad_accum
+    state.micro_batches += t.plan.per_update(t.context.world_size)
     t.scaler.unscale_(t.optimizer)  # true gradients for clipping (a no-op without fp16)
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), train.optimizer.clip_grad or float("inf"))
     if torch.isfinite(grad_norm):  # the same on every rank: gradients are all-reduced first
@@ -508,7 +493,6 @@ def train_step(t: Training, window: LogWindow) -> torch.Tensor:
     t.optimizer.zero_grad(set_to_none=True)
     state.update += 1
     state.window_updates += 1
-    window.timed += 1
     return grad_norm
 
 
@@ -519,10 +503,11 @@ def accumulate_gradients(t: Training, window: LogWindow) -> float:
     before the first backward; DDP averages the ranks' gradients, so each rank's sum is scaled by the world size."""
     t.model.train()
     batches = []
-    for _ in range(t.train.data.grad_accum):
+    for _ in range(t.plan.micro_steps(t.context.world_size)):
         waited = time.time()
         batches.append(next(t.batches))
-        window.wait += time.time() - waited
+        window.work.wait += time.time() - waited
+        window.work.add(work_of(t.model, t.flops, batches[-1]))
     count = float(sum(t.model.loss_count(batch) for batch in batches))
     [total] = distributed.sum_across_ranks([count], t.device)
     divisor = max(total, 1.0) / t.context.world_size
@@ -539,18 +524,19 @@ def accumulate_gradients(t: Training, window: LogWindow) -> float:
     return loss_share  # averaged over the ranks when logged: the update's loss
 
 
-def log_window(t: Training, window: LogWindow, grad_norm: torch.Tensor) -> tuple[float, float]:
-    """Log the updates since the last line: the loss averaged over them and over the ranks, and samples/s."""
+def log_window(t: Training, window: LogWindow, grad_norm: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """Log the updates since the last line: the loss averaged over them and over the ranks, and what they
+    computed (mellow/train/throughput.py), summed over the ranks."""
     state = t.state
     loss = distributed.mean_across_ranks(state.window_loss / state.window_updates, t.device)
-    seconds = time.time() - window.start
-    rate = window.timed * t.train.data.batch_size / seconds
+    work = Work(*distributed.sum_across_ranks(window.work.as_list(), t.device))
+    t.totals.add(work)
+    rates = work.rates(t.context.world_size, t.peak)
     t.tracker.log({"update": state.update, "loss": loss, "lr": t.scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "samples_per_s": rate,
-                   "data_wait": window.wait / seconds, "skipped_updates": state.skipped_updates,
+                   "grad_norm": float(grad_norm), **rates, "skipped_updates": state.skipped_updates,
                    "peak_memory_mb": peak_memory_mb(t.device)})
     state.window_loss, state.window_updates = 0.0, 0
-    return loss, rate
+    return loss, rates
 
 
 def validate_and_record(t: Training, printer: Console) -> bool:
@@ -628,6 +614,9 @@ def report(result: TrainResult, train: TrainConfig) -> None:
     best = f", best {train.checkpoint.best_metric} {result.best_value:.4f}" if result.best_value is not None else ""
     best += f", peak memory {result.peak_memory_mb:.0f} MB"
     last = "nothing left to train" if math.isnan(result.final_loss) else f"last loss {result.final_loss:.4f}"
+    if result.rates:
+        console.print(f"compute: {describe(result.rates)}" + ("" if "mfu" in result.rates else
+                      f" ({result.peak_source})"), highlight=False)
     if result.stop_reason:
         console.print(f"[bold yellow]stopped early[/] ({result.stop_reason}) at update {result.updates} of "
                       f"{train.max_updates}, saved; {last}{best} in {result.seconds:.1f} s. Continue with "

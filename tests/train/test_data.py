@@ -13,8 +13,8 @@ from mellow.model.decoders import load_tokenizer
 from mellow.settings import ModelConfig, TrainConfig
 from mellow.store.reader import EmbeddingStore
 from mellow.train import loop
+from mellow.train.batching import FixedBatches
 from mellow.train.data import ExampleSet, RowsFromZarr, RowsInMemory, batch_loader, embedding_rows, load_examples
-from mellow.train.loop import micro_batches
 
 from conftest import TINY_MODEL
 
@@ -28,7 +28,7 @@ def test_streamed_rows_in_workers_equal_the_ram_cache(mel_store, tiny_dataset):
     lengths = in_memory.lengths()
 
     def order():
-        return micro_batches(lengths, 8, seed=1, start=3, context=DistributedContext(0, 1, 0), bucket=1)
+        return FixedBatches(lengths, 8, 1, seed=1, bucket=1).stream(3, DistributedContext(0, 1, 0))
 
     direct = batch_loader(in_memory, order(), workers=0, prefetch=1, pin_memory=False)
     workers = batch_loader(streamed, order(), workers=2, prefetch=2, pin_memory=False)

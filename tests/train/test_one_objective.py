@@ -1,6 +1,7 @@
 """One objective whatever the split: after one update, the gradients of 32 examples are the same as one batch,
 as micro-batches of 8 x 4 or of uneven sizes, and as 16 x 2 ranks under torchrun (gloo), for both loss
-weightings (fp32, 1e-5). The loss is the mean over the update's examples or answer tokens, with the counts
+weightings (fp32, 1e-5); and the same for token-budget batches: four device batches accumulated on one process,
+two on each of two ranks, or all in one micro-batch. The loss is the mean over the update's examples or answer tokens, with the counts
 all-reduced before the backward (a mean per micro-batch made token weighting depend on the neighbours)."""
 
 from __future__ import annotations
@@ -59,3 +60,31 @@ def test_two_ranks_train_the_objective_of_one_process(whole_batch, mel_store, ti
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout + done.stderr
     _close(whole_batch[weighting], torch.load(out))
+
+
+TOKENS = 160  # device batches of 2-5 of the tiny dataset's examples
+
+
+@pytest.fixture(scope="module")
+def token_update(mel_store, tiny_dataset):
+    return {weighting: gradients(mel_store, tiny_dataset, weighting, batch_tokens=TOKENS, accum=4, merged=True)
+            for weighting in ("example", "token")}
+
+
+@pytest.mark.parametrize("weighting", ["example", "token"])
+def test_token_budget_batches_accumulated_train_the_objective_of_their_union(token_update, mel_store, tiny_dataset,
+                                                                              weighting):
+    _close(token_update[weighting], gradients(mel_store, tiny_dataset, weighting, batch_tokens=TOKENS, accum=4))
+
+
+@pytest.mark.slow  # two torchrun processes
+@pytest.mark.parametrize("weighting", ["example", "token"])
+def test_token_budget_batches_on_two_ranks_train_the_objective_of_one_process(token_update, mel_store,
+                                                                               tiny_dataset, weighting, tmp_path):
+    out = tmp_path / "gradients.pt"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(HERE / "one_update.py"), str(mel_store), str(tiny_dataset), str(out), "--weighting",
+                           weighting, "--batch-tokens", str(TOKENS), "--accum", "2"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    _close(token_update[weighting], torch.load(out))

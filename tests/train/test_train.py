@@ -93,7 +93,7 @@ def test_torchrun_two_processes(mel_store, tiny_dataset, tmp_path):
 
 
 def test_epoch_order_is_deterministic_covers_each_example_once_and_buckets_lengths():
-    from mellow.train.loop import epoch_micro_batches
+    from mellow.train.batching import epoch_micro_batches
 
     lengths = np.array([(index * 37) % 50 for index in range(103)])
     first = epoch_micro_batches(lengths, 4, seed=1, epoch=0, bucket=5).tolist()

@@ -15,6 +15,7 @@ from mellow.model.modeling import MellowModel
 from mellow.settings import ModelConfig, TrainConfig
 from mellow.store.reader import EmbeddingStore
 from mellow.train import loop
+from mellow.train.batching import epoch_micro_batches
 from mellow.train.checkpoint import load_trained_model
 from mellow.train.data import ExampleSet, load_examples
 from mellow.train.loop import _optimizer, _schedule
@@ -290,7 +291,7 @@ def test_class_weights_give_every_class_of_a_label_task_the_same_total_and_keep_
     assert all(w == 1.0 for w, key in zip(weights, classes) if key is None)
     # the sampler draws an epoch with those weights: every class about as often
     drawn = [classes[i] for epoch in range(40) for i in
-             loop.epoch_micro_batches(examples.lengths(), 1, 3, epoch, 1, weights).ravel()]
+             epoch_micro_batches(examples.lengths(), 1, 3, epoch, 1, weights).ravel()]
     counts = [drawn.count(key) for key in set(labelled)]
     assert max(counts) < 1.5 * min(counts), counts
 

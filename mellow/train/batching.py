@@ -1,0 +1,219 @@
+"""The order of training examples, as batches: a pure function of (seed, epoch), planned from the token cache's
+lengths alone (nothing is read from the store), so that every rank plans the same epoch and a resumed run
+continues exactly where it stopped.
+
+Two plans:
+
+- `--train.batch_size B` (FixedBatches): each update is B examples, cut into grad_accum global micro-batches of
+  B / grad_accum, each shared out among the ranks. The unit of the run's position is a global micro-batch.
+- `--train.batch_tokens N` (TokenBatches): each device batch holds as many examples as fit in N positions (audio +
+  text, padding included: rows x the longest row). Examples are grouped into length buckets (quantiles of the
+  split's lengths, as lhotse's and NeMo's bucketing samplers do), taken in a random order within each bucket and
+  cut greedily; the device batches of the whole epoch are then shuffled, so the order is random at the batch
+  level while a batch holds similar lengths. An update is world_size x grad_accum device batches, each rank taking
+  every world_size-th: every rank computes at most N positions per micro-batch. The unit of the run's position is a
+  device batch, so a resume on another world size continues the same sequence of batches.
+
+Every epoch of a token plan holds every example once (a sampler-balanced epoch: as many draws, with replacement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mellow.distributed import DistributedContext
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100003 + epoch)
+
+
+def _epoch_examples(count: int, generator: torch.Generator, weights: np.ndarray | None) -> np.ndarray:
+    """The examples of one epoch in a random order: a permutation, or with `weights` (--train.balance sampler) as
+    many draws with replacement, each with a probability proportional to its weight."""
+    if weights is None:
+        return torch.randperm(count, generator=generator).numpy()
+    return torch.multinomial(torch.from_numpy(weights), count, replacement=True, generator=generator).numpy()
+
+
+def epoch_micro_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int, bucket: int,
+                        weights: np.ndarray | None = None) -> np.ndarray:
+    """The global micro-batches of one epoch, (batches, micro_batch) example indices, a pure function of
+    (seed, epoch). An array, not lists: at a million examples the epoch's order must not be a million objects.
+    With `weights` (--train.balance sampler) the epoch draws as many examples, with replacement, each with a
+    probability proportional to its weight.
+
+    With `bucket` > 1, each run of `bucket` micro-batches of a random permutation is sorted by text length
+    before it is cut, and the cut micro-batches are shuffled again: batches hold similar lengths, so far less
+    padding is computed, while the epoch stays a random order.
+    """
+    generator = _generator(seed, epoch)
+    order = _epoch_examples(len(lengths), generator, weights)
+    per_epoch = len(lengths) // micro_batch
+    order = order[: per_epoch * micro_batch]
+    if bucket <= 1:
+        return order.reshape(per_epoch, micro_batch)
+    lengths = np.asarray(lengths)
+    batches = []
+    span = micro_batch * bucket
+    for start in range(0, len(order), span):
+        group = order[start : start + span]
+        group = group[np.argsort(lengths[group], kind="stable")]
+        cut = group.reshape(-1, micro_batch)
+        batches.append(cut[torch.randperm(len(cut), generator=generator).numpy()])
+    return np.concatenate(batches)
+
+
+def cut_to_budget(positions: np.ndarray, budget: int) -> np.ndarray:
+    """Where to cut a sequence of examples (their positions, in order) into consecutive batches, each as long as
+    its rows x its longest row stays within `budget`: (batches + 1,) offsets. Every example must fit alone."""
+    cuts = [0]
+    most_rows = budget // max(int(positions.min()), 1) if len(positions) else 0
+    start = 0
+    while start < len(positions):
+        window = positions[start : start + most_rows]
+        fits = np.arange(1, len(window) + 1) * np.maximum.accumulate(window) <= budget
+        rows = len(window) if fits.all() else int(np.argmin(fits))  # the first that no longer fits
+        start += rows
+        cuts.append(start)
+    return np.asarray(cuts, dtype=np.int64)
+
+
+def bucket_of(positions: np.ndarray, buckets: int) -> np.ndarray:
+    """(n,) the length bucket of every example: `buckets` quantiles of the split's positions."""
+    bounds = np.quantile(positions, np.linspace(0, 1, buckets + 1)[1:-1]) if buckets > 1 else np.array([])
+    return np.searchsorted(bounds, positions, side="right")
+
+
+def epoch_token_batches(positions: np.ndarray, budget: int, seed: int, epoch: int, buckets: np.ndarray,
+                        weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The device batches of one epoch under a token budget, a pure function of (seed, epoch): (examples in
+    batch order (n,), offsets (batches + 1,)); batch k is examples[offsets[k]:offsets[k + 1]]. `buckets` is
+    every example's length bucket (`bucket_of`). Flat arrays: ~30 k batches of a million examples stay two arrays."""
+    generator = _generator(seed, epoch)
+    order = _epoch_examples(len(positions), generator, weights)
+    grouped = order[np.argsort(buckets[order], kind="stable")]  # by bucket; random order within each
+    bounds = np.searchsorted(buckets[grouped], np.arange(buckets.max() + 2))  # where each bucket starts
+    sizes = np.concatenate([np.diff(cut_to_budget(positions[grouped[start:end]], budget))
+                            for start, end in zip(bounds[:-1], bounds[1:]) if end > start])  # (batches,)
+    shuffled = torch.randperm(len(sizes), generator=generator).numpy()  # batch k of the epoch is shuffled[k]
+    place = np.empty_like(shuffled)
+    place[shuffled] = np.arange(len(shuffled))  # where each batch goes
+    batch_of = np.repeat(np.arange(len(sizes)), sizes)  # (n,) the batch of each grouped example
+    examples = grouped[np.argsort(place[batch_of], kind="stable")]
+    offsets = np.concatenate([[0], np.cumsum(sizes[shuffled])])
+    return examples, offsets
+
+
+class BudgetTooSmallError(ValueError):
+    """--train.batch_tokens is smaller than an example."""
+
+
+class FixedBatches:
+    """--train.batch_size: updates of `batch_size` examples, grad_accum global micro-batches each."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, grad_accum: int, seed: int, bucket: int,
+                 weights: np.ndarray | None = None) -> None:
+        self.lengths, self.seed, self.bucket, self.weights = lengths, seed, bucket, weights
+        self.grad_accum = grad_accum
+        self.micro_batch = batch_size // grad_accum
+        self.per_epoch = len(lengths) // self.micro_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"the training split has {len(lengths)} examples, fewer than one micro-batch "
+                             f"({self.micro_batch}); lower --train.batch_size")
+
+    def per_update(self, world_size: int) -> int:
+        """How far one update moves the run's position (global micro-batches)."""
+        return self.grad_accum
+
+    def micro_steps(self, world_size: int) -> int:
+        """Micro-batches each rank accumulates per update."""
+        return self.grad_accum
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, batch within it) of the run's position."""
+        return divmod(position, self.per_epoch)
+
+    def stream(self, start: int, context: DistributedContext) -> Iterator[tuple[int, list[int]]]:
+        """(epoch, this rank's example indices) of every global micro-batch from number `start` on, forever."""
+        epoch, offset = self.locate(start)
+        while True:
+            for batch in epoch_micro_batches(self.lengths, self.micro_batch, self.seed, epoch, self.bucket,
+                                             self.weights)[offset:]:
+                yield epoch, batch[context.rank :: context.world_size].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+class TokenBatches:
+    """--train.batch_tokens: device batches of at most `budget` positions, `batches_per_update` of them per update
+    (the run's first world size x grad_accum: a resume on another world size keeps every update's batches, each
+    rank accumulating batches_per_update / world_size); see the module docstring."""
+
+    def __init__(self, positions: np.ndarray, budget: int, batches_per_update: int, seed: int, buckets: int,
+                 weights: np.ndarray | None = None, split: Path | None = None,
+                 line: np.ndarray | None = None) -> None:
+        self.positions, self.budget, self.batches_per_update, self.seed = positions, budget, batches_per_update, seed
+        self.weights = weights
+        if len(positions) == 0:
+            raise ValueError("the training split has no examples")
+        longest = int(np.argmax(positions))
+        if positions[longest] > budget:
+            where = f"{split}:{int(line[longest]) + 1}" if split is not None and line is not None else f"#{longest}"
+            raise BudgetTooSmallError(
+                f"--train.batch_tokens {budget} is smaller than the example at {where}, which takes "
+                f"{int(positions[longest])} positions (audio and text); raise --train.batch_tokens to at least "
+                f"{int(positions[longest])}, or lower --train.max_text_tokens")
+        self.buckets = bucket_of(positions, buckets)
+        self._counts: dict[int, int] = {}
+
+    def per_update(self, world_size: int) -> int:
+        """How far one update moves the run's position (device batches)."""
+        return self.batches_per_update
+
+    def micro_steps(self, world_size: int) -> int:
+        """Device batches each rank accumulates per update."""
+        if self.batches_per_update % world_size:
+            raise ValueError(f"this run's updates are {self.batches_per_update} device batches each (--train."
+                             f"batch_tokens: its first world size x --train.grad_accum), which {world_size} "
+                             "processes cannot share evenly; continue it on a number of processes that divides "
+                             f"{self.batches_per_update}")
+        return self.batches_per_update // world_size
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(examples, offsets) of `epoch` (epoch_token_batches)."""
+        planned = epoch_token_batches(self.positions, self.budget, self.seed, epoch, self.buckets, self.weights)
+        self._counts[epoch] = len(planned[1]) - 1
+        return planned
+
+    def batches_in(self, epoch: int) -> int:
+        if epoch not in self._counts:
+            self.epoch(epoch)
+        return self._counts[epoch]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, batch within it) of the run's position: epochs differ in their number of batches, so the
+        ones before are planned again to count them (a fraction of a second each at a million examples)."""
+        epoch = 0
+        while position >= self.batches_in(epoch):
+            position -= self.batches_in(epoch)
+            epoch += 1
+        return epoch, position
+
+    def stream(self, start: int, context: DistributedContext) -> Iterator[tuple[int, list[int]]]:
+        """(epoch, example indices) of this rank's device batches: numbers start + rank, + world_size, ...,
+        forever (the sequence of batches runs on across epochs)."""
+        epoch, offset = self.locate(start + context.rank)
+        while True:
+            examples, offsets = self.epoch(epoch)
+            count = len(offsets) - 1
+            while offset < count:
+                yield epoch, examples[offsets[offset] : offsets[offset + 1]].tolist()
+                offset += context.world_size
+            epoch, offset = epoch + 1, offset - count
+            while offset >= self.batches_in(epoch):  # an epoch of fewer batches than ranks
+                offset -= self.batches_in(epoch)
+                epoch += 1
