@@ -1,8 +1,9 @@
 """One objective whatever the split: after one update, the gradients of 32 examples are the same as one batch,
 as micro-batches of 8 x 4 or of uneven sizes, and as 16 x 2 ranks under torchrun (gloo), for both loss
 weightings (fp32, 1e-5); and the same for token-budget batches: four device batches accumulated on one process,
-two on each of two ranks, or all in one micro-batch. The loss is the mean over the update's examples or answer tokens, with the counts
-all-reduced before the backward (a mean per micro-batch made token weighting depend on the neighbours)."""
+two on each of two ranks, or all in one micro-batch. The loss is the mean over the update's examples or answer
+tokens, with the counts all-reduced before the backward (a mean per micro-batch made token weighting depend on
+the neighbours)."""
 
 from __future__ import annotations
 
