@@ -1,18 +1,32 @@
-"""Training throughput from the store vs. with the frozen encoder run on raw audio in the loop, in one run.
+"""Training throughput from the store vs. with the frozen encoder run on raw audio in the loop, in one run; or,
+with --batching, how much of the computed positions each way of batching makes useful.
 
     uv run python benchmarks/train_throughput.py                                   # the quickstart's model
     uv run python benchmarks/train_throughput.py --decoder smollm2-135m --decoder-mode lora --updates 12
+    uv run python benchmarks/train_throughput.py --batching random,tokens \
+        --dataset datasets/synth --store shards/synth/whisper-tiny-6s-16tok-<hash>     # a quickstart's split
 
 Prints, for the same model, batches and optimizer: samples/s of mellow's training loop reading the store
 (RAM cache, and rows streamed from Zarr by the data workers), with the fraction of step time spent waiting
 for data; samples/s of a loop that decodes each batch's clips with ffmpeg (a thread pool, as 01_precompute
 does) and runs the whisper-tiny encoder on them before every step (what mellow replaces); and the ratio.
+
+With --batching, mellow's own loop (03_train, RAM cache) trains the quickstart's model on two splits: the given
+quickstart split (or one made here) and a ReasonAQA-shaped synthetic split over the same clips (answers of 1-160
+words, prompts of 5-30, a second audio in 40% of examples, a store of 64 audio tokens per clip). For each
+batching — `random` (batches of --batch-size examples in a random order) and `tokens` (--train.batch_tokens,
+a budget of --batch-size x the split's mean positions) — it prints the useful share of the computed positions
+and useful tokens/s over the measured updates, against the baseline measured in the same run: random batches
+in the padded block layout (--model.missing_audio block), what 03_train computed before token budgets.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +110,88 @@ def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig,
     return args.updates * args.batch_size / (time.perf_counter() - started), precision
 
 
+BATCHINGS = ("random", "tokens")
+
+
+def reasonaqa_shaped(quickstart: Path, folder: Path, examples: int, seed: int = 0) -> Path:
+    """A dataset over the quickstart dataset's clips with ReasonAQA's shapes: prompts of 5-30 words, answers of
+    1-160, a second audio in 40% of the examples."""
+    folder.mkdir(parents=True)
+    for name in ("audio.jsonl", "prepare.json"):
+        shutil.copy(quickstart / name, folder / name)
+    (folder / "audio").symlink_to((quickstart / "audio").resolve())
+    clips = [record["id"] for record in read_jsonl(quickstart / "audio.jsonl")]
+    generator = np.random.default_rng(seed)
+    words = "the a sound of high low tone chord noise burst chirp clicks silence first second louder".split()
+    for split, count in (("train", examples), ("val", 64)):
+        with open(folder / f"{split}.jsonl", "w") as handle:
+            for _ in range(count):
+                two = generator.random() < 0.4
+                pair = generator.choice(clips, 2, replace=False)
+                handle.write(json.dumps({
+                    "task": "reasoning", "audio1": str(pair[0]), "audio2": str(pair[1]) if two else None,
+                    "prompt": " ".join(generator.choice(words, generator.integers(5, 31))) + "?",
+                    "answer": " ".join(generator.choice(words, generator.integers(1, 161)))}) + "\n")
+    return folder
+
+
+def measured_batching(store: Path, dataset: Path, run_dir: Path, model: ModelConfig, args: argparse.Namespace,
+                      batch_tokens: int) -> tuple[float, float, float]:
+    """(useful share, useful tokens/s, samples/s) of 03_train's loop over the measured updates (after warmup)."""
+    loop.run(from_names(TrainConfig, store=store, dataset=dataset, run_dir=run_dir, batch_size=args.batch_size,
+                        batch_tokens=batch_tokens, max_updates=args.warmup + args.updates, log_every=1, val_every=0,
+                        save_every=0, data_cache="ram", data_workers=args.data_workers, tensorboard=False,
+                        wandb="off", lr=1e-4, warmup_updates=1, precision=args.precision), model)
+    rows = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row][args.warmup:]
+    seconds = [row["time"] - previous["time"] for previous, row in zip(rows, rows[1:])]
+    useful = sum(row["useful_tokens_per_s"] * dt for row, dt in zip(rows[1:], seconds))
+    computed = sum(row["tokens_per_s"] * dt for row, dt in zip(rows[1:], seconds))
+    examples = sum(row["samples_per_s"] * dt for row, dt in zip(rows[1:], seconds))
+    return useful / computed, useful / sum(seconds), examples / sum(seconds)
+
+
+def mean_positions(store: Path, dataset: Path, model_config: ModelConfig) -> float:
+    """The mean positions of the split's training examples in the model's layout."""
+    opened = EmbeddingStore(store)
+    model, tokenizer = build_model(model_config, opened.dim, seed=0)
+    examples = ExampleSet.from_split(dataset, "train", opened, tokenizer, 256, prompt_suffix=model.prompt_suffix)
+    return float(model.sequence_positions(examples.lengths(), opened.tokens, *examples.valid_tokens()).mean())
+
+
+def compare_batchings(args: argparse.Namespace, work: Path) -> None:
+    """The --batching comparison (see the module docstring)."""
+    model = ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4)
+    if args.dataset is None:
+        args.dataset = prepare.run(PrepareConfig(root=work / "datasets", num_clips=800))
+        args.store = precompute.run(PrecomputeConfig(dataset=args.dataset, encoder=EncoderConfig(
+            name="whisper-tiny", tokens=16), store=StoreConfig(root=work / "shards"))).store_path
+    shaped = reasonaqa_shaped(args.dataset, work / "reasonaqa", args.reasonaqa_examples)
+    shaped_store = precompute.run(PrecomputeConfig(dataset=shaped, encoder=EncoderConfig(
+        name="whisper-tiny", tokens=64), store=StoreConfig(root=work / "shards"))).store_path
+    figures = []
+    for name, dataset, store in (("quickstart", args.dataset, args.store), ("ReasonAQA-shaped", shaped, shaped_store)):
+        budget = int(np.ceil(args.batch_size * mean_positions(store, dataset, model) / 64) * 64)
+        runs = [("random, block layout (before)", dataclasses.replace(model, missing_audio="block"), 0)]
+        runs += [(f"{batching}{f' ({budget} positions)' if batching == 'tokens' else ''}", model,
+                  budget if batching == "tokens" else 0) for batching in args.batching]
+        for repeat in range(args.repeats):  # alternately, so that the machine's drift falls on all alike
+            for label, config, tokens in runs:
+                run_dir = work / "runs" / f"{name}-{label}-{repeat}".replace(" ", "_")
+                figures.append((name, label, *measured_batching(store, dataset, run_dir, config, args, tokens)))
+    print(f"\nmodel tiny 4 x 192, {args.updates} updates measured after {args.warmup}, batch {args.batch_size} "
+          f"examples or the same mean in positions, {os.cpu_count()} CPU cores, torch threads "
+          f"{torch.get_num_threads()}, precision {args.precision}, {args.repeats} run(s) each (median)")
+    for split in ("quickstart", "ReasonAQA-shaped"):
+        labels = list(dict.fromkeys(label for name, label, *_ in figures if name == split))
+        baseline = None
+        for label in labels:
+            shares, useful, samples = (np.median([f[i] for f in figures if f[0] == split and f[1] == label])
+                                       for i in (2, 3, 4))
+            baseline = baseline or useful
+            print(f"{split:17s} {label:34s} useful share {shares:5.3f}, {useful:8.0f} useful tokens/s "
+                  f"({useful / baseline:4.2f} x before), {samples:6.1f} samples/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decoder", default="tiny", help="tiny (the quickstart's 4 x 192) or smollm2-135m")
@@ -110,9 +206,24 @@ def main() -> None:
                                                            "in both loops")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops (the warmup "
                                                                 "updates must then cover compilation)")
+    parser.add_argument("--batching", default="", help="compare ways of batching instead: a comma-separated list of "
+                                                        f"{', '.join(BATCHINGS)} (see above)")
+    parser.add_argument("--dataset", type=Path, help="--batching: a quickstart dataset (default: made here)")
+    parser.add_argument("--store", type=Path, help="--batching: the quickstart's store of --dataset")
+    parser.add_argument("--reasonaqa-examples", type=int, default=3000, help="--batching: examples of the "
+                                                                             "ReasonAQA-shaped split")
+    parser.add_argument("--repeats", type=int, default=1, help="--batching: runs of each, alternately (median)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mellow-train-bench-"))
+    if args.batching:
+        args.batching = [name.strip() for name in args.batching.split(",")]
+        unknown = [name for name in args.batching if name not in BATCHINGS]
+        if unknown or (args.dataset is None) != (args.store is None):
+            parser.error(f"--batching takes {', '.join(BATCHINGS)} (got {', '.join(unknown)}); --dataset and "
+                         "--store go together" if unknown else "--dataset and --store go together")
+        compare_batchings(args, work)
+        return
     dataset = prepare.run(PrepareConfig(root=work / "datasets", num_clips=args.clips))
     store = precompute.run(PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name="whisper-tiny", tokens=16),
                                             store=StoreConfig(root=work / "shards"))).store_path

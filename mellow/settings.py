@@ -244,6 +244,11 @@ class ModelConfig:
     loss_weighting: Literal["example", "token"] = setting(
         "example", "example: every example weighs the same (a yes/no answer as much as a long caption); "
         "token: every answer token weighs the same.")
+    missing_audio: Literal["marker", "block"] = setting(
+        "marker", "What fills the second audio slot of a single-audio example: marker (one learned token; the "
+        "sequence holds only valid audio tokens, so no position is computed for nothing) or block (the clip's T "
+        "tokens of a learned 'no audio' embedding, every audio slot padded to T: the layout of models made "
+        "before this setting existed, which load as block).")
 
     def __post_init__(self) -> None:
         validate_decoder_name(self.decoder)
@@ -260,12 +265,24 @@ class ModelConfig:
             raise ValueError(f"--model.tiny_hidden {self.tiny_hidden} must be divisible by --model.tiny_heads")
         if self.loss_weighting not in ("example", "token"):
             raise ValueError(f"--model.loss_weighting {self.loss_weighting!r} must be example or token")
+        if self.missing_audio not in ("marker", "block"):
+            raise ValueError(f"--model.missing_audio {self.missing_audio!r} must be marker or block")
         if self.prompt_format not in ("plain", "chat"):
             raise ValueError(f"--model.prompt_format {self.prompt_format!r} must be plain or chat")
         if self.audio_scale not in ("unit", "embeddings"):
             raise ValueError(f"--model.audio_scale {self.audio_scale!r} must be unit or embeddings")
         if not 0.0 <= self.projector_dropout < 1.0:
             raise ValueError(f"--model.projector_dropout {self.projector_dropout} must be in [0, 1)")
+
+
+# What a model saved before a setting existed had: its saved model: section is read with these first.
+BEFORE_SETTING = {"missing_audio": "block"}
+
+
+def saved_model_settings(model: dict) -> dict:
+    """A saved model: section (trainer.json, config.yaml, an export's mellow.json) with the value every setting
+    it predates had then, so an older model is rebuilt as it was trained, never silently in today's layout."""
+    return {**BEFORE_SETTING, **model}
 
 
 @dataclass
@@ -461,6 +478,8 @@ def saved_settings(config: dict) -> dict[str, object]:
     (runs saved before train: had components hold its settings one level up: train.lr for train.optimizer.lr).
     A setting this version does not know keeps its saved name."""
     names, settings = Names(TrainJob), {}
+    if isinstance(config.get("model"), dict):
+        config = {**config, "model": saved_model_settings(config["model"])}
     for name, value in flatten(config).items():
         try:
             settings[names.resolve(name).dotted] = value

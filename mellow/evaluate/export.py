@@ -25,7 +25,7 @@ from mellow.evaluate.metrics import main_metric
 from mellow.files import read_json, replace_directory, write_json_atomic, write_text_atomic
 from mellow.model.modeling import MellowModel, build_model
 from mellow.progress import console
-from mellow.settings import ExportConfig, ModelConfig, saved_settings
+from mellow.settings import ExportConfig, ModelConfig, saved_model_settings, saved_settings
 from mellow.train.checkpoint import load_trained_model
 from mellow.train.runs import find_checkpoint
 
@@ -50,7 +50,7 @@ def export(config: ExportConfig) -> Path:
                if name.startswith(PROJECTOR_PREFIXES)}, temporary / "projector.safetensors")
     scores_path = checkpoint / "eval-test" / "scores.json"
     scores = read_json(scores_path) if scores_path.exists() else None
-    model_settings = trainer["config"]["model"]
+    model_settings = saved_model_settings(trainer["config"]["model"])
     info = {"format": FORMAT_VERSION, "audio_dim": trainer["store_fingerprint"]["dim"],
             "model": model_settings, "source": {"checkpoint": str(checkpoint), "update": trainer["update"],
                                                 "store": trainer["store"], "train": trainer["config"]["train"]},
@@ -94,7 +94,7 @@ def load_exported_model(folder: Path, device: torch.device) -> tuple[MellowModel
     """Rebuild the model of an export folder (checked by exported_encoder first); returns (model, tokenizer)."""
     exported_encoder(folder)
     info = read_json(folder / "mellow.json")
-    settings = {**info["model"], "decoder": f"hf:{folder / 'decoder'}", "decoder_mode": "full"}
+    settings = {**saved_model_settings(info["model"]), "decoder": f"hf:{folder / 'decoder'}", "decoder_mode": "full"}
     model, tokenizer = build_model(from_dict(ModelConfig, settings, "model"), info["audio_dim"], seed=0)
     weights = load_file(folder / "projector.safetensors")
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -2,15 +2,21 @@
 
 Input sequence per example (left to right):
 
-    [audio1: T tokens][sep][audio2: T tokens][sep][prompt tokens "\n"][answer tokens][eos]
+    [audio1: its valid tokens][sep][audio2: its valid tokens, or one "no audio" marker][sep]
+    [prompt tokens "\n"][answer tokens][eos]
 
 or, with `--model.prompt_format chat`, inside the decoder tokenizer's chat template (SmolLM2's shown):
 
     [<|im_start|>system\n<|im_end|>\n<|im_start|>user\n][audio1][sep][audio2][sep]
     [prompt tokens <|im_end|>\n<|im_start|>assistant\n][answer tokens][eos = <|im_end|>]
 
-Audio tokens past a clip's valid count are masked out; a missing second audio is a learned "no audio"
-embedding (not a random other clip, as in the original Mellow code). Loss is on answer tokens and EOS only.
+A batch's rows hold only that content, one after the other, padded at the end (at the start for generation,
+so that every row ends where decoding starts); a missing second audio is one learned marker token (not a random
+other clip, as in the original Mellow code). Loss is on answer tokens and EOS only.
+
+`--model.missing_audio block`, the layout of models made before that setting existed, keeps every audio slot
+padded to the store's T tokens (those past a clip's valid count masked out) and fills a missing second audio with
+T copies of the learned "no audio" embedding: such a model computes as it always did.
 """
 
 from __future__ import annotations
@@ -45,9 +51,11 @@ class AudioProjector(nn.Module):
 class MellowModel(nn.Module):
     def __init__(self, language_model: nn.Module, audio_dim: int, dropout: float,
                  loss_weighting: Literal["example", "token"] = "example",
-                 template: tuple[list[int], str] = ([], "\n")) -> None:
+                 template: tuple[list[int], str] = ([], "\n"),
+                 missing_audio: Literal["marker", "block"] = "marker") -> None:
         super().__init__()
         self.loss_weighting = loss_weighting
+        self.missing_audio = missing_audio
         prefix_ids, self.prompt_suffix = template  # see prompt_template
         self.register_buffer("prefix_ids", torch.tensor(prefix_ids, dtype=torch.long), persistent=False)
         hidden = language_model.get_input_embeddings().embedding_dim
@@ -77,42 +85,71 @@ class MellowModel(nn.Module):
         """Encoder tokens (B, T, D_audio) -> decoder-width embeddings (B, T, H)."""
         return self.audio_projector(audio)
 
-    def build_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embeddings (B, L, H), attention mask (B, L) and position ids (B, L) for the whole sequence."""
+    def build_inputs(self, batch: dict[str, torch.Tensor],
+                     for_generation: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings (B, L, H), attention mask (B, L), position ids (B, L) of the whole sequence, and where each
+        text token sits in it (B, L_text). Rows are packed left (training) or right (`for_generation`, the text
+        left-padded) with the content alone; the block layout keeps every slot at its padded place."""
         audio1 = self.get_audio_features(batch["audio1"])  # (B, T, H)
         audio2 = self.get_audio_features(batch["audio2"])  # (B, T, H)
-        has_audio2 = batch["has_audio2"][:, None, None]  # (B, 1, 1)
-        audio2 = torch.where(has_audio2, audio2, self.no_audio_embedding.to(audio2.dtype).expand_as(audio2))
-        batch_size, tokens, _ = audio1.shape
+        has_audio2 = batch["has_audio2"]  # (B,)
+        batch_size, tokens, hidden = audio1.shape
         separator = self.audio_separator.to(audio1.dtype).expand(batch_size, 1, -1)  # (B, 1, H)
         text = self.language_model.get_input_embeddings()(batch["input_ids"])  # (B, L_text, H)
         prefix = self.language_model.get_input_embeddings()(self.prefix_ids).expand(batch_size, -1, -1)  # (B, P, H)
-        embeds = torch.cat([prefix.to(text.dtype), audio1, separator, audio2, separator, text], dim=1)  # (B, L, H)
-
-        positions = torch.arange(tokens, device=audio1.device)
-        mask1 = positions[None] < batch["audio1_valid"][:, None]  # (B, T)
-        mask2 = (positions[None] < batch["audio2_valid"][:, None]) | ~batch["has_audio2"][:, None]
+        no_audio = self.no_audio_embedding.to(audio2.dtype)
+        slots = torch.arange(tokens, device=audio1.device)
+        valid1 = slots[None] < batch["audio1_valid"][:, None]  # (B, T)
+        valid2 = (slots[None] < batch["audio2_valid"][:, None]) & has_audio2[:, None]  # (B, T)
         ones = torch.ones(batch_size, 1, dtype=torch.bool, device=audio1.device)
-        mask = torch.cat([ones.expand(-1, len(self.prefix_ids)), mask1, ones, mask2, ones, batch["text_mask"].bool()],
-                         dim=1)  # (B, L)
-        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # masked tokens do not advance positions
-        return embeds, mask.long(), position_ids
+        prefix_ones, text_mask = ones.expand(-1, len(self.prefix_ids)), batch["text_mask"].bool()
+        if self.missing_audio == "block":
+            audio2 = torch.where(has_audio2[:, None, None], audio2, no_audio.expand_as(audio2))
+            embeds = torch.cat([prefix.to(text.dtype), audio1, separator, audio2, separator, text], dim=1)
+            mask = torch.cat([prefix_ones, valid1, ones, valid2 | ~has_audio2[:, None], ones, text_mask], dim=1)
+            position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # masked tokens do not advance positions
+            text_at = embeds.shape[1] - text.shape[1] + torch.arange(text.shape[1], device=text.device)
+            return embeds, mask.long(), position_ids, text_at.expand(batch_size, -1)
+        marker = no_audio.expand(batch_size, 1, -1)  # (B, 1, H)
+        source = torch.cat([prefix.to(text.dtype), audio1, separator, audio2, marker, separator, text], dim=1)
+        kept = torch.cat([prefix_ones, valid1, ones, valid2, ~has_audio2[:, None], ones, text_mask], dim=1)
+        lengths = kept.sum(dim=1)  # (B,) each row's content
+        width = int(lengths.max())
+        content = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, W) kept, in order
+        columns = torch.arange(width, device=kept.device)[None]
+        start = (width - lengths)[:, None] if for_generation else torch.zeros_like(lengths)[:, None]  # (B, 1)
+        mask = (columns >= start) & (columns < start + lengths[:, None])  # (B, W)
+        index = content.gather(1, (columns - start).clamp(min=0, max=width - 1))
+        embeds = source.gather(1, index[..., None].expand(-1, -1, hidden))
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        text_at = kept.long().cumsum(dim=1)[:, -text.shape[1] :] - 1 + start  # (B, L_text) for the kept ones
+        return embeds, mask.long(), position_ids, text_at
 
-    def sequence_positions(self, text_lengths: np.ndarray, audio_tokens: int) -> np.ndarray:
-        """(n,) positions each example's sequence takes in a training batch: the prefix, both audio blocks of
-        `audio_tokens` (padded to that length, as a batch lays them out), two separators and its text."""
-        return len(self.prefix_ids) + 2 * audio_tokens + 2 + np.asarray(text_lengths, dtype=np.int64)
+    def sequence_positions(self, text_lengths: np.ndarray, audio_tokens: int, valid1: np.ndarray,
+                           valid2: np.ndarray) -> np.ndarray:
+        """(n,) positions each example's sequence takes in a training row: the prefix, its audio (block: both slots
+        padded to `audio_tokens`; marker: the valid tokens of each clip, `valid2` < 0 for a missing second audio
+        taking the marker's one), two separators and its text."""
+        text = np.asarray(text_lengths, dtype=np.int64)
+        if self.missing_audio == "block":
+            return len(self.prefix_ids) + 2 * audio_tokens + 2 + text
+        second = np.where(valid2 < 0, 1, valid2)
+        return len(self.prefix_ids) + np.asarray(valid1, dtype=np.int64) + second + 2 + text
 
     def positions_of(self, batch: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor, int]:
         """(positions computed, (B,) useful positions of each example, valid audio tokens) of a training batch:
-        its (B, L) layout computes every position; the useful ones carry an example's content (prefix, valid
-        audio tokens, separators, text), not padding, not tokens past a clip's valid count, not the "no audio"
-        block of a single-audio example."""
+        rows x the layout's width are computed; the useful ones carry an example's content (prefix, valid audio
+        tokens, separators, text), not padding, not the slots past a clip's valid count (block), not the "no
+        audio" marker or block of a single-audio example."""
         rows, tokens = batch["audio1"].shape[:2]
         fixed = len(self.prefix_ids) + 2
-        computed = rows * (fixed + 2 * tokens + batch["input_ids"].shape[1])
         audio = batch["audio1_valid"] + batch["audio2_valid"] * batch["has_audio2"]  # (B,)
-        return computed, fixed + audio + batch["text_mask"].sum(dim=1), int(audio.sum())
+        useful = fixed + audio + batch["text_mask"].sum(dim=1)  # (B,)
+        if self.missing_audio == "block":
+            width = fixed + 2 * tokens + batch["input_ids"].shape[1]
+        else:
+            width = int((useful + ~batch["has_audio2"]).max())  # the marker takes a position
+        return rows * width, useful, int(audio.sum())
 
     def forward(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy over answer (+EOS) tokens: mean per example, then over examples (or over all tokens).
@@ -144,16 +181,15 @@ class MellowModel(nn.Module):
 
     def answer_token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cross-entropy of each answer token (N,), the example each belongs to (N,), answer mask (B, L_text))."""
-        embeds, mask, position_ids = self.build_inputs(batch)
+        embeds, mask, position_ids, text_at = self.build_inputs(batch)
         hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask,
                                                 position_ids=position_ids).last_hidden_state  # (B, L, H)
-        prefix = embeds.shape[1] - batch["input_ids"].shape[1]
-        # Token j of the text is predicted from position prefix + j - 1; only answer positions are scored, and
-        # the output projection runs on those alone (the vocabulary matmul dominates a small decoder's cost).
-        predicting = hidden[:, prefix - 1 : -1]  # (B, L_text, H)
+        # A text token is predicted from the position before it; only answer positions are scored, and the
+        # output projection runs on those alone (the vocabulary matmul dominates a small decoder's cost).
         labels = batch["labels"]  # (B, L_text), -100 outside the answer
         scored = labels != -100
-        answers = predicting[scored]  # (N, H)
+        rows, columns = scored.nonzero(as_tuple=True)
+        answers = hidden[rows, text_at[rows, columns] - 1]  # (N, H)
         output_projection = self.language_model.get_output_embeddings()
         if answers.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # torch's bf16 CPU matmul keeps a packed copy of the weight for every new number of rows (19 MB for
@@ -163,7 +199,7 @@ class MellowModel(nn.Module):
         else:
             logits = output_projection(answers)  # (N, V)
         token_losses = F.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
-        return token_losses, scored.nonzero()[:, 0], scored
+        return token_losses, rows, scored
 
     @torch.inference_mode()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,
@@ -171,7 +207,7 @@ class MellowModel(nn.Module):
         """Batched greedy (num_beams 1) or beam-search decoding with a KV cache, by transformers' `generate` on
         the audio + prompt embeddings; each answer stops at EOS or max_new_tokens. The prompt text must be
         left-padded. Returns the answer token ids of every example, without the EOS."""
-        embeds, mask, _ = self.build_inputs(batch)  # generate derives the same positions from the mask
+        embeds, mask, _, _ = self.build_inputs(batch, for_generation=True)  # generate derives positions from the mask
         settings = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                     eos_token_id=eos_token_id, pad_token_id=eos_token_id)
         tokens = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
@@ -208,7 +244,7 @@ def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[M
     elif model_config.decoder_mode == "frozen":
         language_model.requires_grad_(False)
     model = MellowModel(language_model, audio_dim, model_config.projector_dropout, model_config.loss_weighting,
-                        prompt_template(tokenizer, model_config.prompt_format))
+                        prompt_template(tokenizer, model_config.prompt_format), model_config.missing_audio)
     if model_config.audio_scale == "embeddings":
         with torch.no_grad():
             model.audio_projector.layer_norm.weight.fill_(embedding_rms(language_model))

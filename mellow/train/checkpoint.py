@@ -32,7 +32,7 @@ from mellow.files import check_free_space, disk_space, read_json, replace_direct
 from mellow.model.decoders import decoder_reference
 from mellow.model.modeling import AudioProjector, MellowModel, build_model
 from mellow.progress import console
-from mellow.settings import ModelConfig
+from mellow.settings import ModelConfig, saved_model_settings
 from mellow.store.reader import EmbeddingStore
 from mellow.store.writer import StoreMismatchError
 
@@ -232,7 +232,8 @@ def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[MellowMo
     """Rebuild the model of a checkpoint and load its weights; returns (model, tokenizer, trainer.json)."""
     trainer = read_json(checkpoint / "trainer.json")
     check_base_decoder(checkpoint, trainer)
-    model_config = from_dict(ModelConfig, trainer["config"]["model"], f"{checkpoint}/trainer.json model")
+    model_config = from_dict(ModelConfig, saved_model_settings(trainer["config"]["model"]),
+                             f"{checkpoint}/trainer.json model")
     model, tokenizer = build_model(model_config, trainer["store_fingerprint"]["dim"],
                                    seed=trainer["config"]["train"]["seed"])
     model.load_checkpoint_state_dict(load_weights(checkpoint / "model.pt", "checkpoint"))

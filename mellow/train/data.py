@@ -154,6 +154,13 @@ class ExampleSet:
         """(n,) prompt + answer tokens of every example."""
         return self.tokenized.lengths()
 
+    def valid_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) valid audio tokens of every example's first clip and (n,) of its second (-1: none), the most any
+        view of the clip has: what a token-budget plan counts, from the valid counts read up front."""
+        most = np.asarray(self.rows.valid).max(axis=1).astype(np.int64)  # (N,) per store row
+        row2 = np.asarray(self.tokenized.row2)
+        return most[np.asarray(self.tokenized.row1)], np.where(row2 >= 0, most[np.maximum(row2, 0)], -1)
+
     def class_weights(self, label_tasks: dict[str, list[str]]) -> np.ndarray:
         """(n,) weights that give every class of each closed-label task the same total while the task keeps its
         share: a labelled example weighs (the task's examples / its classes) / its class's examples, any other

@@ -417,7 +417,7 @@ def data_plan(train: TrainConfig, train_set: ExampleSet, model: MellowModel, sto
         train_set.loss_weights = weights / weights.mean()  # the average example still weighs 1
     drawn = weights if data.balance == "sampler" else None
     if data.batch_tokens:
-        positions = model.sequence_positions(train_set.lengths(), store.tokens)
+        positions = model.sequence_positions(train_set.lengths(), store.tokens, *train_set.valid_tokens())
         saved = read_json(checkpoint / "trainer.json") if checkpoint else {}
         per_update = saved.get("batches_per_update", context.world_size * data.grad_accum)
         plan = TokenBatches(positions, data.batch_tokens, per_update, train.seed,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mellow.config import Layer, Names, flatten, load, yaml_layer
 from mellow.files import read_json
-from mellow.settings import RUNS_ROOT, TrainJob
+from mellow.settings import BEFORE_SETTING, RUNS_ROOT, TrainJob
 
 AMBIGUOUS_SECONDS = 60.0  # two runs saved closer than this: the newest is a guess, so ask
 
@@ -87,6 +87,9 @@ def train_settings(command_line: Layer, preset: Path | None, resume: bool) -> Tr
         saved = Path(run_dir) / "config.yaml"
         if saved.is_file():
             layers.insert(0, yaml_layer(saved, "--resume"))
+            before = {f"model.{name}": value for name, value in BEFORE_SETTING.items()
+                      if f"model.{name}" not in flatten(layers[0].values)}  # a run older than the setting
+            layers.insert(1, Layer(before, {name: f"{saved} (saved before the setting existed)" for name in before}))
     return load(TrainJob, layers)
 
 

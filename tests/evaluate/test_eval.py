@@ -222,7 +222,7 @@ def test_rank_mode_answers_every_closed_question_inside_its_set_by_log_likelihoo
     by_hand = []
     for index in range(len(options)):
         batch = move_to(pairs.batch([index]), torch.device("cpu"))
-        embeds, mask, positions = model.build_inputs(batch)
+        embeds, mask, positions, _ = model.build_inputs(batch)
         with torch.no_grad():
             logits = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
         answer = pairs.answer_ids(index)

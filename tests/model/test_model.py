@@ -184,11 +184,13 @@ def test_chat_prompt_format_lays_the_example_out_as_the_decoders_chat_template(m
     assert answer_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     batch = examples.batch([0, 1])
-    embeds, mask, positions = model.build_inputs(batch)
+    embeds, mask, positions, _ = model.build_inputs(batch)
     prefix = len(model.prefix_ids)
     assert torch.equal(embeds[0, :prefix], model.language_model.get_input_embeddings()(model.prefix_ids))
     assert mask[:, :prefix].all() and torch.equal(positions[:, :prefix], torch.arange(prefix).expand(2, -1))
-    assert embeds.shape[1] == prefix + batch["audio1"].shape[1] * 2 + 2 + batch["input_ids"].shape[1]
+    second = torch.where(batch["has_audio2"], batch["audio2_valid"], 1)  # a missing audio: one marker
+    longest = prefix + batch["audio1_valid"] + second + 2 + batch["text_mask"].sum(dim=1)
+    assert embeds.shape[1] == int(longest.max())
     loss = model(batch)
     loss.backward()
     assert torch.isfinite(loss) and model.audio_projector.linear1.weight.grad is not None

@@ -43,8 +43,8 @@ def gradients(store_path: Path, dataset: Path, weighting: str, sizes: list[int] 
                                    store.dim, seed=0)
     examples = ExampleSet(load_examples(dataset, "train"), store, tokenizer, max_text_tokens=96)
     if batch_tokens:
-        plan = TokenBatches(model.sequence_positions(examples.lengths(), store.tokens), batch_tokens,
-                            accum * context.world_size, seed=0, buckets=4)
+        positions = model.sequence_positions(examples.lengths(), store.tokens, *examples.valid_tokens())
+        plan = TokenBatches(positions, batch_tokens, accum * context.world_size, seed=0, buckets=4)
         stream = plan.stream(0, context)
         parts = [next(stream)[1] for _ in range(accum)]
         parts = [sum(parts, [])] if merged else parts

@@ -64,15 +64,17 @@ def test_a_runs_metrics_tensorboard_and_summary_show_its_work(mel_store, tiny_da
     config = train_config(mel_store, tiny_dataset, run_dir, max_updates=3, log_every=1, data_workers=0)
     loop.run(config, ModelConfig(**TINY_MODEL))
     rows = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
-    # the first update's batch, counted by hand: 2 separators, valid audio tokens, text; padding is the rest
+    # the first update's batch, counted by hand: 2 separators, valid audio tokens, text; the rows are as long as
+    # the longest (where a missing second audio takes one marker position); padding and markers are the rest
     store = EmbeddingStore(mel_store)
     examples = ExampleSet.from_split(tiny_dataset, "train", store, load_tokenizer("tiny"), 96, seed=5)
     _, first = next(FixedBatches(examples.lengths(), 4, 1, seed=5, bucket=1).stream(0, DistributedContext(0, 1, 0)))
     batch = examples.batch(first, epoch=0)
     texts = [len(examples.prompt_ids(i)) + len(examples.answer_ids(i)) for i in first]
-    audio = batch["audio1_valid"].sum() + (batch["audio2_valid"] * batch["has_audio2"]).sum()
-    useful = 4 * 2 + int(audio) + sum(texts)
-    computed = 4 * (2 + 2 * store.tokens + max(texts))
+    rows_by_hand = [2 + int(batch["audio1_valid"][row]) + text + (int(batch["audio2_valid"][row]) if
+                    batch["has_audio2"][row] else 0) for row, text in enumerate(texts)]
+    useful = sum(rows_by_hand)
+    computed = 4 * max(length + (0 if batch["has_audio2"][row] else 1) for row, length in enumerate(rows_by_hand))
     assert useful < computed
     assert rows[0]["useful_share"] == pytest.approx(useful / computed)
     for row in rows:
@@ -102,6 +104,7 @@ def test_useful_positions_leave_out_padding_invalid_audio_and_the_no_audio_block
     batch["has_audio2"] = torch.tensor([True, False])
     batch["text_mask"][1, 6:] = 0
     computed, lengths, audio = model.positions_of(batch)
-    assert computed == 2 * (2 + 16 + 10)
     assert lengths.tolist() == [2 + 8 + 8 + 10, 2 + 5 + 6] and audio == 8 + 8 + 5
-    assert np.array_equal(model.sequence_positions(np.array([10, 6]), 8), [28, 24])
+    assert np.array_equal(model.sequence_positions(np.array([10, 6]), 8, np.array([8, 5]), np.array([8, -1])),
+                          [2 + 8 + 8 + 10, 2 + 5 + 1 + 6])  # the marker takes one position
+    assert computed == 2 * max(28, 2 + 5 + 1 + 6)
