@@ -21,20 +21,24 @@ from mellow.sources import prepare
 from mellow.sources.config import PrepareConfig
 from mellow.store.writer import StoreConfig
 from mellow.train import loop
+from mellow.train.runs import saved_run_layers
 
 PRESET = Path(__file__).resolve().parents[1] / "stages" / "configs" / "quickstart.yaml"
 
 
-def training_job(config: QuickstartConfig, store: Path, dataset: Path, run_dir: Path) -> TrainJob:
+def training_job(config: QuickstartConfig, store: Path, dataset: Path, run_dir: Path | None) -> TrainJob:
     """The quickstart's training run: stages/configs/quickstart.yaml, with this machine's store, dataset and run
-    folder, and --updates (validation and checkpoints every quarter of them)."""
+    folder, and --updates (validation and checkpoints every quarter of them); a run already in the folder keeps
+    what its own config.yaml says of anything else (a run made by an earlier mellow, its layout)."""
     if not PRESET.is_file():
         raise FileNotFoundError(f"{PRESET}: the quickstart's training config is missing; run from a mellow checkout")
     every = max(1, config.updates // 4)
-    given = {"train.store": store, "train.dataset": dataset, "train.run_dir": run_dir,
-             "train.max_updates": config.updates, "train.val_every": every, "train.save_every": every,
-             "encoder.name": config.encoder}
-    return load(TrainJob, [yaml_layer(PRESET), Layer(given, {name: f"quickstart {name}" for name in given})])
+    given = {"train.store": store, "train.dataset": dataset, "train.max_updates": config.updates,
+             "train.val_every": every, "train.save_every": every, "encoder.name": config.encoder,
+             **({"train.run_dir": run_dir} if run_dir is not None else {})}
+    saved = saved_run_layers(run_dir) if run_dir is not None else []
+    return load(TrainJob, [*saved, yaml_layer(PRESET),
+                           Layer(given, {name: f"quickstart {name}" for name in given})])
 
 
 def run(config: QuickstartConfig) -> dict:
@@ -47,7 +51,7 @@ def run(config: QuickstartConfig) -> dict:
     timings["prepare"] = time.time() - started
     console.rule("[bold]01 precompute")
     stage = time.time()
-    expected = training_job(config, Path(""), dataset, Path("")).encoder  # what the preset's store must be
+    expected = training_job(config, Path(""), dataset, None).encoder  # what the preset's store must be
     stored = precompute.run(PrecomputeConfig(dataset=dataset, encoder=EncoderConfig(name=config.encoder,
                                                                                     tokens=expected.tokens),
                                              store=StoreConfig(root=root / "shards")))

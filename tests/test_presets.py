@@ -14,6 +14,7 @@ from mellow import quickstart
 from mellow.cli import app
 from mellow.config import load, yaml_layer
 from mellow.settings import QuickstartConfig, TrainJob
+from mellow.train import loop
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "stages" / "configs").glob("*.yaml"))
 
@@ -39,6 +40,21 @@ def test_the_quickstart_trains_its_preset(tmp_path):
     assert job.train.data.batch_size == written["train"]["batch_size"]
     assert {key: getattr(job.model, key) for key in written["model"]} == written["model"]
     assert job.encoder.tokens == written["encoder"]["tokens"] and job.encoder.name == "whisper-tiny"
+    assert job.model.missing_audio == "marker"
+
+
+def test_the_quickstart_keeps_the_layout_of_a_run_an_earlier_mellow_made(tmp_path):
+    """Run again over its own earlier run, the quickstart continues it as it was made: a config.yaml that names
+    no missing_audio (written before the setting existed) is the padded block layout, not a change to refuse."""
+    config = QuickstartConfig(updates=800)
+    made = quickstart.training_job(config, tmp_path / "store", tmp_path / "data", tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    saved = loop.resolved_config(made.train, made.model)
+    del saved["model"]["missing_audio"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    again = quickstart.training_job(config, tmp_path / "store", tmp_path / "data", tmp_path / "run")
+    assert again.model.missing_audio == "block" and again.train == made.train
+    loop.check_resumable_config(saved, loop.resolved_config(again.train, again.model), tmp_path / "run")
 
 
 @pytest.mark.slow  # SmolLM2-135M itself on a CPU (~55 s); tests/test_train_toolbox.py trains LoRA on a tiny decoder

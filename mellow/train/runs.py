@@ -84,13 +84,20 @@ def train_settings(command_line: Layer, preset: Path | None, resume: bool) -> Tr
                                       "--train.run_dir checkpoints/<run>")
             announce(run_dir, "resuming", "--train.run_dir <run folder>")
             layers.append(Layer({"train.run_dir": str(run_dir)}, {"train.run_dir": "--resume"}))
-        saved = Path(run_dir) / "config.yaml"
-        if saved.is_file():
-            layers.insert(0, yaml_layer(saved, "--resume"))
-            before = {f"model.{name}": value for name, value in BEFORE_SETTING.items()
-                      if f"model.{name}" not in flatten(layers[0].values)}  # a run older than the setting
-            layers.insert(1, Layer(before, {name: f"{saved} (saved before the setting existed)" for name in before}))
+        layers = saved_run_layers(Path(run_dir)) + layers
     return load(TrainJob, layers)
+
+
+def saved_run_layers(run_dir: Path) -> list[Layer]:
+    """The settings a run folder's config.yaml gives the run's continuation, each model setting it predates at
+    the value it had then (mellow.settings.BEFORE_SETTING); none when the folder holds no run yet."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    layer = yaml_layer(saved, "--resume")
+    before = {f"model.{name}": value for name, value in BEFORE_SETTING.items()
+              if f"model.{name}" not in flatten(layer.values)}
+    return [layer, Layer(before, {name: f"{saved} (saved before the setting existed)" for name in before})]
 
 
 def _named(layers: list[Layer], dotted: str) -> object | None:
