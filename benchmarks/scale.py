@@ -1,7 +1,8 @@
 """Growth at the seeds' scale, in one run: start-up and memory of 03_train at 10 k / 100 k / 1 M examples, store
 reads against the machine's own limit, the store's metadata paths at 1.2 M rows, tokenising a new split
-on one core against all of them, and the audio recheck of a rerun of 00_prepare / 01_precompute at 10 k / 100 k /
-1 M clips against a bare stat of every file.
+on one core against all of them, the audio recheck of a rerun of 00_prepare / 01_precompute at 10 k / 100 k /
+1 M clips against a bare stat of every file, and an epoch's token-budget plan (--train.batch_tokens) against the
+sort of the split's lengths it cannot do without.
 
     uv run python benchmarks/scale.py                                  # everything (~20 min on 2 cores)
     uv run python benchmarks/scale.py --parts reads --sizes 10000      # one part
@@ -443,10 +444,34 @@ def recheck_part(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def plan_part(args: argparse.Namespace) -> list[dict]:
+    """One epoch's token-budget plan (ReasonAQA-shaped lengths, 8 192 positions, 16 buckets) at each size, against
+    its limit measured in the same run: a stable argsort of the epoch's examples by length (the plan's own first
+    step) and a numpy permutation; the fixed-size plan of batch 64 beside it."""
+    from mellow.train.batching import TokenBatches, epoch_micro_batches
+
+    results = []
+    for size in args.sizes:
+        generator = np.random.default_rng(size)
+        positions = 130 + generator.integers(10, 41, size) + generator.integers(1, 161, size)
+        timings = {}
+        for name, work in (("limit", lambda: np.argsort(positions[generator.permutation(size)], kind="stable")),
+                           ("tokens", lambda: TokenBatches(positions, 8192, 8, 0, 16).epoch(0)),
+                           ("fixed", lambda: epoch_micro_batches(positions, 64, 0, 0, 1))):
+            started = time.perf_counter()
+            work()
+            timings[name] = time.perf_counter() - started
+        results.append({"examples": size, "seconds": timings})
+        ratio = timings["tokens"] / timings["limit"]
+        print(f"  {size:>9,} examples: token plan {timings['tokens']:.3f} s = {ratio:.1f}x the sort by length "
+              f"({timings['limit']:.3f} s); fixed-size plan {timings['fixed']:.3f} s", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="reads,metadata,startup,tokenize,recheck",
-                        help="Comma-separated: reads, metadata, startup, tokenize, recheck.")
+    parser.add_argument("--parts", default="reads,metadata,startup,tokenize,recheck,plan",
+                        help="Comma-separated: reads, metadata, startup, tokenize, recheck, plan.")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="Training examples of each start-up run.")
     parser.add_argument("--clips", type=int, default=50_000, help="Clips in the start-up runs' store.")
@@ -464,7 +489,7 @@ def main() -> None:
         print(f"{part}:", flush=True)
         results[part] = {"reads": lambda: reads_part(args), "metadata": lambda: metadata_part(args, codes),
                          "startup": lambda: startup_part(args, codes), "tokenize": lambda: tokenize_part(args),
-                         "recheck": lambda: recheck_part(args)}[part]()
+                         "recheck": lambda: recheck_part(args), "plan": lambda: plan_part(args)}[part]()
     if args.output:
         args.output.write_text(json.dumps(results, indent=1))
 
