@@ -153,9 +153,12 @@ def fail(message: str, code: int) -> None:
     """Print `message` as the command's error and exit with `code`. Under torchrun, where every process meets
     the same error, only rank 0 prints it (the console is quiet on the others); every failing process also
     writes it to torchrun's error file, so that torchrun's closing report names it as the root cause instead of
-    a link about tracebacks."""
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    a link about tracebacks. The other ranks wait a moment first: torchrun ends every process once one has failed,
+    and a rank 1 that was quicker would end rank 0 before it had printed the error."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and os.environ.get("RANK", "0") != "0":
+        time.sleep(3.0)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if error_file:
         try:
             Path(error_file).write_text(json.dumps({"message": f"error: {message}", "timestamp": int(time.time())}))

@@ -275,14 +275,16 @@ class ModelConfig:
             raise ValueError(f"--model.projector_dropout {self.projector_dropout} must be in [0, 1)")
 
 
-# What a model saved before a setting existed had: its saved model: section is read with these first.
-BEFORE_SETTING = {"missing_audio": "block"}
+# The value each setting had before it existed: a saved config (trainer.json, config.yaml, an export's
+# mellow.json) that does not name one is read with it, so an older run is rebuilt, resumed and scored as it was
+# trained, never silently in today's layout, and its resume is not refused as a change.
+BEFORE_SETTING = {"model.missing_audio": "block", "train.data.batch_tokens": 0, "train.data.token_buckets": 16}
 
 
 def saved_model_settings(model: dict) -> dict:
-    """A saved model: section (trainer.json, config.yaml, an export's mellow.json) with the value every setting
-    it predates had then, so an older model is rebuilt as it was trained, never silently in today's layout."""
-    return {**BEFORE_SETTING, **model}
+    """A saved model: section with the value every setting it predates had then (BEFORE_SETTING)."""
+    before = {name.split(".", 1)[1]: value for name, value in BEFORE_SETTING.items() if name.startswith("model.")}
+    return {**before, **model}
 
 
 @dataclass
@@ -478,14 +480,20 @@ def saved_settings(config: dict) -> dict[str, object]:
     (runs saved before train: had components hold its settings one level up: train.lr for train.optimizer.lr).
     A setting this version does not know keeps its saved name."""
     names, settings = Names(TrainJob), {}
-    if isinstance(config.get("model"), dict):
-        config = {**config, "model": saved_model_settings(config["model"])}
     for name, value in flatten(config).items():
         try:
             settings[names.resolve(name).dotted] = value
         except ValueError:
             settings[name] = value
-    return settings
+    return settings | predated(settings)
+
+
+def predated(settings: dict[str, object]) -> dict[str, object]:
+    """The settings (BEFORE_SETTING) that a saved config's {dotted name: value} does not name, of the sections it
+    has, at the value they had before they existed."""
+    sections = {name.split(".")[0] for name in settings}
+    return {name: value for name, value in BEFORE_SETTING.items()
+            if name not in settings and name.split(".")[0] in sections}
 
 
 @dataclass

@@ -182,14 +182,19 @@ class MellowModel(nn.Module):
     def answer_token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cross-entropy of each answer token (N,), the example each belongs to (N,), answer mask (B, L_text))."""
         embeds, mask, position_ids, text_at = self.build_inputs(batch)
-        hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask,
+        # Rows of the marker layout hold their content first and padding after it, so causal attention alone
+        # keeps every content position from the padding: no mask to build (SDPA's causal kernel; and inductor
+        # miscompiles the mask of these rows on CPUs, torch 2.11)
+        attention = None if self.missing_audio == "marker" else mask
+        hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=attention,
                                                 position_ids=position_ids).last_hidden_state  # (B, L, H)
         # A text token is predicted from the position before it; only answer positions are scored, and the
         # output projection runs on those alone (the vocabulary matmul dominates a small decoder's cost).
+        before = (text_at - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])  # (B, L_text, H)
+        predicting = hidden.gather(1, before)  # the state that predicts each text token
         labels = batch["labels"]  # (B, L_text), -100 outside the answer
         scored = labels != -100
-        rows, columns = scored.nonzero(as_tuple=True)
-        answers = hidden[rows, text_at[rows, columns] - 1]  # (N, H)
+        answers = predicting[scored]  # (N, H)
         output_projection = self.language_model.get_output_embeddings()
         if answers.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # torch's bf16 CPU matmul keeps a packed copy of the weight for every new number of rows (19 MB for
@@ -199,7 +204,7 @@ class MellowModel(nn.Module):
         else:
             logits = output_projection(answers)  # (N, V)
         token_losses = F.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
-        return token_losses, rows, scored
+        return token_losses, scored.nonzero()[:, 0], scored
 
     @torch.inference_mode()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,

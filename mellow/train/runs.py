@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mellow.config import Layer, Names, flatten, load, yaml_layer
 from mellow.files import read_json
-from mellow.settings import BEFORE_SETTING, RUNS_ROOT, TrainJob
+from mellow.settings import RUNS_ROOT, TrainJob, predated
 
 AMBIGUOUS_SECONDS = 60.0  # two runs saved closer than this: the newest is a guess, so ask
 
@@ -95,8 +95,11 @@ def saved_run_layers(run_dir: Path) -> list[Layer]:
     if not saved.is_file():
         return []
     layer = yaml_layer(saved, "--resume")
-    before = {f"model.{name}": value for name, value in BEFORE_SETTING.items()
-              if f"model.{name}" not in flatten(layer.values)}
+    names, given = Names(TrainJob), {}
+    for name in flatten(layer.values):
+        found = names.find(name)
+        given[found.dotted if found is not None else name] = None
+    before = predated(given)
     return [layer, Layer(before, {name: f"{saved} (saved before the setting existed)" for name in before})]
 
 
