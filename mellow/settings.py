@@ -479,13 +479,18 @@ def saved_settings(config: dict) -> dict[str, object]:
     """A run's saved config (trainer.json's "config", config.yaml) as {full dotted name: value}, in either layout
     (runs saved before train: had components hold its settings one level up: train.lr for train.optimizer.lr).
     A setting this version does not know keeps its saved name."""
+    settings = resolved_settings(config)
+    return settings | predated(settings)
+
+
+def resolved_settings(config: dict) -> dict[str, object]:
+    """A config's {full dotted name: value}, as it names them (a setting this version does not know keeps its
+    saved name)."""
     names, settings = Names(TrainJob), {}
     for name, value in flatten(config).items():
-        try:
-            settings[names.resolve(name).dotted] = value
-        except ValueError:
-            settings[name] = value
-    return settings | predated(settings)
+        found = names.find(name)
+        settings[found.dotted if found is not None else name] = value
+    return settings
 
 
 def predated(settings: dict[str, object]) -> dict[str, object]:

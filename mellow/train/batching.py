@@ -169,6 +169,7 @@ class TokenBatches:
                 f"{int(positions[longest])}, or lower --train.max_text_tokens")
         self.buckets = bucket_of(positions, buckets)
         self._counts: dict[int, int] = {}
+        self._planned: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None  # the last epoch planned
 
     def per_update(self, world_size: int) -> int:
         """How far one update moves the run's position (device batches)."""
@@ -184,10 +185,13 @@ class TokenBatches:
         return self.batches_per_update // world_size
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(examples, offsets) of `epoch` (epoch_token_batches)."""
-        planned = epoch_token_batches(self.positions, self.budget, self.seed, epoch, self.buckets, self.weights)
-        self._counts[epoch] = len(planned[1]) - 1
-        return planned
+        """(examples, offsets) of `epoch` (epoch_token_batches); the last one planned is kept, so that counting an
+        epoch's batches and then streaming it plans it once."""
+        if self._planned is None or self._planned[0] != epoch:
+            planned = epoch_token_batches(self.positions, self.budget, self.seed, epoch, self.buckets, self.weights)
+            self._planned = (epoch, planned)
+            self._counts[epoch] = len(planned[1]) - 1
+        return self._planned[1]
 
     def batches_in(self, epoch: int) -> int:
         if epoch not in self._counts:

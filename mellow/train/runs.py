@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mellow.config import Layer, Names, flatten, load, yaml_layer
 from mellow.files import read_json
-from mellow.settings import RUNS_ROOT, TrainJob, predated
+from mellow.settings import RUNS_ROOT, TrainJob, predated, resolved_settings
 
 AMBIGUOUS_SECONDS = 60.0  # two runs saved closer than this: the newest is a guess, so ask
 
@@ -89,17 +89,13 @@ def train_settings(command_line: Layer, preset: Path | None, resume: bool) -> Tr
 
 
 def saved_run_layers(run_dir: Path) -> list[Layer]:
-    """The settings a run folder's config.yaml gives the run's continuation, each model setting it predates at
-    the value it had then (mellow.settings.BEFORE_SETTING); none when the folder holds no run yet."""
+    """The settings a run folder's config.yaml gives the run's continuation, each setting it predates at the
+    value it had then (mellow.settings.BEFORE_SETTING); none when the folder holds no run yet."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return []
     layer = yaml_layer(saved, "--resume")
-    names, given = Names(TrainJob), {}
-    for name in flatten(layer.values):
-        found = names.find(name)
-        given[found.dotted if found is not None else name] = None
-    before = predated(given)
+    before = predated(resolved_settings(layer.values))
     return [layer, Layer(before, {name: f"{saved} (saved before the setting existed)" for name in before})]
 
 
