@@ -14,8 +14,10 @@ does) and runs the whisper-tiny encoder on them before every step (what mellow r
 With --batching, mellow's own loop (03_train, RAM cache) trains the quickstart's model on two splits: the given
 quickstart split (or one made here) and a ReasonAQA-shaped synthetic split over the same clips (answers of 1-160
 words, prompts of 5-30, a second audio in 40% of examples, a store of 64 audio tokens per clip). For each
-batching — `random` (batches of --batch-size examples in a random order) and `tokens` (--train.batch_tokens,
-a budget of --batch-size x the split's mean positions) — it prints the useful share of the computed positions
+batching — `random` (batches of --batch-size examples in a random order), `tokens` (--train.batch_tokens,
+a budget of --batch-size x the split's mean positions) and `packed` (the same budget with --train.packing on, in
+one row per batch; `packed:L` in rows of L positions, or of the split's longest example if longer) — it prints
+the useful share of the computed positions
 and useful tokens/s over the measured updates, against the baseline measured in the same run: random batches
 in the padded block layout (--model.missing_audio block), what 03_train computed before token budgets.
 """
@@ -110,7 +112,7 @@ def raw_audio_loop(store_path: Path, dataset: Path, model_config: ModelConfig,
     return args.updates * args.batch_size / (time.perf_counter() - started), precision
 
 
-BATCHINGS = ("random", "tokens")
+BATCHINGS = ("random", "tokens", "packed", "packed:L")
 
 
 def reasonaqa_shaped(quickstart: Path, folder: Path, examples: int, seed: int = 0) -> Path:
@@ -136,11 +138,13 @@ def reasonaqa_shaped(quickstart: Path, folder: Path, examples: int, seed: int = 
 
 
 def measured_batching(store: Path, dataset: Path, run_dir: Path, model: ModelConfig, args: argparse.Namespace,
-                      batch_tokens: int) -> tuple[float, float, float]:
-    """(useful share, useful tokens/s, samples/s) of 03_train's loop over the measured updates (after warmup)."""
+                      batch_tokens: int, pack_length: int | None) -> tuple[float, float, float]:
+    """(useful share, useful tokens/s, samples/s) of 03_train's loop over the measured updates (after warmup);
+    `pack_length` None: no packing."""
+    packing = dict(packing="on", pack_length=pack_length) if pack_length is not None else {}
     loop.run(from_names(TrainConfig, store=store, dataset=dataset, run_dir=run_dir, batch_size=args.batch_size,
-                        batch_tokens=batch_tokens, max_updates=args.warmup + args.updates, log_every=1, val_every=0,
-                        save_every=0, data_cache="ram", data_workers=args.data_workers, tensorboard=False,
+                        batch_tokens=batch_tokens, **packing, max_updates=args.warmup + args.updates, log_every=1,
+                        val_every=0, save_every=0, data_cache="ram", data_workers=args.data_workers, tensorboard=False,
                         wandb="off", lr=1e-4, warmup_updates=1, precision=args.precision), model)
     rows = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row][args.warmup:]
     seconds = [row["time"] - previous["time"] for previous, row in zip(rows, rows[1:])]
@@ -150,17 +154,18 @@ def measured_batching(store: Path, dataset: Path, run_dir: Path, model: ModelCon
     return useful / computed, useful / sum(seconds), examples / sum(seconds)
 
 
-def mean_positions(store: Path, dataset: Path, model_config: ModelConfig) -> float:
-    """The mean positions of the split's training examples in the model's layout."""
+def split_positions(store: Path, dataset: Path, model_config: ModelConfig) -> np.ndarray:
+    """The positions of the split's training examples in the model's layout."""
     opened = EmbeddingStore(store)
     model, tokenizer = build_model(model_config, opened.dim, seed=0)
     examples = ExampleSet.from_split(dataset, "train", opened, tokenizer, 256, prompt_suffix=model.prompt_suffix)
-    return float(model.sequence_positions(examples.lengths(), opened.tokens, *examples.valid_tokens()).mean())
+    return model.sequence_positions(examples.lengths(), opened.tokens, *examples.valid_tokens())
 
 
 def compare_batchings(args: argparse.Namespace, work: Path) -> None:
     """The --batching comparison (see the module docstring)."""
-    model = ModelConfig(decoder="tiny", tiny_hidden=192, tiny_layers=4, tiny_heads=4)
+    shape = dict(tiny_hidden=192, tiny_layers=4, tiny_heads=4) if args.decoder == "tiny" else {}
+    model = ModelConfig(decoder=args.decoder, decoder_mode=args.decoder_mode, **shape)
     if args.dataset is None:
         args.dataset = prepare.run(PrepareConfig(root=work / "datasets", num_clips=800))
         args.store = precompute.run(PrecomputeConfig(dataset=args.dataset, encoder=EncoderConfig(
@@ -170,15 +175,26 @@ def compare_batchings(args: argparse.Namespace, work: Path) -> None:
         name="whisper-tiny", tokens=64), store=StoreConfig(root=work / "shards"))).store_path
     figures = []
     for name, dataset, store in (("quickstart", args.dataset, args.store), ("ReasonAQA-shaped", shaped, shaped_store)):
-        budget = int(np.ceil(args.batch_size * mean_positions(store, dataset, model) / 64) * 64)
-        runs = [("random, block layout (before)", dataclasses.replace(model, missing_audio="block"), 0)]
-        runs += [(f"{batching}{f' ({budget} positions)' if batching == 'tokens' else ''}", model,
-                  budget if batching == "tokens" else 0) for batching in args.batching]
+        positions = split_positions(store, dataset, model)
+        budget = int(np.ceil(args.batch_size * positions.mean() / 64) * 64)
+        runs = [("random, block layout (before)", dataclasses.replace(model, missing_audio="block"), 0, None)]
+        for batching in args.batching:
+            kind, _, length = batching.partition(":")
+            if kind == "random":
+                runs.append(("random", model, 0, None))
+            elif kind == "tokens":
+                runs.append((f"tokens ({budget} positions)", model, budget, None))
+            else:
+                length = max(int(length), int(np.ceil(positions.max() / 64) * 64)) if length else 0  # >= the longest
+                rows = f"rows of {length}" if length else "one row"
+                runs.append((f"packed ({budget} positions, {rows})", model, budget, length))
         for repeat in range(args.repeats):  # alternately, so that the machine's drift falls on all alike
-            for label, config, tokens in runs:
-                run_dir = work / "runs" / f"{name}-{label}-{repeat}".replace(" ", "_")
-                figures.append((name, label, *measured_batching(store, dataset, run_dir, config, args, tokens)))
-    print(f"\nmodel tiny 4 x 192, {args.updates} updates measured after {args.warmup}, batch {args.batch_size} "
+            for label, config, tokens, pack_length in runs:
+                run_dir = work / "runs" / f"{name}-{label}-{repeat}".replace(" ", "_").replace(",", "")
+                figures.append((name, label, *measured_batching(store, dataset, run_dir, config, args, tokens,
+                                                                pack_length)))
+    described = "tiny 4 x 192" if args.decoder == "tiny" else f"{args.decoder} ({args.decoder_mode})"
+    print(f"\nmodel {described}, {args.updates} updates measured after {args.warmup}, batch {args.batch_size} "
           f"examples or the same mean in positions, {os.cpu_count()} CPU cores, torch threads "
           f"{torch.get_num_threads()}, precision {args.precision}, {args.repeats} run(s) each (median)")
     for split in ("quickstart", "ReasonAQA-shaped"):
@@ -188,7 +204,7 @@ def compare_batchings(args: argparse.Namespace, work: Path) -> None:
             shares, useful, samples = (np.median([f[i] for f in figures if f[0] == split and f[1] == label])
                                        for i in (2, 3, 4))
             baseline = baseline or useful
-            print(f"{split:17s} {label:34s} useful share {shares:5.3f}, {useful:8.0f} useful tokens/s "
+            print(f"{split:17s} {label:40s} useful share {shares:5.3f}, {useful:8.0f} useful tokens/s "
                   f"({useful / baseline:4.2f} x before), {samples:6.1f} samples/s")
 
 
@@ -218,7 +234,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mellow-train-bench-"))
     if args.batching:
         args.batching = [name.strip() for name in args.batching.split(",")]
-        unknown = [name for name in args.batching if name not in BATCHINGS]
+        unknown = [name for name in args.batching
+                   if name not in BATCHINGS[:3] and not (name.startswith("packed:") and name[7:].isdigit())]
         if unknown or (args.dataset is None) != (args.store is None):
             parser.error(f"--batching takes {', '.join(BATCHINGS)} (got {', '.join(unknown)}); --dataset and "
                          "--store go together" if unknown else "--dataset and --store go together")

@@ -278,7 +278,8 @@ class ModelConfig:
 # The value each setting had before it existed: a saved config (trainer.json, config.yaml, an export's
 # mellow.json) that does not name one is read with it, so an older run is rebuilt, resumed and scored as it was
 # trained, never silently in today's layout, and its resume is not refused as a change.
-BEFORE_SETTING = {"model.missing_audio": "block", "train.data.batch_tokens": 0, "train.data.token_buckets": 16}
+BEFORE_SETTING = {"model.missing_audio": "block", "train.data.batch_tokens": 0, "train.data.token_buckets": 16,
+                  "train.data.packing": "off", "train.data.pack_length": 0}
 
 
 def saved_model_settings(model: dict) -> dict:
@@ -324,6 +325,14 @@ class DataConfig:
                                    "grad_accum such batches.")
     token_buckets: int = setting(16, "With batch_tokens: length buckets (quantiles of the split's lengths) that "
                                      "a batch's examples are drawn from; more buckets, less padding.")
+    packing: Literal["off", "on"] = setting(
+        "off", "With batch_tokens: several examples share a row, one after the other, each with its own positions "
+               "and attention kept within it (a block-diagonal causal mask; on CUDA with flash attention, its "
+               "varlen kernel): almost no padding. Needs --model.missing_audio marker and a decoder whose "
+               "attention supports packed sequences (checked at start).")
+    pack_length: int = setting(0, "With packing: positions per packed row (0: the whole batch_tokens in one row). "
+                                  "Attention is computed over a whole row unless the kernel is varlen (flash "
+                                  "attention), so with SDPA or on a CPU give a few examples' length.")
     grad_accum: int = setting(1, "Micro-batches accumulated per update.")
     max_text_tokens: int = setting(96, "Prompt + answer tokens kept per example.")
     data_workers: int = setting(2, "Worker processes building batches ahead of the training step (0: in this "
@@ -348,7 +357,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         at_least(self, "train", ("batch_size", "grad_accum", "max_text_tokens", "length_buckets", "prefetch",
                                  "token_buckets"), 1)
-        at_least(self, "train", ("data_workers", "ram_cache_gb", "batch_tokens"), 0)
+        at_least(self, "train", ("data_workers", "ram_cache_gb", "batch_tokens", "pack_length"), 0)
+        if self.packing not in ("off", "on"):
+            raise ValueError(f"--train.packing {self.packing!r} must be on or off")
+        if self.packing == "on" and not self.batch_tokens:
+            raise ValueError("--train.packing on fills rows of positions: give --train.batch_tokens N as well")
+        if self.pack_length > self.batch_tokens and self.packing == "on":
+            raise ValueError(f"--train.pack_length {self.pack_length} is longer than a device batch "
+                             f"(--train.batch_tokens {self.batch_tokens}); lower it, or 0 for one row per batch")
         if self.balance not in ("off", "sampler", "loss"):
             raise ValueError(f"--train.balance {self.balance!r} must be off, sampler or loss")
         if self.data_cache not in ("auto", "ram", "stream"):

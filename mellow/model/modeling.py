@@ -87,9 +87,12 @@ class MellowModel(nn.Module):
 
     def build_inputs(self, batch: dict[str, torch.Tensor],
                      for_generation: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embeddings (B, L, H), attention mask (B, L), position ids (B, L) of the whole sequence, and where each
-        text token sits in it (B, L_text). Rows are packed left (training) or right (`for_generation`, the text
-        left-padded) with the content alone; the block layout keeps every slot at its padded place."""
+        """Embeddings (R, L, H), attention mask (R, L), position ids (R, L) of the rows, and where each text token
+        sits in them (B, L_text), as an index into the R x L positions flattened. Without packing a row is an
+        example (R = B): its content alone, packed left (training) or right (`for_generation`, the text left-padded);
+        the block layout keeps every slot at its padded place. With packing (`batch["row"]`, the row of each
+        example, examples of a row one after the other in batch order), the examples of a row follow one another,
+        each with positions from 0 (pack_rows)."""
         audio1 = self.get_audio_features(batch["audio1"])  # (B, T, H)
         audio2 = self.get_audio_features(batch["audio2"])  # (B, T, H)
         has_audio2 = batch["has_audio2"]  # (B,)
@@ -103,27 +106,63 @@ class MellowModel(nn.Module):
         valid2 = (slots[None] < batch["audio2_valid"][:, None]) & has_audio2[:, None]  # (B, T)
         ones = torch.ones(batch_size, 1, dtype=torch.bool, device=audio1.device)
         prefix_ones, text_mask = ones.expand(-1, len(self.prefix_ids)), batch["text_mask"].bool()
+        rows = torch.arange(batch_size, device=audio1.device)[:, None]  # (B, 1)
         if self.missing_audio == "block":
             audio2 = torch.where(has_audio2[:, None, None], audio2, no_audio.expand_as(audio2))
             embeds = torch.cat([prefix.to(text.dtype), audio1, separator, audio2, separator, text], dim=1)
             mask = torch.cat([prefix_ones, valid1, ones, valid2 | ~has_audio2[:, None], ones, text_mask], dim=1)
             position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # masked tokens do not advance positions
             text_at = embeds.shape[1] - text.shape[1] + torch.arange(text.shape[1], device=text.device)
-            return embeds, mask.long(), position_ids, text_at.expand(batch_size, -1)
+            return embeds, mask.long(), position_ids, rows * embeds.shape[1] + text_at
         marker = no_audio.expand(batch_size, 1, -1)  # (B, 1, H)
         source = torch.cat([prefix.to(text.dtype), audio1, separator, audio2, marker, separator, text], dim=1)
         kept = torch.cat([prefix_ones, valid1, ones, valid2, ~has_audio2[:, None], ones, text_mask], dim=1)
         lengths = kept.sum(dim=1)  # (B,) each row's content
         width = int(lengths.max())
         content = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, W) kept, in order
+        within = kept.long().cumsum(dim=1)[:, -text.shape[1] :] - 1  # (B, L_text) each kept text token's place
+        if "row" in batch:
+            return self.pack_rows(source, content, lengths, batch["row"], within)
         columns = torch.arange(width, device=kept.device)[None]
         start = (width - lengths)[:, None] if for_generation else torch.zeros_like(lengths)[:, None]  # (B, 1)
         mask = (columns >= start) & (columns < start + lengths[:, None])  # (B, W)
         index = content.gather(1, (columns - start).clamp(min=0, max=width - 1))
         embeds = source.gather(1, index[..., None].expand(-1, -1, hidden))
-        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        text_at = kept.long().cumsum(dim=1)[:, -text.shape[1] :] - 1 + start  # (B, L_text) for the kept ones
-        return embeds, mask.long(), position_ids, text_at
+        if for_generation:
+            position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        else:  # content from column 0; the padding after it goes on counting, so the rows need only a causal mask
+            position_ids = columns.expand(batch_size, -1)
+        return embeds, mask.long(), position_ids, rows * width + within + start
+
+    @staticmethod
+    def pack_rows(source: torch.Tensor, content: torch.Tensor, lengths: torch.Tensor, row: torch.Tensor,
+                  within: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """build_inputs for a packed batch: the content of each example (`content` indexes `source`, (B, S, H),
+        `lengths` long) placed after the examples before it in its `row`; positions restart at 0 for each
+        example, and for the padding at a row's end. A decoder that keeps attention within the runs of positions
+        counting up from 0 (transformers' packed-sequence masks; flash attention's varlen path) sees each example
+        alone (check_packing verifies this of a decoder)."""
+        batch_size, length, hidden = source.shape
+        row_count = int(row.max()) + 1
+        in_row = F.one_hot(row, row_count) * lengths[:, None]  # (B, R) each example's positions, in its row
+        start = ((in_row.cumsum(dim=0) - in_row) * F.one_hot(row, row_count)).sum(dim=1)  # (B,) before it in its row
+        row_lengths = in_row.sum(dim=0)  # (R,)
+        width = int(row_lengths.max())
+        columns = torch.arange(content.shape[1], device=source.device)[None]  # (1, W_example)
+        filled = columns < lengths[:, None]  # (B, W_example) real content
+        target = (row[:, None] * width + start[:, None] + columns)[filled]  # (n,) where each content token goes
+        taken = (torch.arange(batch_size, device=source.device)[:, None] * length + content)[filled]  # (n,)
+        index = torch.full((row_count * width,), batch_size * length, dtype=torch.long, device=source.device)
+        index[target] = taken  # the other places take the zero row appended below
+        flat = torch.cat([source.reshape(-1, hidden), source.new_zeros(1, hidden)])
+        embeds = flat[index].view(row_count, width, hidden)
+        positions = torch.arange(width, device=source.device)[None].expand(row_count, -1)
+        mask = positions < row_lengths[:, None]  # (R, W)
+        first = torch.zeros(row_count * width, dtype=torch.long, device=source.device)  # each place's run start
+        first[target] = (start[:, None] + torch.zeros_like(columns))[filled]
+        first = torch.where(mask, first.view(row_count, width), row_lengths[:, None])  # the padding: one more run
+        text_at = (row * width + start)[:, None] + within
+        return embeds, mask.long(), positions - first, text_at
 
     def sequence_positions(self, text_lengths: np.ndarray, audio_tokens: int, valid1: np.ndarray,
                            valid2: np.ndarray) -> np.ndarray:
@@ -147,6 +186,10 @@ class MellowModel(nn.Module):
         useful = fixed + audio + batch["text_mask"].sum(dim=1)  # (B,)
         if self.missing_audio == "block":
             width = fixed + 2 * tokens + batch["input_ids"].shape[1]
+        elif "row" in batch:  # packed: the rows' longest
+            rows = int(batch["row"].max()) + 1
+            per_row = torch.zeros(rows, dtype=torch.long).index_add_(0, batch["row"], useful + ~batch["has_audio2"])
+            width = int(per_row.max())
         else:
             width = int((useful + ~batch["has_audio2"]).max())  # the marker takes a position
         return rows * width, useful, int(audio.sum())
@@ -184,14 +227,15 @@ class MellowModel(nn.Module):
         embeds, mask, position_ids, text_at = self.build_inputs(batch)
         # Rows of the marker layout hold their content first and padding after it, so causal attention alone
         # keeps every content position from the padding: no mask to build (SDPA's causal kernel; and inductor
-        # miscompiles the mask of these rows on CPUs, torch 2.11)
+        # miscompiles the mask of these rows on CPUs, torch 2.11). A packed row's examples are kept apart by
+        # where their positions restart (transformers' packed-sequence mask, or flash attention's varlen path).
         attention = None if self.missing_audio == "marker" else mask
-        hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=attention,
-                                                position_ids=position_ids).last_hidden_state  # (B, L, H)
+        hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=attention, use_cache=False,
+                                                position_ids=position_ids).last_hidden_state  # (R, L, H)
         # A text token is predicted from the position before it; only answer positions are scored, and the
         # output projection runs on those alone (the vocabulary matmul dominates a small decoder's cost).
-        before = (text_at - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])  # (B, L_text, H)
-        predicting = hidden.gather(1, before)  # the state that predicts each text token
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (R x L, H)
+        predicting = flat[(text_at - 1).clamp(min=0, max=len(flat) - 1)]  # (B, L_text, H) predicting each text token
         labels = batch["labels"]  # (B, L_text), -100 outside the answer
         scored = labels != -100
         answers = predicting[scored]  # (N, H)
@@ -235,6 +279,42 @@ class MellowModel(nn.Module):
             raise ValueError(f"checkpoint does not match the model: unexpected {sorted(unexpected)[:5]}, "
                              f"missing {sorted(absent)[:5]}")
         self.frozen_overrides = set(state) - trainable
+
+
+class PackingUnsupportedError(ValueError):
+    """--train.packing on with a decoder whose attention crosses from one packed example to the next."""
+
+
+@torch.no_grad()
+def check_packing(model: MellowModel, decoder: str) -> None:
+    """Refuse packing unless the decoder keeps attention within each example of a packed row: a probe row of two
+    random sequences (positions restarting at the second) must give the second the hidden states it has alone.
+    Decoders whose attention has no packed-sequence support (OPT's and BLOOM's in transformers 5, custom kernels)
+    let the second sequence see the first."""
+    language_model = model.language_model
+    parameter = next(language_model.parameters())
+    width = language_model.get_input_embeddings().embedding_dim
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randn(1, length, width, generator=generator).to(parameter) for length in (3, 4))
+    training = language_model.training
+    language_model.eval()  # no dropout in the probe
+    try:
+        body = language_model.base_model
+        alone = body(inputs_embeds=second, position_ids=torch.arange(4, device=parameter.device)[None],
+                     use_cache=False).last_hidden_state
+        positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=parameter.device)
+        packed = body(inputs_embeds=torch.cat([first, second], dim=1), position_ids=positions,
+                      use_cache=False).last_hidden_state[:, 3:]
+    finally:
+        language_model.train(training)
+    tolerance = 1e-3 if parameter.dtype == torch.float32 else 5e-2
+    if not torch.allclose(alone.float(), packed.float(), atol=tolerance, rtol=tolerance):
+        kind = type(language_model).__name__
+        attention = getattr(language_model.config, "_attn_implementation", "?")
+        raise PackingUnsupportedError(
+            f"--train.packing on: the decoder {decoder} ({kind}, attention {attention!r}) lets attention cross from "
+            "one packed example to the next (it has no packed-sequence support in this transformers); use "
+            "--train.packing off")
 
 
 def build_model(model_config: ModelConfig, audio_dim: int, seed: int) -> tuple[MellowModel, object]:

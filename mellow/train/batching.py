@@ -14,11 +14,20 @@ Two plans:
   every world_size-th: every rank computes at most N positions per micro-batch. The unit of the run's position is a
   device batch, so a resume on another world size continues the same sequence of batches.
 
-Every epoch of a token plan holds every example once (a sampler-balanced epoch: as many draws, with replacement).
+- `--train.packing on` (PackedBatches): the same budget, but examples share rows of `pack_length` positions, one
+  after the other (mellow/model/modeling.py keeps attention within each). Rows are filled best-fit from a window
+  of the epoch's random order: each row starts with the example that has waited longest and is topped up with the
+  longest waiting examples that still fit, so a row is all but full and no example waits long; a device batch is
+  batch_tokens // pack_length consecutive rows. Updates and ranks as for token batches.
+
+Every epoch of a token or packed plan holds every example once (a sampler-balanced epoch: as many draws, with
+replacement).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +118,61 @@ def epoch_token_batches(positions: np.ndarray, budget: int, seed: int, epoch: in
     return examples, offsets
 
 
+def epoch_packed_batches(positions: np.ndarray, row_length: int, rows_per_batch: int, seed: int, epoch: int,
+                         weights: np.ndarray | None = None,
+                         window: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The device batches of one packed epoch, a pure function of (seed, epoch): (examples in batch order (n,),
+    offsets (batches + 1,), the row of each example within its batch (n,)); the examples of a row are consecutive.
+    Rows of at most `row_length` positions are filled best-fit from a `window` of the epoch's random order (see the
+    module docstring); every example must fit a row alone."""
+    order = _epoch_examples(len(positions), _generator(seed, epoch), weights)
+    lengths = np.asarray(positions, dtype=np.int64)[order].tolist()
+    count, low = len(order), (1 << 32) - 1
+    pool: list[int] = []  # waiting examples, sorted: key = length << 32 | place in the order
+    waiting: deque[int] = deque()  # the same keys, oldest first (some already taken)
+    taken = bytearray(count)
+    arrived = 0
+    row_sizes: list[int] = []
+    placed: list[int] = []  # places in the order, row by row
+
+    def take(index: int) -> int:
+        key = pool.pop(index)
+        taken[key & low] = 1
+        placed.append(key & low)
+        return key >> 32
+
+    while True:
+        while len(pool) < window and arrived < count:
+            key = lengths[arrived] << 32 | arrived
+            insort(pool, key)
+            waiting.append(key)
+            arrived += 1
+        while waiting and taken[waiting[0] & low]:
+            waiting.popleft()
+        if not waiting:
+            break
+        first = waiting.popleft()
+        room = row_length - take(bisect_left(pool, first))
+        size = 1
+        while pool:
+            fitting = bisect_right(pool, room << 32 | low) - 1  # the longest that fits
+            if fitting < 0:
+                break
+            room -= take(fitting)
+            size += 1
+            if arrived < count:  # keep the window full
+                key = lengths[arrived] << 32 | arrived
+                insort(pool, key)
+                waiting.append(key)
+                arrived += 1
+        row_sizes.append(size)
+    sizes = np.asarray(row_sizes, dtype=np.int64)  # (rows,)
+    row_number = np.repeat(np.arange(len(sizes)), sizes)  # (n,) the epoch's row of each placed example
+    ends = np.concatenate([np.cumsum(sizes)[rows_per_batch - 1 :: rows_per_batch], [len(placed)]])
+    offsets = np.unique(np.concatenate([[0], ends]))
+    return order[np.asarray(placed, dtype=np.int64)], offsets, row_number % rows_per_batch
+
+
 class BudgetTooSmallError(ValueError):
     """--train.batch_tokens is smaller than an example."""
 
@@ -169,7 +233,7 @@ class TokenBatches:
                 f"{int(positions[longest])}, or lower --train.max_text_tokens")
         self.buckets = bucket_of(positions, buckets)
         self._counts: dict[int, int] = {}
-        self._planned: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None  # the last epoch planned
+        self._planned: tuple[int, tuple[np.ndarray, ...]] | None = None  # the last epoch planned
 
     def per_update(self, world_size: int) -> int:
         """How far one update moves the run's position (device batches)."""
@@ -184,11 +248,15 @@ class TokenBatches:
                              f"{self.batches_per_update}")
         return self.batches_per_update // world_size
 
-    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(examples, offsets) of `epoch` (epoch_token_batches); the last one planned is kept, so that counting an
-        epoch's batches and then streaming it plans it once."""
+    def plan(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """(examples, offsets) of `epoch`, planned (epoch_token_batches)."""
+        return epoch_token_batches(self.positions, self.budget, self.seed, epoch, self.buckets, self.weights)
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """The plan of `epoch` (examples, offsets, ...); the last one planned is kept, so that counting an epoch's
+        batches and then streaming it plans it once."""
         if self._planned is None or self._planned[0] != epoch:
-            planned = epoch_token_batches(self.positions, self.budget, self.seed, epoch, self.buckets, self.weights)
+            planned = self.plan(epoch)
             self._planned = (epoch, planned)
             self._counts[epoch] = len(planned[1]) - 1
         return self._planned[1]
@@ -207,17 +275,52 @@ class TokenBatches:
             epoch += 1
         return epoch, position
 
-    def stream(self, start: int, context: DistributedContext) -> Iterator[tuple[int, list[int]]]:
-        """(epoch, example indices) of this rank's device batches: numbers start + rank, + world_size, ...,
-        forever (the sequence of batches runs on across epochs)."""
+    def item(self, epoch: int, planned: tuple[np.ndarray, ...], batch: int) -> tuple:
+        """What the data loader gets for device batch `batch` of `epoch`: (epoch, example indices)."""
+        examples, offsets = planned[:2]
+        return epoch, examples[offsets[batch] : offsets[batch + 1]].tolist()
+
+    def stream(self, start: int, context: DistributedContext) -> Iterator[tuple]:
+        """(epoch, example indices[, rows]) of this rank's device batches: numbers start + rank, + world_size,
+        ..., forever (the sequence of batches runs on across epochs)."""
         epoch, offset = self.locate(start + context.rank)
         while True:
-            examples, offsets = self.epoch(epoch)
-            count = len(offsets) - 1
+            planned = self.epoch(epoch)
+            count = len(planned[1]) - 1
             while offset < count:
-                yield epoch, examples[offsets[offset] : offsets[offset + 1]].tolist()
+                yield self.item(epoch, planned, offset)
                 offset += context.world_size
             epoch, offset = epoch + 1, offset - count
             while offset >= self.batches_in(epoch):  # an epoch of fewer batches than ranks
                 offset -= self.batches_in(epoch)
                 epoch += 1
+
+
+class PackedBatches(TokenBatches):
+    """--train.packing on: device batches of `budget` // `row_length` rows, each row several examples one after
+    the other (epoch_packed_batches); updates and ranks as TokenBatches."""
+
+    def __init__(self, positions: np.ndarray, budget: int, row_length: int, batches_per_update: int, seed: int,
+                 weights: np.ndarray | None = None, split: Path | None = None,
+                 line: np.ndarray | None = None) -> None:
+        row_length = row_length or budget
+        if len(positions) and positions.max() > row_length:
+            longest = int(np.argmax(positions))
+            where = f"{split}:{int(line[longest]) + 1}" if split is not None and line is not None else f"#{longest}"
+            raise BudgetTooSmallError(
+                f"--train.pack_length {row_length} is shorter than the example at {where}, which takes "
+                f"{int(positions[longest])} positions (audio and text); raise --train.pack_length to at least "
+                f"{int(positions[longest])}, or lower --train.max_text_tokens")
+        super().__init__(positions, budget, batches_per_update, seed, 1, weights, split, line)
+        self.row_length, self.rows_per_batch = row_length, budget // row_length
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """(examples, offsets, rows) of `epoch` (epoch_packed_batches)."""
+        return epoch_packed_batches(self.positions, self.row_length, self.rows_per_batch, self.seed, epoch,
+                                    self.weights)
+
+    def item(self, epoch: int, planned: tuple[np.ndarray, ...], batch: int) -> tuple:
+        """(epoch, example indices, the row of each within the batch)."""
+        examples, offsets, rows = planned
+        start, end = offsets[batch], offsets[batch + 1]
+        return epoch, examples[start:end].tolist(), rows[start:end].tolist()

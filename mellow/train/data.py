@@ -203,10 +203,11 @@ class ExampleSet:
         embeddings = torch.from_numpy(self.rows.read(unique))[torch.from_numpy(position), views]
         return embeddings.float(), self.valid[index, views]  # (B, T, D), (B,)
 
-    def batch(self, indices: list[int], for_generation: bool = False,
-              epoch: int | None = None) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int], for_generation: bool = False, epoch: int | None = None,
+              rows: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Tensors for `indices`. Training: prompt+answer right-padded, labels on the answer, audio views of
-        `epoch`. Generation: prompt only, left-padded so every row ends where decoding starts."""
+        `epoch`; with `rows` (a packed plan), the row each example shares with others (`row`). Generation: prompt
+        only, left-padded so every row ends where decoding starts."""
         selected = np.asarray(indices, dtype=np.int64)
         audio1, valid1 = self._audio(self.tokenized.row1[selected], epoch)
         row2 = np.asarray(self.tokenized.row2[selected])
@@ -230,6 +231,8 @@ class ExampleSet:
                  "text_mask": text_mask, "labels": labels}
         if self.loss_weights is not None and not for_generation:
             batch["loss_weight"] = torch.from_numpy(self.loss_weights[selected]).float()  # (B,)
+        if rows is not None:
+            batch["row"] = torch.tensor(rows, dtype=torch.long)  # (B,)
         return batch
 
 
@@ -238,15 +241,20 @@ def move_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, t
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """A map-style dataset whose items are whole micro-batches: (epoch, example indices) -> batch tensors, so
-    a DataLoader builds them in worker processes in exactly the order the sampler gives."""
+    """A map-style dataset whose items are whole micro-batches: (epoch, example indices[, rows]) -> batch tensors,
+    so a DataLoader builds them in worker processes in exactly the order the sampler gives."""
 
     def __init__(self, examples: ExampleSet) -> None:
         self.examples = examples
 
-    def __getitem__(self, key: tuple[int, list[int]]) -> dict[str, torch.Tensor]:
-        epoch, indices = key
-        return self.examples.batch(indices, epoch=epoch)
+    def __getitem__(self, key: tuple) -> dict[str, torch.Tensor]:
+        return batch_of(self.examples, key)
+
+
+def batch_of(examples: ExampleSet, key: tuple) -> dict[str, torch.Tensor]:
+    """The training batch of a plan's item: (epoch, example indices) or (epoch, example indices, rows)."""
+    epoch, indices, *rows = key
+    return examples.batch(indices, epoch=epoch, rows=rows[0] if rows else None)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -271,12 +279,12 @@ def workers_ended(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[Iterat
             shutdown()
 
 
-def batch_loader(examples: ExampleSet, order: Iterator[tuple[int, list[int]]], workers: int, prefetch: int,
+def batch_loader(examples: ExampleSet, order: Iterator[tuple], workers: int, prefetch: int,
                  pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
     """Batches in `order`, built by `workers` processes up to `prefetch` batches each ahead of the training
     step (0 workers: built in this process when asked for)."""
     if workers == 0:
-        return (examples.batch(indices, epoch=epoch) for epoch, indices in order)
+        return (batch_of(examples, key) for key in order)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenising; they never tokenise
     # Its own generator: the loader draws a seed for its workers from it, and a draw from the global generator
     # would shift the training's random stream (dropout), so a resumed run would no longer match.

@@ -34,13 +34,13 @@ from mellow.distributed import DistributedContext
 from mellow.files import read_json, sha256_file, write_json_atomic, write_text_atomic
 from mellow.manifests import label_tasks_of
 from mellow.model.decoders import decoder_reference
-from mellow.model.modeling import MellowModel, build_model, embedding_rms
+from mellow.model.modeling import MellowModel, build_model, check_packing, embedding_rms
 from mellow.progress import console, progress_bar
 from mellow.settings import ModelConfig, TrainConfig, TrainJob, saved_settings
 from mellow.store.reader import EmbeddingStore, dataset_of
 from mellow.store.writer import EncoderExpectation
 from mellow.train.allocator import keep_freed_memory
-from mellow.train.batching import FixedBatches, TokenBatches
+from mellow.train.batching import FixedBatches, PackedBatches, TokenBatches
 from mellow.train.checkpoint import (
     TrainingState,
     check_base_decoder,
@@ -133,6 +133,9 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, store: Embeddin
     if not train.data.batch_tokens and train.data.batch_size % (context.world_size * train.data.grad_accum):
         raise ValueError(f"--train.batch_size {train.data.batch_size} must be divisible by world size "
                          f"{context.world_size} x --train.grad_accum {train.data.grad_accum}")
+    if train.data.packing == "on" and model_config.missing_audio != "marker":
+        raise ValueError("--train.packing on needs --model.missing_audio marker: the block layout keeps masked "
+                         "slots inside each example, which a packed row cannot hold")
     latest = train.run_dir / "latest.json"
     if train.checkpoint.resume_from != "latest" and not resume:
         raise ValueError(f"--train.resume_from {train.checkpoint.resume_from} continues a run: pass --resume too (or "
@@ -313,6 +316,8 @@ def setup(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore, 
     train_set, val_set, split_sha256 = load_splits(train, store, tokenizer, model)
     model.to(device)
     precision = training_precision(model, train.precision, device)
+    if train.data.packing == "on":
+        check_packing(model, model_config.decoder)
     if train.precision == "auto":
         console.print(f"precision auto: {precision} autocast on {device.type}")
     optimizer = _optimizer(model, train)
@@ -409,8 +414,8 @@ def restore_or_start(train: TrainConfig, checkpoint: Path | None, model: MellowM
 def data_plan(train: TrainConfig, train_set: ExampleSet, model: MellowModel, store: EmbeddingStore,
               checkpoint: Path | None, context: DistributedContext) -> FixedBatches | TokenBatches:
     """The run's batches (mellow/train/batching.py): of batch_size examples, or of batch_tokens positions planned
-    from the token cache's lengths, as many per update as the run's first world size x grad_accum; class
-    balancing (--train.balance) draws or weighs the examples."""
+    from the token cache's lengths (in packed rows with --train.packing on), as many per update as the run's first
+    world size x grad_accum; class balancing (--train.balance) draws or weighs the examples."""
     data = train.data
     weights = balancing_weights(train, train_set) if data.balance != "off" else None
     if data.balance == "loss":
@@ -420,8 +425,12 @@ def data_plan(train: TrainConfig, train_set: ExampleSet, model: MellowModel, sto
         positions = model.sequence_positions(train_set.lengths(), store.tokens, *train_set.valid_tokens())
         saved = read_json(checkpoint / "trainer.json") if checkpoint else {}
         per_update = saved.get("batches_per_update", context.world_size * data.grad_accum)
-        plan = TokenBatches(positions, data.batch_tokens, per_update, train.seed,
-                            data.token_buckets, drawn, train_set.source, train_set.tokenized.line)
+        if data.packing == "on":
+            plan = PackedBatches(positions, data.batch_tokens, data.pack_length, per_update, train.seed, drawn,
+                                 train_set.source, train_set.tokenized.line)
+        else:
+            plan = TokenBatches(positions, data.batch_tokens, per_update, train.seed,
+                                data.token_buckets, drawn, train_set.source, train_set.tokenized.line)
         plan.micro_steps(context.world_size)  # refuses a world size that cannot share an update
         return plan
     return FixedBatches(train_set.lengths(), data.batch_size, data.grad_accum, train.seed, data.length_buckets, drawn)

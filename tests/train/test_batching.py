@@ -1,6 +1,7 @@
-"""Token-budget batches (--train.batch_tokens): planned from lengths alone, deterministic in (seed, epoch), every
-example once an epoch, no batch over its budget, little padding, a random order of batches, ranks and resumes
-that continue one sequence; and a training run on them that stops and resumes bitwise."""
+"""Token-budget batches (--train.batch_tokens) and packed rows (--train.packing on): planned from lengths alone,
+deterministic in (seed, epoch), every example once an epoch, no batch or row over its budget, little padding, a
+random order of batches, ranks and resumes that continue one sequence; and training runs on them that stop and
+resume bitwise."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ import pytest
 import torch
 
 from mellow.distributed import DistributedContext
-from mellow.files import read_json
+from mellow.files import read_json, read_jsonl
 from mellow.settings import ModelConfig
 from mellow.train import loop
-from mellow.train.batching import BudgetTooSmallError, TokenBatches, bucket_of, cut_to_budget, epoch_token_batches
+from mellow.train.batching import (
+    BudgetTooSmallError,
+    PackedBatches,
+    TokenBatches,
+    bucket_of,
+    cut_to_budget,
+    epoch_packed_batches,
+    epoch_token_batches,
+)
 
 from conftest import TINY_MODEL, latest_weights, logged_losses, train_config
 
@@ -121,3 +130,89 @@ def test_training_on_a_token_budget_stops_and_resumes_bitwise(mel_store, tiny_da
 def test_training_refuses_a_budget_below_its_longest_example(mel_store, tiny_dataset, tmp_path):
     with pytest.raises(BudgetTooSmallError, match=r"train.jsonl:\d+, which takes \d+ positions"):
         loop.run(train_config(mel_store, tiny_dataset, tmp_path / "run", batch_tokens=20), ModelConfig(**TINY_MODEL))
+
+
+def _packed_useful_share(positions: np.ndarray, row_length: int, rows_per_batch: int, seed: int = 3) -> float:
+    examples, offsets, rows = epoch_packed_batches(positions, row_length, rows_per_batch, seed, 0)
+    assert sorted(examples.tolist()) == list(range(len(positions)))  # every example once
+    computed = 0
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        row_lengths = np.bincount(rows[start:end], weights=positions[examples[start:end]])
+        assert len(row_lengths) <= rows_per_batch and row_lengths.max() <= row_length
+        assert (row_lengths > 0).all()  # rows are numbered from 0 without gaps
+        computed += len(row_lengths) * row_lengths.max()  # rows x the longest row, as the model computes it
+    return float(positions.sum() / computed)
+
+
+def test_packed_rows_hold_every_example_once_within_their_length_and_are_all_but_full():
+    positions = _reasonaqa_like(5000)
+    assert _packed_useful_share(positions, 2048, 1) > 0.99  # one row per batch: only its end is left over
+    assert _packed_useful_share(positions, 1024, 2) > 0.95  # rows of ~3 examples, topped up best-fit
+    short = np.random.default_rng(1).integers(30, 70, 8000)  # quickstart-shaped lengths
+    assert _packed_useful_share(short, 256, 4) > 0.95
+
+
+def test_the_packed_plan_is_pure_keeps_a_row_consecutive_and_lets_no_example_wait_long():
+    positions = _reasonaqa_like(3000)
+    first = epoch_packed_batches(positions, 1024, 2, 3, 0)
+    again = epoch_packed_batches(positions, 1024, 2, 3, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], epoch_packed_batches(positions, 1024, 2, 3, 1)[0])
+    examples, offsets, rows = first
+    for start, end in zip(offsets[:-1], offsets[1:]):  # a row's examples one after the other
+        assert (np.diff(rows[start:end]) >= 0).all()
+    # the epoch's random order is kept up to the window of 64: an example waits at most 64 rows after it enters
+    # the window (each row of up to 1024 // 142 examples), ~a window on average
+    order = torch.randperm(len(positions), generator=torch.Generator().manual_seed(3 * 100003)).numpy()
+    turn = np.empty(len(order), dtype=np.int64)
+    turn[order] = np.arange(len(order))
+    displacement = np.abs(turn[examples] - np.arange(len(examples)))
+    assert displacement.max() <= 64 * (1024 // positions.min()) and displacement.mean() < 2 * 64, displacement.mean()
+
+
+def test_a_packed_plan_streams_rows_to_ranks_as_token_batches_do():
+    plan = PackedBatches(_reasonaqa_like(300), 1024, 512, batches_per_update=4, seed=1)
+    one = list(itertools.islice(plan.stream(0, DistributedContext(0, 1, 0)), 200))
+    assert len({epoch for epoch, _, _ in one}) >= 3 and all(max(rows) <= 1 for _, _, rows in one)
+    streams = [plan.stream(0, DistributedContext(rank, 2, rank)) for rank in range(2)]
+    assert [next(streams[k % 2]) for k in range(200)] == one
+    resumed = plan.stream(12, DistributedContext(0, 1, 0))
+    assert [next(resumed) for _ in range(20)] == one[12:32]
+
+
+def test_a_pack_length_shorter_than_an_example_names_it(tmp_path):
+    with pytest.raises(BudgetTooSmallError, match=r"--train.pack_length 64 .* example at .*train.jsonl:8, which "
+                                                  r"takes 97 positions.*at least 97"):
+        PackedBatches(np.array([40, 41, 97, 60]), 256, 64, 1, 0, split=tmp_path / "train.jsonl",
+                      line=np.array([0, 3, 7, 9]))
+
+
+def test_training_packed_stops_and_resumes_bitwise(mel_store, tiny_dataset, tmp_path):
+    model = ModelConfig(**TINY_MODEL)
+    overrides = dict(batch_tokens=160, packing="on", pack_length=80, grad_accum=2, max_updates=6, save_every=3,
+                     log_every=1)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    loop.run(train_config(mel_store, tiny_dataset, straight, **overrides), model)
+    loop.run(train_config(mel_store, tiny_dataset, stopped, stop_after=2, **overrides), model)
+    loop.run(train_config(mel_store, tiny_dataset, stopped, **overrides), model, resume=True)
+    assert logged_losses(stopped) == logged_losses(straight) and len(logged_losses(straight)) == 6
+    first, second = latest_weights(straight), latest_weights(stopped)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    rows = [row for row in read_jsonl(straight / "metrics.jsonl") if "useful_share" in row]
+    assert rows and min(row["useful_share"] for row in rows) > 0.8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(packing="on"), r"--train.packing on fills rows of positions: give --train.batch_tokens"),
+    (dict(packing="on", batch_tokens=160, pack_length=200), r"--train.pack_length 200 is longer than a device batch"),
+    (dict(packing="yes", batch_tokens=160), r"packing: expected one of off, on, got 'yes'"),
+])
+def test_bad_packing_settings_are_refused_in_one_line(mel_store, tiny_dataset, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train_config(mel_store, tiny_dataset, tmp_path / "run", **overrides)
+
+
+def test_packing_refuses_the_block_layout(mel_store, tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="--train.packing on needs --model.missing_audio marker"):
+        loop.run(train_config(mel_store, tiny_dataset, tmp_path / "run", batch_tokens=160, packing="on"),
+                 ModelConfig(**TINY_MODEL, missing_audio="block"))
