@@ -447,8 +447,9 @@ def recheck_part(args: argparse.Namespace) -> list[dict]:
 def plan_part(args: argparse.Namespace) -> list[dict]:
     """One epoch's token-budget plan (ReasonAQA-shaped lengths, 8 192 positions, 16 buckets) at each size, against
     its limit measured in the same run: a stable argsort of the epoch's examples by length (the plan's own first
-    step) and a numpy permutation; the fixed-size plan of batch 64 beside it."""
-    from mellow.train.batching import TokenBatches, epoch_micro_batches
+    step) and a numpy permutation; the packed plan (rows of 1 024 positions, 8 a batch) and the fixed-size plan of
+    batch 64 beside it."""
+    from mellow.train.batching import PackedBatches, TokenBatches, epoch_micro_batches
 
     results = []
     for size in args.sizes:
@@ -457,6 +458,7 @@ def plan_part(args: argparse.Namespace) -> list[dict]:
         timings = {}
         for name, work in (("limit", lambda: np.argsort(positions[generator.permutation(size)], kind="stable")),
                            ("tokens", lambda: TokenBatches(positions, 8192, 8, 0, 16).epoch(0)),
+                           ("packed", lambda: PackedBatches(positions, 8192, 1024, 8, 0).epoch(0)),
                            ("fixed", lambda: epoch_micro_batches(positions, 64, 0, 0, 1))):
             started = time.perf_counter()
             work()
@@ -464,7 +466,8 @@ def plan_part(args: argparse.Namespace) -> list[dict]:
         results.append({"examples": size, "seconds": timings})
         ratio = timings["tokens"] / timings["limit"]
         print(f"  {size:>9,} examples: token plan {timings['tokens']:.3f} s = {ratio:.1f}x the sort by length "
-              f"({timings['limit']:.3f} s); fixed-size plan {timings['fixed']:.3f} s", flush=True)
+              f"({timings['limit']:.3f} s); packed plan {timings['packed']:.3f} s = "
+              f"{timings['packed'] / timings['limit']:.1f}x; fixed-size plan {timings['fixed']:.3f} s", flush=True)
     return results
 
 

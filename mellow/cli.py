@@ -267,6 +267,8 @@ def train_command(
 
     if print_config:
         console.print(yaml.safe_dump(loop.resolved_config(loop.with_dataset(job.train), job.model, job.encoder)))
+        for line in loop.replan_lines(job.train.run_dir):
+            console.print(line, highlight=False)
         return
     result = loop.run(job.train, job.model, resume=resume, expected=job.encoder)
     if result.interrupted:

@@ -279,7 +279,8 @@ class ModelConfig:
 # mellow.json) that does not name one is read with it, so an older run is rebuilt, resumed and scored as it was
 # trained, never silently in today's layout, and its resume is not refused as a change.
 BEFORE_SETTING = {"model.missing_audio": "block", "train.data.batch_tokens": 0, "train.data.token_buckets": 16,
-                  "train.data.packing": "off", "train.data.pack_length": 0}
+                  "train.data.packing": "off", "train.data.pack_length": 0, "train.optimizer.schedule": "cosine",
+                  "train.epochs": 0}
 
 
 def saved_model_settings(model: dict) -> dict:
@@ -297,10 +298,15 @@ class OptimizerConfig:
                                        "embeddings); 0: lr.")
     decoder_lr: float = setting(0.0, "Peak learning rate of the decoder (its weights or LoRA adapters); 0: lr.")
     weight_decay: float = setting(0.01, "AdamW weight decay (matrices only).")
-    warmup_updates: int = setting(50, "Linear warmup updates before the cosine decay.")
-    cooldown_updates: int = setting(0, "Final updates over which the learning rate falls linearly from "
-                                       "min_lr_ratio x lr to 0, after the cosine decay.")
-    min_lr_ratio: float = setting(0.1, "Learning rate at the end of the cosine decay, as a fraction of lr.")
+    schedule: Literal["cosine", "wsd"] = setting(
+        "cosine", "Learning-rate schedule: cosine (warmup, a cosine decay to min_lr_ratio, then cooldown_updates "
+                  "down to 0) or wsd (warmup, stable at lr, then a linear decay to min_lr_ratio over the last "
+                  "cooldown_updates). A resume with a new length re-plans it (docs/stages.md).")
+    warmup_updates: int = setting(50, "Linear warmup updates before the decay (wsd: before the stable phase; also "
+                                      "the re-warm of a wsd run extended after its decay began).")
+    cooldown_updates: int = setting(0, "cosine: final updates over which the learning rate falls linearly from "
+                                       "min_lr_ratio x lr to 0, after the cosine decay; wsd: the decay's updates.")
+    min_lr_ratio: float = setting(0.1, "Learning rate at the end of the decay, as a fraction of lr.")
     clip_grad: float = setting(1.0, "Gradient-norm clipping threshold (0 disables). An update whose gradient "
                                     "norm is not finite is skipped, whatever this is.")
 
@@ -309,6 +315,8 @@ class OptimizerConfig:
         at_least(self, "train", ("warmup_updates", "cooldown_updates", "projector_lr", "decoder_lr"), 0)
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("--train.lr must be > 0 and --train.min_lr_ratio in [0, 1]")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"--train.schedule {self.schedule!r} must be cosine or wsd")
 
 
 @dataclass
@@ -444,7 +452,11 @@ class TrainConfig:
                                            "optimizer, schedule and data order. --resume continues a run instead.")
     align_from: Path | None = setting(None, "Start the audio projector of a new run from a 02_align run folder (a "
                                             "contrastive warm start); everything else starts as usual.")
-    max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these).")
+    max_updates: int = setting(1500, "Total optimizer updates of the run (the schedule spans these). With --resume, "
+                                     "a new value re-plans the rest of the run (docs/stages.md).")
+    epochs: float = setting(0, "The run's length in epochs of the training split instead of max_updates (0: "
+                               "max_updates gives it); with token-budget batches, epochs as planned. With --resume, "
+                               "a new value re-plans the rest of the run.")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = setting(
         "fp32", "Autocast precision of the forward pass: fp32 (off), bf16, fp16 (with a gradient scaler), or auto "
                 "(bf16 where the device has native bf16 arithmetic: a CUDA GPU that supports it, a CPU with "
@@ -469,8 +481,10 @@ class TrainConfig:
         if self.init_from is not None and self.align_from is not None:
             raise ValueError("--train.init_from already holds a trained projector; drop --train.align_from")
         at_least(self, "train", ("max_updates",), 1)
+        at_least(self, "train", ("epochs",), 0)
         optimizer = self.optimizer
-        if optimizer.cooldown_updates and optimizer.warmup_updates + optimizer.cooldown_updates > self.max_updates:
+        if (optimizer.cooldown_updates and not self.epochs
+                and optimizer.warmup_updates + optimizer.cooldown_updates > self.max_updates):
             raise ValueError(f"--train.warmup_updates {optimizer.warmup_updates} + --train.cooldown_updates "
                              f"{optimizer.cooldown_updates} must not exceed --train.max_updates {self.max_updates}")
         if not 0.0 <= self.mem_budget <= 1.0:

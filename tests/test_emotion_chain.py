@@ -64,13 +64,17 @@ def test_the_emotion_recipe_runs_its_four_stages_and_one_leaderboard(tiny_datase
     [captions] = (tmp_path / "captions" / "lgt").iterdir()
     invoke("align", "--store", lgt_store, "--captions", captions, "--dataset", datasets / "lgt", "--run-dir",
            runs / "align", "--tiny-hidden", 32, "--updates", 4, "--batch-size", 4, "--val-every", 0)
-    # stage 3: the large set, stopped and resumed with the same command
+    # stage 3: the large set, stopped and resumed with the same command, then extended by epochs
     stage3 = ["train", "--resume", "--config", CONFIGS / "emotion.yaml", f"--train.store={lgt_store}",
-              f"--train.dataset={datasets / 'lgt'}", f"--train.run_dir={runs / 'lgt'}", "--train.max_updates=6",
+              f"--train.dataset={datasets / 'lgt'}", f"--train.run_dir={runs / 'lgt'}", "--train.epochs=0.1",
               f"--train.align_from={runs / 'align'}", *SMALL]
     assert "stopped" in invoke(*stage3, "--train.stop_after=3")
     assert "resuming" in invoke(*stage3)
-    assert read_json(runs / "lgt" / "latest.json")["update"] == 6
+    first_end = read_json(runs / "lgt" / "latest.json")["update"]
+    assert first_end > 3
+    extended = invoke("train", "--resume", f"--train.run_dir={runs / 'lgt'}", "--train.epochs=0.2")
+    assert f"re-planned: {first_end} -> " in extended and "the stable rate goes on" in extended
+    assert read_json(runs / "lgt" / "latest.json")["update"] > first_end
     invoke("eval", runs / "lgt", "--which", "latest", "--max-new-tokens", 6, "--no-similarity")
     # stage 4: MELD, from stage 3's weights, balanced
     output = invoke("train", "--resume", "--config", CONFIGS / "emotion-meld.yaml", f"--train.store={meld_store}",

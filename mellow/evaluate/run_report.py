@@ -43,6 +43,11 @@ def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed:
     else:
         lines += ["No checkpoint of this run has been scored on this split yet.", ""]
     lines += [f"![{name}]({name})" for name in plots] + [""]
+    replans = read_json(run_dir / "replans.json") if (run_dir / "replans.json").is_file() else []
+    if replans:
+        lines += ["The run's length was changed on resume (dashed lines in the loss plot):", "",
+                  *(f"- at update {record['at']} ({record['checkpoint']}): {record['before']} -> {record['after']} "
+                    f"updates, learning rate re-planned by the `{record['rule']}` rule" for record in replans), ""]
     if rows:
         newest = rows[-1]
         lines += [f"## {newest['checkpoint']} (update {newest['update']}) per task and subtask", "",
@@ -213,6 +218,10 @@ def plot_losses(metrics_path: Path, path: Path) -> list[str]:
         if points:
             axis.plot([u for u, _ in points], [v for _, v in points], label=label,
                       marker="o" if label.startswith("validation") else None)
+    replans = metrics_path.parent / "replans.json"
+    for number, record in enumerate(read_json(replans) if replans.is_file() else []):
+        axis.axvline(record["at"], color="grey", linestyle="--", linewidth=1,
+                     label="length re-planned" if number == 0 else None)
     axis.set_yscale("log")
     axis.set_xlabel("update")
     axis.set_ylabel("loss")

@@ -202,6 +202,10 @@ class FixedBatches:
         """(epoch, batch within it) of the run's position."""
         return divmod(position, self.per_epoch)
 
+    def epochs_at(self, position: int) -> float:
+        """The epochs the run's position has gone through (1.5: half way through the second)."""
+        return position / self.per_epoch
+
     def stream(self, start: int, context: DistributedContext) -> Iterator[tuple[int, list[int]]]:
         """(epoch, this rank's example indices) of every global micro-batch from number `start` on, forever."""
         epoch, offset = self.locate(start)
@@ -274,6 +278,11 @@ class TokenBatches:
             position -= self.batches_in(epoch)
             epoch += 1
         return epoch, position
+
+    def epochs_at(self, position: int) -> float:
+        """The epochs the run's position has gone through (1.5: half way through the second)."""
+        epoch, batch = self.locate(position)
+        return epoch + batch / self.batches_in(epoch)
 
     def item(self, epoch: int, planned: tuple[np.ndarray, ...], batch: int) -> tuple:
         """What the data loader gets for device batch `batch` of `epoch`: (epoch, example indices)."""

@@ -53,6 +53,7 @@ from mellow.train.checkpoint import (
 )
 from mellow.train.data import ExampleSet, batch_loader, embedding_rows, move_to, split_path, workers_ended
 from mellow.train.runs import find_checkpoint
+from mellow.train.schedule import RULES, Replan, Schedule
 from mellow.train.stopping import StopControl, requeue_slurm_job
 from mellow.train.throughput import FlopModel, Work, describe, device_peak, work_of
 from mellow.train.tracking import Tracker, peak_memory_mb
@@ -70,6 +71,7 @@ class TrainResult:
     interrupted: bool = False  # stopped (and saved) for Ctrl-C: the command then exits with 130
     rates: dict[str, float] = dataclasses.field(default_factory=dict)  # this invocation's work (throughput.Work)
     peak_source: str = ""  # where MFU's peak FLOP/s came from, or why MFU is omitted
+    epochs: float = 0.0  # the epochs of the training split gone through
 
 
 def resolved_config(train: TrainConfig, model: ModelConfig, expected: EncoderExpectation | None = None) -> dict:
@@ -89,7 +91,9 @@ def run(train: TrainConfig, model_config: ModelConfig, resume: bool = False,
             resolved = resolved_config(train, model_config, expected)
             checkpoint, initial = validate_args(train, model_config, store, resume, context,
                                                 expected or EncoderExpectation(), resolved)
-            result = fit(setup(train, model_config, store, checkpoint, initial, context, device, resolved, stopper))
+            training = setup(train, model_config, store, checkpoint, initial, context, device, resolved, stopper)
+            train = training.train  # with the run's length in updates (--train.epochs made concrete)
+            result = fit(training)
             result.interrupted = stopper.interrupted
         if result.stop_reason and stopper.preempted and train.checkpoint.requeue and context.is_main:
             requeue_slurm_job()
@@ -212,30 +216,119 @@ def check_resumable_config(saved: dict, now: dict, checkpoint: Path) -> None:
     changed = describe_differences(_fixed_settings(saved), _fixed_settings(now))
     if changed:
         raise ValueError(f"resuming {checkpoint} with options that change the training:\n  " + "\n  ".join(changed)
-                         + "\nresume with the run's own config (it is the default with --resume), or start a new "
-                         "run in another --train.run_dir")
+                         + "\nresume with the run's own config (it is the default with --resume); a resume may "
+                         "change the run's length (--train.max_updates or --train.epochs: the rest is re-planned) "
+                         "and the options marked so in --help. To train these weights with other settings, start "
+                         f"a new run from them: --init-from {checkpoint} --train.run_dir <new folder>")
 
 
 def _fixed_settings(config: dict) -> dict:
-    """{dotted name: value} of the train: and model: settings of a saved config that a resume may not change."""
+    """{dotted name: value} of the train: and model: settings of a saved config that a resume may not change (the
+    run's length may change: planned_run re-plans the rest)."""
     options = {option.dotted: option for option in options_of(TrainJob)}
     return {name: value for name, value in saved_settings(config).items() if name.split(".")[0] in ("train", "model")
-            and not (name in options and options[name].on_resume)}
+            and not (name in options and options[name].on_resume) and name not in ("train.max_updates", "train.epochs")}
 
 
-def _schedule(train: TrainConfig):
-    """Learning-rate factor per update: linear warmup to 1, cosine decay to min_lr_ratio, linear cooldown to 0."""
+def first_schedule(train: TrainConfig, length: int) -> Schedule:
+    """The schedule of a run of `length` updates as its settings give it (mellow/train/schedule.py)."""
     optimizer = train.optimizer
-    decay_end = train.max_updates - optimizer.cooldown_updates
+    return Schedule(optimizer.schedule, optimizer.warmup_updates, optimizer.cooldown_updates,
+                    optimizer.min_lr_ratio, length)
 
-    def factor(update: int) -> float:
-        if update < optimizer.warmup_updates:
-            return (update + 1) / optimizer.warmup_updates
-        if update >= decay_end:
-            return optimizer.min_lr_ratio * max(0.0, (train.max_updates - update) / max(1, optimizer.cooldown_updates))
-        progress = (update - optimizer.warmup_updates) / max(1, decay_end - optimizer.warmup_updates)
-        return optimizer.min_lr_ratio + (1 - optimizer.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+
+def schedule_record(schedule: Schedule) -> dict:
+    """How trainer.json keeps a run's schedule: its first plan and its re-plans."""
+    return {"kind": schedule.kind, "warmup": schedule.warmup, "cooldown": schedule.cooldown,
+            "min_ratio": schedule.min_ratio, "end": schedule.end,
+            "replans": [replan.as_dict() for replan in schedule.replans]}
+
+
+def saved_schedule(saved: dict) -> Schedule:
+    """The schedule a checkpoint's trainer.json records (one saved before re-plans existed: its config's)."""
+    if "schedule" in saved:
+        record = saved["schedule"]
+        return Schedule(record["kind"], record["warmup"], record["cooldown"], record["min_ratio"], record["end"],
+                        tuple(Replan(**replan) for replan in record["replans"]))
+    train = saved_settings(saved["config"])
+    return Schedule(train.get("train.optimizer.schedule", "cosine"), train["train.optimizer.warmup_updates"],
+                    train["train.optimizer.cooldown_updates"], train["train.optimizer.min_lr_ratio"],
+                    train["train.max_updates"])
+
+
+def run_length(train: TrainConfig, plan: FixedBatches | TokenBatches, world_size: int) -> int:
+    """The run's length in updates: --train.epochs of the plan (its epochs as planned, rounded up to a whole
+    update), else --train.max_updates."""
+    if not train.epochs:
+        return train.max_updates
+    whole, part = int(train.epochs), train.epochs - int(train.epochs)
+    if isinstance(plan, TokenBatches):
+        batches = sum(plan.batches_in(epoch) for epoch in range(whole)) + part * plan.batches_in(whole)
+    else:
+        batches = train.epochs * plan.per_epoch
+    return max(1, math.ceil(batches / plan.per_update(world_size) - 1e-9))
+
+
+def planned_run(train: TrainConfig, plan: FixedBatches | TokenBatches, checkpoint: Path | None, resolved: dict,
+                context: DistributedContext) -> tuple[TrainConfig, Schedule]:
+    """The run's settings with its length in updates (--train.epochs made concrete), and its learning-rate
+    schedule: a new run's first plan; a resumed run's schedule as its checkpoint recorded it, re-planned when the
+    resume gives the run another length (recorded in <run>/replans.json and config.yaml)."""
+    length = run_length(train, plan, context.world_size)
+    train = dataclasses.replace(train, max_updates=length)
+    resolved["train"]["max_updates"] = length
+    if checkpoint is None:
+        check_schedule_fits(train, length)
+        return train, first_schedule(train, length)
+    saved = read_json(checkpoint / "trainer.json")
+    schedule, at = saved_schedule(saved), saved["update"]
+    if length == schedule.planned:
+        return train, schedule
+    if length <= at:
+        given = f"--train.epochs {train.epochs:g} ({length} updates)" if train.epochs else \
+            f"--train.max_updates {length}"
+        raise ValueError(f"{given} ends at or before update {at}, where {checkpoint.name} stands: a resume goes on "
+                         "from there. To continue from an earlier point, --resume-from step-N (N below the new "
+                         f"end); to train these weights anew, --init-from {checkpoint} --train.run_dir <new folder>")
+    schedule = schedule.replanned(at, length)
+    replan = schedule.replans[-1]
+    console.print(f"re-planned: {replan.before} -> {replan.after} updates from update {at} ({checkpoint.name}); "
+                  f"learning rate: {RULES[replan.rule]}", highlight=False)
+    if context.is_main:
+        record_replan(train.run_dir, replan, checkpoint, resolved)
+    return train, schedule
+
+
+def replan_lines(run_dir: Path) -> list[str]:
+    """How --print-config shows a run's re-plans (<run>/replans.json), as YAML comments."""
+    path = run_dir / "replans.json"
+    if not path.is_file():
+        return []
+    return ["# re-planned (replans.json):"] + [
+        f"#   at update {record['at']} ({record['checkpoint']}): {record['before']} -> {record['after']} updates; "
+        f"{RULES.get(record['rule'], record['rule'])}" for record in read_json(path)]
+
+
+def check_schedule_fits(train: TrainConfig, length: int) -> None:
+    optimizer = train.optimizer
+    if optimizer.cooldown_updates and optimizer.warmup_updates + optimizer.cooldown_updates > length:
+        given = f"--train.epochs {train.epochs:g} ({length} updates)" if train.epochs else \
+            f"--train.max_updates {length}"
+        raise ValueError(f"--train.warmup_updates {optimizer.warmup_updates} + --train.cooldown_updates "
+                         f"{optimizer.cooldown_updates} must not exceed {given}")
+
+
+def record_replan(run_dir: Path, replan: Replan, checkpoint: Path, resolved: dict) -> None:
+    """Add `replan` to <run>/replans.json (once: a resume of the same re-plan after a stop records nothing new)
+    and write the new length into config.yaml, so that a plain --resume continues the new plan."""
+    path = run_dir / "replans.json"
+    records = read_json(path) if path.is_file() else []
+    entry = {**replan.as_dict(), "checkpoint": checkpoint.name,
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())}
+    if not any({key: record.get(key) for key in ("at", "before", "after")} ==
+               {key: entry[key] for key in ("at", "before", "after")} for record in records):
+        write_json_atomic(path, records + [entry])
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved))
 
 
 def _optimizer(model: MellowModel, train: TrainConfig) -> torch.optim.Optimizer:
@@ -321,12 +414,14 @@ def setup(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore, 
     if train.precision == "auto":
         console.print(f"precision auto: {precision} autocast on {device.type}")
     optimizer = _optimizer(model, train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
     peak = device_peak(device, precision)  # before any seeded draw: it draws from a generator of its own
     console.print(peak[1], highlight=False)
     torch.manual_seed(train.seed + context.rank)  # dropout differs across ranks, reproducibly
     plan = data_plan(train, train_set, model, store, checkpoint, context)
+    train, schedule = planned_run(train, plan, checkpoint, resolved, context)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: schedule(update))  # a function: the
+    # scheduler's state_dict keeps no copy of it, the checkpoint's trainer.json holds the schedule
     state = restore_or_start(train, checkpoint, model, optimizer, scheduler, scaler, context, resolved, plan)
     # a run started again from nothing (killed before its first checkpoint) drops what it logged: every update once
     tracking = train.tracking
@@ -342,7 +437,7 @@ def setup(train: TrainConfig, model_config: ModelConfig, store: EmbeddingStore, 
     meta = {"store_fingerprint": store.fingerprint, "store_revision": store.revision, "store": str(train.store),
             "config": resolved, "base_decoder": decoder_reference(model_config.decoder, train.seed),
             "train_split_sha256": split_sha256, "initialised_from": str(initial) if initial else None,
-            "batches_per_update": plan.per_update(context.world_size)}
+            "batches_per_update": plan.per_update(context.world_size), "schedule": schedule_record(schedule)}
     return Training(train, context, device, model, wrapped, forward, optimizer, scheduler, scaler,
                     mixed_precision(precision, device), state, val_set, plan, batches, tracker, stopper, meta,
                     stop_at, FlopModel.of(model), *peak)
@@ -459,7 +554,8 @@ def fit(t: Training) -> TrainResult:
             if state.update % train.tracking.log_every == 0 or state.update == t.stop_at:
                 last_loss, rates = log_window(t, window, grad_norm)
                 skipped = f", {state.skipped_updates} skipped" if state.skipped_updates else ""
-                progress.update(task, status=f"loss {last_loss:.3f}, {describe(rates)}{skipped}")
+                epochs = t.plan.epochs_at(state.micro_batches)
+                progress.update(task, status=f"epoch {epochs:.2f}, loss {last_loss:.3f}, {describe(rates)}{skipped}")
                 window = LogWindow()
             t.stopper.update_took(time.time() - update_started)
             is_best = False
@@ -482,7 +578,8 @@ def fit(t: Training) -> TrainResult:
         stop_reason = f"--train.stop_after {train.checkpoint.stop_after}"
     return TrainResult(train.run_dir, state.update, last_loss, state.best_value, 0.0, stop_reason,
                        peak_memory_mb(t.device), rates=t.totals.rates(t.context.world_size, t.peak) if
-                       t.totals.computed else {}, peak_source=t.peak_source)
+                       t.totals.computed else {}, peak_source=t.peak_source,
+                       epochs=t.plan.epochs_at(state.micro_batches))
 
 
 def train_step(t: Training, window: LogWindow) -> torch.Tensor:
@@ -628,9 +725,10 @@ def report(result: TrainResult, train: TrainConfig) -> None:
                       f" ({result.peak_source})"), highlight=False)
     if result.stop_reason:
         console.print(f"[bold yellow]stopped early[/] ({result.stop_reason}) at update {result.updates} of "
-                      f"{train.max_updates}, saved; {last}{best} in {result.seconds:.1f} s. Continue with "
-                      f"--resume --train.run_dir {result.run_dir}")
+                      f"{train.max_updates} (epoch {result.epochs:.2f}), saved; {last}{best} in "
+                      f"{result.seconds:.1f} s. Continue with --resume --train.run_dir {result.run_dir}")
         return
-    console.print(f"[bold green]trained[/] {result.run_dir}: {result.updates} updates, {last}{best} "
+    console.print(f"[bold green]trained[/] {result.run_dir}: {result.updates} updates ({result.epochs:.2f} epochs), "
+                  f"{last}{best} "
                   f"in {result.seconds:.1f} s")
 
