@@ -171,8 +171,8 @@ def validate_args(train: TrainConfig, model_config: ModelConfig, store: Embeddin
 
 def branch_from(run_dir: Path, checkpoint: Path) -> Path | None:
     """Make `checkpoint` the run's latest before continuing from it: the checkpoints newer than it, and the
-    metrics logged past it, move to <run_dir>/branches/<from>-<time>/, and branches.json records the branch
-    point. Returns that folder, or None when the checkpoint is already the newest (rank 0 only)."""
+    metrics logged and re-plans made past it, move to <run_dir>/branches/<from>-<time>/, and branches.json records
+    the branch point. Returns that folder, or None when the checkpoint is already the newest (rank 0 only)."""
     update = read_json(checkpoint / "trainer.json")["update"]
     newer = sorted(p for p in run_dir.glob("step-*") if (p / "trainer.json").is_file()
                    and read_json(p / "trainer.json")["update"] > update)
@@ -183,9 +183,12 @@ def branch_from(run_dir: Path, checkpoint: Path) -> Path | None:
     latest_before = read_json(run_dir / "latest.json")
     for folder in newer:
         folder.rename(kept / folder.name)
-    for pointer in ("latest.json", "best.json", "metrics.jsonl"):
+    for pointer in ("latest.json", "best.json", "metrics.jsonl", "replans.json"):
         if (run_dir / pointer).is_file():
             shutil.copy2(run_dir / pointer, kept / pointer)
+    if (run_dir / "replans.json").is_file():  # the re-plans of the moved checkpoints go with them
+        write_json_atomic(run_dir / "replans.json", [record for record in read_json(run_dir / "replans.json")
+                                                     if record["at"] <= update])
     best = run_dir / "best.json"
     if best.is_file() and not (run_dir / read_json(best)["path"]).is_dir():
         best.unlink()  # it was one of the newer checkpoints; validation finds the new branch's best again

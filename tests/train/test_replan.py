@@ -151,6 +151,20 @@ def test_epochs_give_the_length_and_extend_it(mel_store, tiny_dataset, tmp_path)
     assert read_json(run_dir / "replans.json")[0]["after"] == per_epoch
 
 
+def test_an_extension_from_an_earlier_checkpoint_moves_later_replans_to_its_branch(mel_store, tiny_dataset,
+                                                                                   tmp_path):
+    run_dir, model = tmp_path / "run", ModelConfig(**TINY_MODEL)
+    kept = dict(save_every=4, keep_last=5)
+    loop.run(train_config(mel_store, tiny_dataset, run_dir, max_updates=8, **kept), model)
+    loop.run(train_config(mel_store, tiny_dataset, run_dir, max_updates=12, **kept), model, resume=True)
+    loop.run(train_config(mel_store, tiny_dataset, run_dir, max_updates=16, resume_from="step-4", **kept), model,
+             resume=True)
+    assert [(r["at"], r["before"], r["after"]) for r in read_json(run_dir / "replans.json")] == [(4, 8, 16)]
+    [branch] = (run_dir / "branches").iterdir()
+    assert [(r["at"], r["after"]) for r in read_json(branch / "replans.json")] == [(8, 12), (4, 16)]
+    assert read_json(run_dir / "latest.json")["update"] == 16
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_kill_9_during_an_extension_then_resume_gives_the_weights_of_one_never_killed(mel_store, tiny_dataset,
