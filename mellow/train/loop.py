@@ -277,13 +277,18 @@ def planned_run(train: TrainConfig, plan: FixedBatches | TokenBatches, checkpoin
     """The run's settings with its length in updates (--train.epochs made concrete), and its learning-rate
     schedule: a new run's first plan; a resumed run's schedule as its checkpoint recorded it, re-planned when the
     resume gives the run another length (recorded in <run>/replans.json and config.yaml)."""
+    saved = read_json(checkpoint / "trainer.json") if checkpoint else None
+    if train.epochs:  # the length is the epochs': a max_updates given as well would be ignored, so it is refused
+        before = saved["config"]["train"]["max_updates"] if saved else TrainConfig.max_updates
+        if train.max_updates != before:
+            raise ValueError(f"--train.max_updates {train.max_updates} and --train.epochs {train.epochs:g} both give "
+                             "the run's length; give one (--train.epochs 0 to go by --train.max_updates)")
     length = run_length(train, plan, context.world_size)
     train = dataclasses.replace(train, max_updates=length)
     resolved["train"]["max_updates"] = length
     if checkpoint is None:
         check_schedule_fits(train, length)
         return train, first_schedule(train, length)
-    saved = read_json(checkpoint / "trainer.json")
     schedule, at = saved_schedule(saved), saved["update"]
     if length == schedule.planned:
         return train, schedule

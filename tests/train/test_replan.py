@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from mellow.cli import app
 from mellow.evaluate.run_report import write_run_report
 from mellow.files import read_json, read_jsonl
 from mellow.settings import ModelConfig
@@ -140,15 +141,23 @@ def test_a_length_before_the_current_update_is_refused_in_one_line(mel_store, ti
 
 def test_epochs_give_the_length_and_extend_it(mel_store, tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    result = loop.run(train_config(mel_store, tiny_dataset, run_dir, epochs=0.5, save_every=0),
-                      ModelConfig(**TINY_MODEL))
+    first = invoke_ok("train", f"--train.store={mel_store}", f"--train.dataset={tiny_dataset}",
+                      f"--train.run_dir={run_dir}", "--train.epochs=0.5", "--train.batch_size=4",
+                      "--train.val_every=0", "--train.save_every=0", *TINY_ARGS).output
     examples = sum(1 for _ in open(tiny_dataset / "train.jsonl"))
-    per_epoch = examples // 4  # batch 4: micro-batches of an epoch (every example with audio in the store)
-    assert result.updates == math.ceil(0.5 * per_epoch) and result.epochs == pytest.approx(result.updates / per_epoch)
-    longer = loop.run(train_config(mel_store, tiny_dataset, run_dir, epochs=1.0, save_every=0),
-                      ModelConfig(**TINY_MODEL), resume=True)
-    assert longer.updates == per_epoch and longer.epochs == pytest.approx(1.0)
+    per_epoch = examples // 4  # batch 4: the micro-batches of an epoch (every example's audio is in the store)
+    updates = math.ceil(0.5 * per_epoch)
+    assert read_json(run_dir / "latest.json")["update"] == updates
+    assert f"{updates} updates ({updates / per_epoch:.2f} epochs)" in first
+    longer = invoke_ok("train", "--resume", f"--train.run_dir={run_dir}", "--train.epochs=1").output
+    assert f"re-planned: {updates} -> {per_epoch} updates" in longer and "(1.00 epochs)" in longer
+    assert read_json(run_dir / "latest.json")["update"] == per_epoch
     assert read_json(run_dir / "replans.json")[0]["after"] == per_epoch
+    # a run whose length is in epochs refuses a max_updates that would be ignored
+    refused = CliRunner().invoke(app, ["train", "--resume", f"--train.run_dir={run_dir}", "--train.epochs=1",
+                                       "--train.max_updates=99"])
+    assert refused.exit_code == 2 and "--train.max_updates 99 and --train.epochs 1 both give the run's length" in \
+        " ".join(refused.output.split()), refused.output
 
 
 def test_an_extension_from_an_earlier_checkpoint_moves_later_replans_to_its_branch(mel_store, tiny_dataset,
@@ -188,4 +197,3 @@ def test_kill_9_during_an_extension_then_resume_gives_the_weights_of_one_never_k
     assert logged_losses(killed) == logged_losses(straight) and len(logged_losses(straight)) == 20
     first, second = latest_weights(straight), latest_weights(killed)
     assert all(torch.equal(first[key], second[key]) for key in first)
-    assert TINY_ARGS and sys.executable  # the same decoder settings as the resilience tests
