@@ -38,6 +38,9 @@ def test_the_quickstart_trains_its_preset(tmp_path):
     assert job.train.max_updates == 800 and job.train.checkpoint.val_every == job.train.checkpoint.save_every == 200
     assert job.train.optimizer.lr == written["train"]["lr"] and job.train.precision == written["train"]["precision"]
     assert job.train.data.batch_size == written["train"]["batch_size"]
+    data = written["train"]
+    assert (job.train.data.batch_tokens, job.train.data.packing, job.train.data.pack_length) == (
+        data["batch_tokens"], data["packing"], data["pack_length"])
     assert {key: getattr(job.model, key) for key in written["model"]} == written["model"]
     assert job.encoder.tokens == written["encoder"]["tokens"] and job.encoder.name == "whisper-tiny"
     assert job.model.missing_audio == "marker"
