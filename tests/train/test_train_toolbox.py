@@ -18,7 +18,7 @@ from mellow.train import loop
 from mellow.train.batching import epoch_micro_batches
 from mellow.train.checkpoint import load_trained_model
 from mellow.train.data import ExampleSet, load_examples
-from mellow.train.loop import _optimizer, _schedule
+from mellow.train.loop import _optimizer, first_schedule
 from mellow.train.runs import find_checkpoint
 
 from conftest import TINY_MODEL, logged_losses, train_config
@@ -155,7 +155,7 @@ def test_an_update_with_non_finite_gradients_is_skipped(mel_store, tiny_dataset,
 
 def test_schedule_warms_up_decays_by_cosine_and_cools_down_to_zero():
     config = from_names(TrainConfig, max_updates=100, warmup_updates=10, cooldown_updates=20, min_lr_ratio=0.1)
-    factor = _schedule(config)
+    factor = first_schedule(config, config.max_updates)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0) and factor(45) == pytest.approx(0.55)  # cosine midpoint
     assert factor(79) > factor(80) == pytest.approx(0.1)  # the end of the cosine decay
