@@ -66,13 +66,13 @@ def test_the_emotion_recipe_runs_its_four_stages_and_one_leaderboard(tiny_datase
            runs / "align", "--tiny-hidden", 32, "--updates", 4, "--batch-size", 4, "--val-every", 0)
     # stage 3: the large set, stopped and resumed with the same command, then extended by epochs
     stage3 = ["train", "--resume", "--config", CONFIGS / "emotion.yaml", f"--train.store={lgt_store}",
-              f"--train.dataset={datasets / 'lgt'}", f"--train.run_dir={runs / 'lgt'}", "--train.epochs=0.1",
+              f"--train.dataset={datasets / 'lgt'}", f"--train.run_dir={runs / 'lgt'}", "--train.epochs=1",
               f"--train.align_from={runs / 'align'}", *SMALL]
     assert "stopped" in invoke(*stage3, "--train.stop_after=3")
-    assert "resuming" in invoke(*stage3)
+    assert "resuming" in invoke(*stage3, "--train.stop_after=0")  # to the end of the 1-epoch plan
     first_end = read_json(runs / "lgt" / "latest.json")["update"]
     assert first_end > 3
-    extended = invoke("train", "--resume", f"--train.run_dir={runs / 'lgt'}", "--train.epochs=0.2")
+    extended = invoke("train", "--resume", f"--train.run_dir={runs / 'lgt'}", "--train.epochs=2")
     assert f"re-planned: {first_end} -> " in extended and "the stable rate goes on" in extended
     assert read_json(runs / "lgt" / "latest.json")["update"] > first_end
     invoke("eval", runs / "lgt", "--which", "latest", "--max-new-tokens", 6, "--no-similarity")
