@@ -173,6 +173,11 @@ def epoch_packed_batches(positions: np.ndarray, row_length: int, rows_per_batch:
     return order[np.asarray(placed, dtype=np.int64)], offsets, row_number % rows_per_batch
 
 
+def _where(example: int, split: Path | None, line: np.ndarray | None) -> str:
+    """How an error names an example: its split file and line, else its number."""
+    return f"{split}:{int(line[example]) + 1}" if split is not None and line is not None else f"#{example}"
+
+
 class BudgetTooSmallError(ValueError):
     """--train.batch_tokens is smaller than an example."""
 
@@ -230,11 +235,10 @@ class TokenBatches:
             raise ValueError("the training split has no examples")
         longest = int(np.argmax(positions))
         if positions[longest] > budget:
-            where = f"{split}:{int(line[longest]) + 1}" if split is not None and line is not None else f"#{longest}"
             raise BudgetTooSmallError(
-                f"--train.batch_tokens {budget} is smaller than the example at {where}, which takes "
-                f"{int(positions[longest])} positions (audio and text); raise --train.batch_tokens to at least "
-                f"{int(positions[longest])}, or lower --train.max_text_tokens")
+                f"--train.batch_tokens {budget} is smaller than the example at {_where(longest, split, line)}, "
+                f"which takes {int(positions[longest])} positions (audio and text); raise --train.batch_tokens to at "
+                f"least {int(positions[longest])}, or lower --train.max_text_tokens")
         self.buckets = bucket_of(positions, buckets)
         self._counts: dict[int, int] = {}
         self._planned: tuple[int, tuple[np.ndarray, ...]] | None = None  # the last epoch planned
@@ -315,9 +319,9 @@ class PackedBatches(TokenBatches):
         row_length = row_length or budget
         if len(positions) and positions.max() > row_length:
             longest = int(np.argmax(positions))
-            where = f"{split}:{int(line[longest]) + 1}" if split is not None and line is not None else f"#{longest}"
             raise BudgetTooSmallError(
-                f"--train.pack_length {row_length} is shorter than the example at {where}, which takes "
+                f"--train.pack_length {row_length} is shorter than the example at {_where(longest, split, line)}, "
+                "which takes "
                 f"{int(positions[longest])} positions (audio and text); raise --train.pack_length to at least "
                 f"{int(positions[longest])}, or lower --train.max_text_tokens")
         super().__init__(positions, budget, batches_per_update, seed, 1, weights, split, line)

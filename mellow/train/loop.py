@@ -293,11 +293,10 @@ def planned_run(train: TrainConfig, plan: FixedBatches | TokenBatches, checkpoin
     if length == schedule.planned:
         return train, schedule
     if length <= at:
-        given = f"--train.epochs {train.epochs:g} ({length} updates)" if train.epochs else \
-            f"--train.max_updates {length}"
-        raise ValueError(f"{given} ends at or before update {at}, where {checkpoint.name} stands: a resume goes on "
-                         "from there. To continue from an earlier point, --resume-from step-N (N below the new "
-                         f"end); to train these weights anew, --init-from {checkpoint} --train.run_dir <new folder>")
+        raise ValueError(f"{_length_option(train, length)} ends at or before update {at}, where "
+                         f"{checkpoint.name} stands: a resume goes on from there. To continue from an earlier point, "
+                         "--resume-from step-N (N below the new end); to train these weights anew, --init-from "
+                         f"{checkpoint} --train.run_dir <new folder>")
     schedule = schedule.replanned(at, length)
     replan = schedule.replans[-1]
     console.print(f"re-planned: {replan.before} -> {replan.after} updates from update {at} ({checkpoint.name}); "
@@ -317,13 +316,16 @@ def replan_lines(run_dir: Path) -> list[str]:
         f"{RULES.get(record['rule'], record['rule'])}" for record in read_json(path)]
 
 
+def _length_option(train: TrainConfig, length: int) -> str:
+    """The option that gave the run's length of `length` updates, as an error names it."""
+    return f"--train.epochs {train.epochs:g} ({length} updates)" if train.epochs else f"--train.max_updates {length}"
+
+
 def check_schedule_fits(train: TrainConfig, length: int) -> None:
     optimizer = train.optimizer
     if optimizer.cooldown_updates and optimizer.warmup_updates + optimizer.cooldown_updates > length:
-        given = f"--train.epochs {train.epochs:g} ({length} updates)" if train.epochs else \
-            f"--train.max_updates {length}"
         raise ValueError(f"--train.warmup_updates {optimizer.warmup_updates} + --train.cooldown_updates "
-                         f"{optimizer.cooldown_updates} must not exceed {given}")
+                         f"{optimizer.cooldown_updates} must not exceed {_length_option(train, length)}")
 
 
 def record_replan(run_dir: Path, replan: Replan, checkpoint: Path, resolved: dict) -> None:
