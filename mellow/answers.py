@@ -42,7 +42,10 @@ def chosen_option(example: dict, text: str) -> int | None:
 
 
 def is_correct(example: dict, prediction: str, labels: list[str] | None = None) -> bool:
-    """Whether a closed question's answer is right; `labels`: the label set of a closed-label task."""
+    """Whether a closed question's answer is right; `labels`: the label set of a closed-label task. A public
+    benchmark's question (MMAU, MMAR) is judged by the benchmark's own rule (matches_choice)."""
+    if example.get("benchmark"):
+        return matches_choice(example["answer"], prediction, example["options"])
     if labels is not None:
         return is_label_correct(example, prediction, labels)
     if example["task"] == "multiple_choice":
@@ -70,3 +73,30 @@ def is_label_correct(example: dict, prediction: str, labels: list[str]) -> bool:
     label = predicted_label(prediction, labels)
     return label is not None and label in (example.get("references") or [example["answer"]])
 
+
+
+_WORD = re.compile(r"\b\w+\b")
+
+
+def word_tokens(text: str) -> set[str]:
+    """The distinct lower-cased word tokens of a text (runs of letters, digits and _, as Python's regex \\w reads
+    them, in any script)."""
+    return set(_WORD.findall(text.lower()))
+
+
+def matches_choice(answer: str, prediction: str, choices: list[str]) -> bool:
+    """MMAU's and MMAR's answer-matching rule, as their evaluation scripts apply it: a prediction is right when
+    its word tokens hold every token of the answer and none of the tokens that another choice has and the answer
+    has not; an empty prediction is wrong. 'The answer is (B) dog barking' is right for 'Dog barking' among
+    'Dog barking' and 'Cat meowing'; 'dog or cat' is wrong."""
+    said, expected = word_tokens(prediction), word_tokens(answer)
+    if not said:
+        return False
+    others = set().union(*(word_tokens(choice) - expected for choice in choices if word_tokens(choice) != expected))
+    return expected <= said and said.isdisjoint(others)
+
+
+def matched_choice(prediction: str, choices: list[str]) -> str | None:
+    """The first choice that `prediction` names by matches_choice, or None when it names none of them (a
+    benchmark's "no match": an answer outside the choices, or one that names two)."""
+    return next((choice for choice in choices if matches_choice(choice, prediction, choices)), None)

@@ -43,6 +43,7 @@ from mellow.settings import (
     PrecomputeConfig,
     QuickstartConfig,
     TrainJob,
+    encoder_settings,
 )
 from mellow.sources.config import PrepareConfig
 from mellow.store.writer import StoreMismatchError
@@ -196,10 +197,25 @@ def precompute_command(
     a SLURM job array, or explicit --rank/--world-size; the last one to finish writes the index."""
     job = settings(context, PrecomputeConfig, config, arguments={"dataset": dataset}, needs=needs(
         "01_precompute needs the dataset folder that 00_prepare wrote",
-        "uv run stages/01_precompute.py datasets/synth --encoder whisper-tiny --tokens 16", "01_precompute.py"))
+        "uv run stages/01_precompute.py datasets/synth --encoder whisper-tiny --tokens 16", "01_precompute.py"),
+        fixed=like_settings)
     from mellow.encode import precompute
 
     precompute.run(job)
+
+
+def like_settings(values: dict[tuple[str, ...], object]) -> tuple[dict[tuple[str, ...], object], str]:
+    """The encoder settings `--like` fixes (none without it), and the end of the message for an option that
+    contradicts them."""
+    like = values.get(("like",))
+    if like is None:
+        return {}, ""
+    from mellow.store.reader import recorded_fingerprint
+
+    fixed = encoder_settings(recorded_fingerprint(Path(like)))
+    return ({("encoder", name): value for name, value in fixed.items()},
+            f"--like {like}, whose encoder settings this store takes; drop the option, or drop --like to make a store "
+            "of other settings")
 
 
 @app.command("precompute-captions", cls=stage(CaptionsConfig, aliases={"text_encoder": "encoder.name",

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import typer
 import typer.main
@@ -145,10 +146,13 @@ class MissingSetting(ValueError):
 
 
 def settings(context: typer.Context, cls: type[T], config_file: Path | None,
-             arguments: dict[str, object] | None = None, needs: str | None = None) -> T:
+             arguments: dict[str, object] | None = None, needs: str | None = None,
+             fixed: Callable[[dict[tuple[str, ...], Any]], tuple[dict[tuple[str, ...], Any], str]] | None = None) -> T:
     """A stage's settings, by the one config path: defaults, then the --config file, then the command line
     (options, then arguments). `needs`: the message when the setting a stage cannot run without (the first of
-    `arguments`) is given nowhere, raised once what was given is known to be well typed."""
+    `arguments`) is given nowhere, raised once what was given is known to be well typed. `fixed`: from the values
+    given, settings that another one fixes, and the end of the message that refuses a given value contradicting
+    one (`01_precompute --like` fixes the encoder's)."""
     layers = [*([yaml_layer(config_file)] if config_file is not None else []), context.meta["settings"]]
     given = {name: value for name, value in (arguments or {}).items() if value is not None}
     layers.append(Layer(given, {name: name.upper() for name in given}))
@@ -156,4 +160,11 @@ def settings(context: typer.Context, cls: type[T], config_file: Path | None,
     values = checked(cls, layers, names.aliases)
     if needs is not None and names.resolve(next(iter(arguments or {}))).path not in values:
         raise MissingSetting(needs)
+    if fixed is not None:
+        forced, by = fixed(values)
+        clashes = [f"--{'.'.join(path)} {values[path]}" + f" (it has {value})" for path, value in forced.items()
+                   if path in values and values[path] != value]
+        if clashes:
+            raise ValueError(f"{', '.join(clashes)}: contradicts {by}")
+        values = {**values, **forced}
     return construct(cls, values)

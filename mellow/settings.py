@@ -121,6 +121,19 @@ class EncoderConfig:
         return resolve_device(self.device)
 
 
+ENCODER_FINGERPRINT = {"name": "encoder", "clip_seconds": "clip_seconds", "crop": "crop", "tokens": "tokens",
+                       "views": "views", "output": "output", "pooling": "pooling"}  # EncoderConfig field: its key
+
+
+def encoder_settings(fingerprint: dict) -> dict[str, object]:
+    """The EncoderConfig values that make a store of `fingerprint` (a store's meta.json or a checkpoint's
+    trainer.json records it): {name, clip_seconds, crop, tokens, views, output, pooling}."""
+    defaults = {"views": 1, "output": "last", "pooling": "adaptive-average"}  # stores from before they existed
+    values = {field: fingerprint.get(key, defaults.get(key)) for field, key in ENCODER_FINGERPRINT.items()}
+    values["pooling"] = str(values["pooling"]).removeprefix("adaptive-")
+    return values
+
+
 @dataclass
 class ShardedJobConfig:
     """What every job that fills a store shard by shard shares: audio embeddings and caption embeddings."""
@@ -174,6 +187,11 @@ class ShardedJobConfig:
 @dataclass
 class PrecomputeConfig(ShardedJobConfig):
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    like: Path | None = setting(None, "A store, a training run or checkpoint, or an exported model whose encoder "
+                                      "settings this store takes (encoder, clip seconds, crop, tokens, views, output, "
+                                      "pooling), so that the model can be scored on this dataset; an --encoder.* "
+                                      "option that contradicts them is refused, and so is an encoder whose weights "
+                                      "differ.")
     decode_workers: int = setting(0, "Parallel ffmpeg decodes (0: two per CPU core).")
     min_seconds: float = setting(0.1, "Clips with less audio than this are skipped (reported as failed).")
     allow_pipes: bool = setting(False, "Run `pipe:<command>` tar locations of audio.jsonl even when 00_prepare's "
@@ -576,8 +594,12 @@ class EvalConfig:
                                                              "not scored yet with these "
                                 "settings), latest or best. The run's leaderboard and report cover every scored one.")
     split: str = setting("test", "Split to generate answers for.")
-    store: Path | None = setting(None, "Store to read (default: the one the checkpoint was trained on).")
-    dataset: Path | None = setting(None, "Dataset folder with <split>.jsonl (default: the training one).")
+    store: Path | None = setting(None, "Store to read (default: the one the checkpoint was trained on, or for another "
+                                       "--dataset its store made with the model's encoder settings).")
+    dataset: Path | None = setting(None, "Dataset folder with <split>.jsonl (default: the training one). Another "
+                                         "dataset (e.g. a benchmark: mmau:, mmar: sources) is read from its own store "
+                                         "made with the model's encoder settings (01_precompute <dataset> --like "
+                                         "<run>), found under the store root, and scored into eval-<dataset>-<split>/.")
     batch_size: int = setting(64, "Examples generated together.")
     max_new_tokens: int = setting(48, "Longest answer generated, in tokens.")
     beams: int = setting(1, "Beam width: 1 is greedy decoding (what the scores in the README use).")

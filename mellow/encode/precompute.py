@@ -29,13 +29,15 @@ from mellow.audio.identity import (
 )
 from mellow.audio.sources import Source, sources_of
 from mellow.audio.views import decode_views
+from mellow.config import describe_differences
 from mellow.encode.encoders import AudioEncoder, build_encoder
 from mellow.encode.jobs import PrecomputeResult, report
 from mellow.manifests import read_audio_records
 from mellow.progress import console, progress_bar
 from mellow.settings import PrecomputeConfig
 from mellow.sources.config import prepare_command
-from mellow.store.writer import StoreWriter
+from mellow.store.reader import recorded_fingerprint
+from mellow.store.writer import StoreMismatchError, StoreWriter
 
 
 def store_path_for(config: PrecomputeConfig, encoder: AudioEncoder) -> Path:
@@ -47,6 +49,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     started = time.time()
     records = validate_args(config)
     encoder = build_encoder(config.encoder)
+    check_like(config, encoder)
     store_path = store_path_for(config, encoder)
     writer = StoreWriter(store_path, len(records), encoder.fingerprint(), config.store, manifest=records)
     reencoded = recheck_audio(config, writer, records)
@@ -54,6 +57,18 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     result.seconds = time.time() - started
     report(config, writer, result)
     return result
+
+
+def check_like(config: PrecomputeConfig, encoder: AudioEncoder) -> None:
+    """With --like: the encoder built here must make stores of the fingerprint that one records (the settings are
+    taken from it; its weights, sample rate and width must be the same too)."""
+    if config.like is None:
+        return
+    differences = describe_differences({"views": 1, **recorded_fingerprint(config.like)}, encoder.fingerprint())
+    if differences:
+        raise StoreMismatchError(f"--like {config.like}: the encoder found here would make a store that differs from "
+                                 "the one the model expects:\n  " + "\n  ".join(differences))
+    console.print(f"encoder settings from --like {config.like}: {encoder.tag()}", highlight=False)
 
 
 def validate_args(config: PrecomputeConfig) -> list[dict]:

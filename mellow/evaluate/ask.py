@@ -18,7 +18,7 @@ from mellow.distributed import resolve_device
 from mellow.encode.encoders import AudioEncoder, build_encoder
 from mellow.files import read_json
 from mellow.progress import console
-from mellow.settings import AskConfig, EncoderConfig
+from mellow.settings import AskConfig, EncoderConfig, encoder_settings
 from mellow.store.writer import StoreMismatchError
 from mellow.train.checkpoint import load_trained_model
 from mellow.train.runs import find_checkpoint
@@ -26,11 +26,7 @@ from mellow.train.runs import find_checkpoint
 
 def encoder_of_store(fingerprint: dict, device: str) -> AudioEncoder:
     """The encoder that made a store of `fingerprint`, rebuilt here; refused if its weights or settings differ."""
-    config = EncoderConfig(name=fingerprint["encoder"], clip_seconds=fingerprint["clip_seconds"],
-                           crop=fingerprint["crop"], tokens=fingerprint["tokens"], views=fingerprint.get("views", 1),
-                           output=fingerprint.get("output", "last"),
-                           pooling=fingerprint.get("pooling", "adaptive-average").removeprefix("adaptive-"),
-                           device=device, batch_size=2)
+    config = EncoderConfig(**encoder_settings(fingerprint), device=device, batch_size=2)
     encoder = build_encoder(config)
     differences = describe_differences({"views": 1, **fingerprint}, encoder.fingerprint())
     if differences:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mellow.evaluate.benchmark import benchmark_markdown
 from mellow.evaluate.html_report import write_html_report
 from mellow.evaluate.metrics import main_metric
 from mellow.files import read_json, read_jsonl, write_json_atomic, write_text_atomic
@@ -19,7 +20,8 @@ def scored_checkpoints(run_dir: Path, split: str) -> list[dict]:
         saved = read_json(path)
         update = saved.get("update", int(path.parent.parent.name.removeprefix("step-")))
         rows.append({"checkpoint": path.parent.parent.name, "update": update, "scores": saved["scores"],
-                     "settings": saved.get("settings"), "empty_predictions": saved.get("empty_predictions", 0)})
+                     "settings": saved.get("settings"), "empty_predictions": saved.get("empty_predictions", 0),
+                     **({"benchmark": saved["benchmark"]} if "benchmark" in saved else {})})
     return sorted(rows, key=lambda row: row["update"])
 
 
@@ -32,8 +34,9 @@ def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed:
     tasks = sorted({task for row in rows for task in row["scores"] if "/" not in task})
     write_json_atomic(out / "leaderboard.json", [
         {"checkpoint": row["checkpoint"], "update": row["update"],
-         **{task: main_metric(row["scores"][task])[1] for task in tasks if task in row["scores"]}} for row in rows])
-    leaderboard = leaderboard_markdown(rows, tasks, pointers(run_dir))
+         **{task: main_metric(row["scores"][task])[1] for task in tasks if task in row["scores"]},
+         **({row["benchmark"]["name"]: row["benchmark"]["accuracy"]} if "benchmark" in row else {})} for row in rows])
+    leaderboard = leaderboard_markdown(rows, tasks, pointers(run_dir)) + release_versions(rows)
     write_text_atomic(out / "leaderboard.md", f"# Leaderboard of `{run_dir}` on {split}\n\n{leaderboard}")
     plots = plot_scores(rows, tasks, out / "scores.png") + plot_losses(run_dir / "metrics.jsonl", out / "loss.png")
     lines = [f"# Evaluation of `{run_dir}` on the {split} split", ""]
@@ -48,6 +51,15 @@ def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed:
         lines += ["The run's length was changed on resume (dashed lines in the loss plot):", "",
                   *(f"- at update {record['at']} ({record['checkpoint']}): {record['before']} -> {record['after']} "
                     f"updates, learning rate re-planned by the `{record['rule']}` rule" for record in replans), ""]
+    others = sorted(path.name for path in run_dir.glob("eval-*") if path.is_dir() and path.name != out.name)
+    if others:
+        links = ", ".join(f"[{name}](../{name}/report.md)" for name in others)
+        lines += [f"Other evaluations of this run: {links}", ""]
+    if rows and "benchmark" in rows[-1]:
+        lines += [f"{rows[-1]['checkpoint']}, scored by the benchmark's own protocol "
+                  f"(submission file: `{rows[-1]['checkpoint']}/eval-{split}/"
+                  f"{rows[-1]['benchmark']['name'].lower()}-predictions.json`):", "",
+                  benchmark_markdown(rows[-1]["benchmark"]), ""]
     if rows:
         newest = rows[-1]
         lines += [f"## {newest['checkpoint']} (update {newest['update']}) per task and subtask", "",
@@ -78,6 +90,20 @@ def write_run_report(run_dir: Path, split: str, skipped: dict[str, str], failed:
     write_html_report(out, f"{run_dir.name}: {split}", "\n".join(lines),
                       newest_folder / f"eval-{split}" / "predictions.jsonl" if newest_folder else None, dataset)
     return out / "report.md"
+
+
+def release_versions(rows: list[dict]) -> str:
+    """A warning under a leaderboard whose checkpoints were scored on different versions of a benchmark's release
+    file (their scores are not comparable), naming each version's checkpoints; "" otherwise."""
+    versions: dict[str, list[str]] = {}
+    for row in rows:
+        if "benchmark" in row:
+            versions.setdefault(row["benchmark"].get("file_sha256") or "?", []).append(row["checkpoint"])
+    if len(versions) < 2:
+        return ""
+    listed = "; ".join(f"sha256 {sha[:12]}…: {', '.join(names)}" for sha, names in versions.items())
+    return (f"\n\n**Not comparable:** these checkpoints were scored on {len(versions)} versions of the release file "
+            f"({listed}); score them again on one (`04_eval --rescore`).")
 
 
 def pointers(run_dir: Path) -> dict[str, str]:

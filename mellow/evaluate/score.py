@@ -30,14 +30,15 @@ import torch
 from rich.table import Table
 
 from mellow import answers
+from mellow.config import describe_differences
 from mellow.distributed import resolve_device
-from mellow.evaluate import metrics
+from mellow.evaluate import benchmark, metrics
 from mellow.files import read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mellow.manifests import ManifestError, label_tasks_of
 from mellow.progress import console, progress_bar
 from mellow.settings import EvalConfig
 from mellow.store.reader import EmbeddingStore, dataset_of
-from mellow.store.writer import StoreMismatchError
+from mellow.store.writer import StoreConfig, StoreMismatchError
 from mellow.train.checkpoint import load_trained_model
 from mellow.train.data import ExampleSet, RowsFromZarr, SplitNotFoundError, move_to, split_path
 from mellow.train.runs import find_checkpoint
@@ -79,15 +80,18 @@ def _score_all(config: EvalConfig, checkpoints: list[Path], scorer: metrics.Capt
     for line in scorer.skipped.values():
         console.print(f"[yellow]{line}", highlight=False)
     result = EvalResult(config.run, {}, 0, 0.0)
+    tag = eval_tag(config, checkpoints[-1])
+    release = (benchmark.benchmark_of(config.dataset) or {}).get("file_sha256") if config.dataset else None
     for checkpoint in checkpoints:
-        output_dir = checkpoint / f"eval-{config.tag}"
+        output_dir = checkpoint / f"eval-{tag}"
         existing = read_json(output_dir / "scores.json") if (output_dir / "scores.json").exists() else {}
-        if existing.get("settings") == config.settings() and not config.rescore:
+        same_release = (existing.get("benchmark") or {}).get("file_sha256") == release  # a re-imported benchmark
+        if existing.get("settings") == config.settings() and same_release and not config.rescore:
             result.already_scored.append(checkpoint)
             result.output_dir, result.scores = output_dir, existing["scores"]
             continue
         try:
-            scores, count, dataset = score_checkpoint(checkpoint, config, scorer)
+            scores, count, dataset = score_checkpoint(checkpoint, config, scorer, tag)
         except (StoreMismatchError, SplitNotFoundError, ManifestError, FileNotFoundError):
             raise  # the store or the dataset (a checkpoint's own missing files are a ValueError), the same for all
         except Exception as error:  # noqa: BLE001 - one broken checkpoint must not stop the others
@@ -99,7 +103,7 @@ def _score_all(config: EvalConfig, checkpoints: list[Path], scorer: metrics.Capt
         result.scored.append(checkpoint)
         result.output_dir, result.scores, result.examples, result.dataset = output_dir, scores, count, dataset
     if is_run:
-        result.report = run_report.write_run_report(config.run, config.tag, scorer.skipped, result.failed,
+        result.report = run_report.write_run_report(config.run, tag, scorer.skipped, result.failed,
                                                     config.dataset or result.dataset)
     result.seconds = time.time() - started
     report(result)
@@ -119,10 +123,21 @@ def checkpoints_to_score(config: EvalConfig) -> list[Path]:
     return found
 
 
-def score_checkpoint(checkpoint: Path, config: EvalConfig,
-                     scorer: metrics.CaptionScorer) -> tuple[dict, int, Path]:
-    """Generate and score one checkpoint; writes its eval folder. Returns (scores, examples scored, the dataset
-    whose split it scored)."""
+def eval_tag(config: EvalConfig, checkpoint: Path) -> str:
+    """The eval folders' suffix: the split (and -rank), after the dataset's name when --dataset names another
+    dataset than the one the checkpoint was trained on (eval-mmau-test-mini-test beside eval-test)."""
+    if config.dataset is None or not (checkpoint / "trainer.json").is_file():
+        return config.tag
+    trained = read_json(checkpoint / "trainer.json")["config"]["train"].get("dataset")
+    own = trained and Path(trained).name == config.dataset.name
+    return config.tag if own else f"{config.dataset.name}-{config.tag}"
+
+
+def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.CaptionScorer,
+                     tag: str | None = None) -> tuple[dict, int, Path]:
+    """Generate and score one checkpoint; writes its eval folder (eval-<tag>, by default eval_tag's). Returns
+    (scores, examples scored, the dataset whose split it scored)."""
+    tag = tag or eval_tag(config, checkpoint)
     started = time.time()
     store, dataset = inputs_of(checkpoint, config)
     device = torch.device(resolve_device(config.device))
@@ -152,11 +167,15 @@ def score_checkpoint(checkpoint: Path, config: EvalConfig,
         console.print(f"[yellow]{checkpoint.name}: {empty} of {len(predictions)} predictions are empty (the model "
                       "ended its answer at once); they count as wrong, and as the word 'empty' for captions")
     seconds = time.time() - started
-    scores = write_outputs(checkpoint / f"eval-{config.tag}", example_set.examples, predictions, checkpoint,
-                           scorer, {"settings": config.settings(), "update": trainer["update"],
-                                    "empty_predictions": empty, "seconds": round(seconds, 1),
-                                    "examples_per_s": round(len(predictions) / seconds, 2)},
-                           label_tasks)
+    output_dir = checkpoint / f"eval-{tag}"
+    details = {"settings": config.settings(), "update": trainer["update"], "empty_predictions": empty,
+               "seconds": round(seconds, 1), "examples_per_s": round(len(predictions) / seconds, 2)}
+    info = benchmark.benchmark_of(dataset)
+    if info is not None:
+        details["benchmark"] = benchmark.benchmark_scores(info, example_set.examples, predictions)
+        submission = benchmark.write_submission(output_dir, info, example_set.examples, predictions)
+        console.print(f"{details['benchmark']['name']}: submission file {submission}", highlight=False)
+    scores = write_outputs(output_dir, example_set.examples, predictions, checkpoint, scorer, details, label_tasks)
     console.print(f"{checkpoint.name} (update {trainer['update']}): {len(predictions)} examples in {seconds:.1f} s",
                   highlight=False)
     return scores, len(predictions), dataset
@@ -171,10 +190,14 @@ def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, Pat
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no trainer.json)")
     trainer = read_json(trainer_path)
     trained_store = Path(trainer["store"])
-    if config.store is None and not trained_store.exists():
-        raise FileNotFoundError(f"{checkpoint} was trained with --store {trained_store}, which is not found from "
-                                f"{Path.cwd()}; pass --store <where it is now>")
-    store = EmbeddingStore(config.store or trained_store)
+    elsewhere = eval_tag(config, checkpoint) != config.tag  # --dataset names another dataset than the trained one
+    if config.store is None and elsewhere:
+        store = EmbeddingStore(matching_store(config.dataset, trainer["store_fingerprint"], trained_store, checkpoint))
+    else:
+        if config.store is None and not trained_store.exists():
+            raise FileNotFoundError(f"{checkpoint} was trained with --store {trained_store}, which is not found from "
+                                    f"{Path.cwd()}; pass --store <where it is now>")
+        store = EmbeddingStore(config.store or trained_store)
     store.check_fingerprint(trainer["store_fingerprint"], f"checkpoint {checkpoint}")
     dataset = config.dataset
     trained_dataset = trainer["config"]["train"].get("dataset")
@@ -185,6 +208,29 @@ def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, Pat
         console.print(f"dataset {dataset} (from the store's meta.json; --dataset sets another)", highlight=False)
     split_path(dataset, config.split)  # a missing split is named before any model is loaded
     return store, dataset
+
+
+def matching_store(dataset: Path, fingerprint: dict, trained_store: Path, checkpoint: Path) -> Path:
+    """The store of `dataset` made with the encoder settings `fingerprint` records: under the store root, or beside
+    the checkpoint's training store (<root>/<dataset name>/<encoder tag>). None there is an error that lists the
+    stores found with what differs, and gives the command that makes a matching one."""
+    roots = dict.fromkeys([StoreConfig().root, trained_store.parent.parent])
+    found = sorted({path.parent for root in roots for path in (root / dataset.name).glob("*/meta.json")})
+    differences = {}
+    for path in found:
+        recorded = read_json(path / "meta.json").get("fingerprint") or {}
+        if recorded.get("kind") == "text":  # a caption store of the same dataset
+            continue
+        differences[path] = describe_differences(fingerprint, recorded)
+        if not differences[path]:
+            return path
+    seen = "".join(f"\n  {path}: " + "; ".join(lines) for path, lines in differences.items())
+    raise FileNotFoundError(
+        f"no store of {dataset} was made with the encoder settings of {checkpoint}"
+        + (f"; the stores found differ:{seen}\n" if seen else f" (none under {', '.join(map(str, roots))}); ")
+        + f"make one with: uv run stages/01_precompute.py {dataset} --like {checkpoint}"
+        + (f" --store-root {trained_store.parent.parent}" if trained_store.parent.parent != StoreConfig().root else "")
+        + " (or pass --store)")
 
 
 def generate_all(model, tokenizer, example_set: ExampleSet, config: EvalConfig, device: torch.device,
@@ -239,16 +285,25 @@ def rank_options(model, examples: list[dict], options: list[list[str]], store: E
 
 def write_outputs(output_dir: Path, examples: list[dict], predictions: list[str], checkpoint: Path,
                   scorer: metrics.CaptionScorer, details: dict, label_tasks: dict[str, list[str]]) -> dict:
+    """predictions.jsonl, scores.json and summary.md; an example whose answer is withheld (MMAU's test set) is
+    predicted, not scored."""
+    scored = [index for index, example in enumerate(examples) if not example.get("answer_withheld")]
     example_cider: dict[int, float] = {}
-    scores = metrics.score(examples, predictions, scorer, label_tasks, example_cider)
+    scores = metrics.score([examples[i] for i in scored], [predictions[i] for i in scored], scorer, label_tasks,
+                           example_cider) if scored else {}
+    example_cider = {scored[position]: value for position, value in example_cider.items()}
     rows = [{**example, "prediction": prediction,
              **({"correct": answers.is_correct(example, prediction, label_tasks.get(example["task"]))}
-                if example["task"] in answers.CLOSED_TASKS or example["task"] in label_tasks else {}),
+                if (example["task"] in answers.CLOSED_TASKS or example["task"] in label_tasks)
+                and not example.get("answer_withheld") else {}),
              **({"cider_d": round(example_cider[index], 4)} if index in example_cider else {})}
             for index, (example, prediction) in enumerate(zip(examples, predictions))]
     write_jsonl_atomic(output_dir / "predictions.jsonl", rows)
     write_json_atomic(output_dir / "scores.json", {"checkpoint": str(checkpoint), **details, "scores": scores})
-    write_text_atomic(output_dir / "summary.md", markdown_summary(scores, checkpoint))
+    summary = markdown_summary(scores, checkpoint)
+    if "benchmark" in details:
+        summary += "\n" + benchmark.benchmark_markdown(details["benchmark"])
+    write_text_atomic(output_dir / "summary.md", summary)
     return scores
 
 

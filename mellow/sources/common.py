@@ -38,6 +38,7 @@ class Imported:
     labelled: list[tuple[str, str, str, list[str]]] = field(default_factory=list)  # (split, clip, task, labels)
     read: str = "its manifests"  # what was read, for the message when no audio was usable
     empty: str = ""  # why nothing was found, when nothing failed
+    details: dict = field(default_factory=dict)  # more for prepare.json (a benchmark's release file and its sha256)
 
     def add(self, split: str, example: dict) -> None:
         self.examples[split].append({**example, "split": split})

@@ -22,7 +22,8 @@ GENERIC_FILE_NAMES = {"manifest", "metadata", "meta", "data", "dataset", "index"
 def name_of_source(source: str) -> str:
     """The dataset name of a source given without --name: synth for the synthetic set; a Hub dataset's name; a
     folder source's folder; a file source's file name without split words (train, val, test, ...), or the folder
-    it lies in where that leaves nothing telling (manifest.csv, train.json); the folder of a source's tars."""
+    it lies in where that leaves nothing telling (manifest.csv, train.json); the folder of a source's tars; a
+    benchmark's file name, lower-cased (mmau-test-mini, and mmar for MMAR-meta.json)."""
     if source == "synth":
         return "synth"
     kind, _, location = source.partition(":")
@@ -35,7 +36,9 @@ def name_of_source(source: str) -> str:
     path = Path(first).expanduser()
     if kind == "hf" and not path.exists() and HUB_ID.fullmatch(first):
         return first.rsplit("/", 1)[-1]
-    if registry.KINDS[kind].folder or path.is_dir():
+    if kind in ("mmau", "mmar"):  # a benchmark file's whole name tells which part it is: mmau-test-mini, mmar
+        name = path.stem.lower().removesuffix("-meta")
+    elif registry.KINDS[kind].folder or path.is_dir():
         name = path.absolute().name
     else:
         name = "-".join(word for word in re.split(r"[^A-Za-z0-9]+", path.stem)

@@ -41,6 +41,7 @@ def run(config: PrepareConfig) -> Path:
         console.print(f"dataset name {config.dataset_name} (named after the source; --name sets another)",
                       highlight=False)
     if validate_args(config):
+        recheck_release(config)
         recheck_audio(config, started)
         return config.dataset_dir
     counts = process(config)
@@ -65,6 +66,20 @@ def validate_args(config: PrepareConfig) -> bool:
                          "use another --name, or --overwrite to replace it")
     marker.unlink()
     return False
+
+
+def recheck_release(config: PrepareConfig) -> None:
+    """A benchmark dataset already prepared: its release file must still be the one imported. Releases are revised
+    (MMAU's answers were in 2025), and scores of two versions must never be compared unknowingly."""
+    recorded = read_json(config.dataset_dir / "prepare.json").get("benchmark")
+    if not recorded or not Path(recorded["file"]).is_file():
+        return
+    now = sha256_file(Path(recorded["file"]))
+    if now != recorded["file_sha256"]:
+        raise ValueError(f"{recorded['file']} changed since {config.dataset_dir} was prepared from it (sha256 "
+                         f"{recorded['file_sha256'][:12]}… then, {now[:12]}… now): it is another version of the "
+                         "benchmark, whose scores must not be compared with the old one's. Import it under another "
+                         "--name to keep both, or pass --overwrite to replace this one")
 
 
 def recheck_audio(config: PrepareConfig, started: float) -> None:
@@ -176,7 +191,8 @@ def process(config: PrepareConfig) -> dict[str, int]:
                             if imported.failures else ""))
     if kind.audio == "files":
         _hash_audio_files(config, imported.records)
-    return _write_manifests(config, imported.records, imported.examples, imported.failures, imported.label_tasks)
+    return _write_manifests(config, imported.records, imported.examples, imported.failures, imported.label_tasks,
+                            imported.details)
 
 
 def _hash_audio_files(config: PrepareConfig, records: list[dict]) -> None:
@@ -212,9 +228,11 @@ def _report_failures(failures: list[dict]) -> None:
 
 
 def _write_manifests(config: PrepareConfig, records: list[dict], examples: dict[str, list[dict]],
-                     failures: list[dict], label_tasks: dict[str, list[str]] | None = None) -> dict[str, int]:
+                     failures: list[dict], label_tasks: dict[str, list[str]] | None = None,
+                     details: dict | None = None) -> dict[str, int]:
     """audio.jsonl, <split>.jsonl, and prepare.json last (it marks the dataset complete); `label_tasks`
-    ({task: labels}) declares the closed-label tasks, whose every answer must be one of its labels."""
+    ({task: labels}) declares the closed-label tasks, whose every answer must be one of its labels; `details`
+    (a benchmark's release file and its sha256) go into prepare.json as they are."""
     label_tasks = label_tasks or {}
     for split, rows in examples.items():
         for example in rows:
@@ -229,9 +247,11 @@ def _write_manifests(config: PrepareConfig, records: list[dict], examples: dict[
         write_jsonl_atomic(config.dataset_dir / f"{split}.jsonl", rows)
     counts = {"clips": len(records), **{f"{split}_examples": len(rows) for split, rows in examples.items()},
               **({"skipped": len(failures)} if failures else {})}
-    _warn_of_empty_splits(config, examples, len(records))
+    details = details or {}
+    if "benchmark" not in details:  # a benchmark is only ever scored: its test split is all it has
+        _warn_of_empty_splits(config, examples, len(records))
     write_json_atomic(config.dataset_dir / "prepare.json", {"config": _fingerprint(config), "counts": counts,
-                                                            "failures": failures,
+                                                            "failures": failures, **details,
                                                             **({"label_tasks": label_tasks} if label_tasks else {})})
     return counts
 

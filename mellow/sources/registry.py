@@ -24,7 +24,8 @@ class SourceKind:
     audio: Literal["written", "files", "contained"]  # synth writes its audio; imported layouts name audio files,
     # which 00_prepare hashes; the audio of tars and Parquet shards stays in them, hashed as it is read
     folder: bool  # its location is a folder (a dataset named after the source takes the folder's name)
-    module: str  # mellow.sources.<module>.load reads it
+    module: str  # mellow.sources.<module>.<loader> reads it
+    loader: str = "load"
 
 
 SOURCES = (
@@ -46,6 +47,10 @@ SOURCES = (
                True, "meld"),
     SourceKind("folder", "folder:<manifest.csv|jsonl>", "your own folder: a CSV or JSON-lines manifest of audio "
                "files with captions and/or questions", "files", False, "folder"),
+    SourceKind("mmau", "mmau:<json>", "the MMAU benchmark's release file (mmau-test-mini.json or mmau-test.json), "
+               "scored by its own protocol", "files", False, "benchmarks", "load_mmau"),
+    SourceKind("mmar", "mmar:<json>", "the MMAR benchmark's release file (MMAR-meta.json), scored by its own "
+               "protocol", "files", False, "benchmarks", "load_mmar"),
 )
 KINDS = {kind.name: kind for kind in SOURCES}
 
@@ -66,12 +71,12 @@ def source_help() -> str:
 
 
 def load(config: PrepareConfig) -> Imported:
-    """Read the source `config.source` names, with its module's `load`."""
+    """Read the source `config.source` names, with its module's loader."""
     kind = kind_of(config.source)
     if kind is None:
         raise ValueError(f"--source {config.source!r}: unknown kind")
     module = importlib.import_module(f"mellow.sources.{kind.module}")
-    return module.load(config.source.partition(":")[2], config)
+    return getattr(module, kind.loader)(config.source.partition(":")[2], config)
 
 
 def existing(location: str, source: str) -> Path:

@@ -36,6 +36,28 @@ def dataset_of(store_path: Path, option: str) -> Path:
                      f"{Path.cwd()}: pass {option} <where it is now>")
 
 
+def recorded_fingerprint(path: Path, option: str = "--like") -> dict:
+    """The audio encoder fingerprint that `path` records: a store (meta.json), a checkpoint (trainer.json), a
+    training run (its latest checkpoint, else its newest step-*) or a model folder written by `mellow export`
+    (encoder.json). A ValueError naming `option` for anything else."""
+    path = Path(path)
+    candidates = [path / "meta.json", path / "trainer.json", path / "encoder.json"]
+    if (path / "latest.json").is_file():
+        candidates.append(path / read_json(path / "latest.json")["path"] / "trainer.json")
+    candidates += sorted(path.glob("step-*/trainer.json"), reverse=True)
+    for candidate in candidates:
+        if candidate.is_file():
+            found = read_json(candidate)
+            fingerprint = found.get("store_fingerprint") if candidate.name == "trainer.json" else \
+                found.get("fingerprint") if candidate.name == "meta.json" else found
+            if isinstance(fingerprint, dict) and fingerprint.get("kind") != "text" and "encoder" in fingerprint:
+                return fingerprint
+            raise ValueError(f"{option} {path}: {candidate} records no audio encoder fingerprint; pass an audio store, "
+                             "a run or checkpoint folder made by 03_train, or a model folder made by `mellow export`")
+    raise ValueError(f"{option} {path}: not a store (meta.json), a run or checkpoint folder (trainer.json) nor an "
+                     "exported model (encoder.json)")
+
+
 def with_view_axis(array: np.ndarray, ndim: int) -> np.ndarray:
     """A one-view store's rows ((N, T, D) embeddings, (N,) valid counts) with the view axis V = 1 added."""
     return array if array.ndim == ndim else array[:, None]
