@@ -624,6 +624,9 @@ class EvalConfig:
             raise ValueError("--batch-size, --max-new-tokens and --beams must be >= 1, --max-examples >= 0")
         if not self.run.exists():
             raise ValueError(f"--run {self.run}: no such folder; pass a run folder made by 03_train")
+        if self.dataset is not None and not (self.dataset / "audio.jsonl").is_file():
+            raise ValueError(f"--dataset {self.dataset}: no audio.jsonl there; pass a dataset folder made by "
+                             "00_prepare (e.g. datasets/mmau-test-mini)")
 
     def settings(self) -> dict:
         """What makes two scorings of a checkpoint comparable (stored in scores.json)."""

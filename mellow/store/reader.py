@@ -41,6 +41,9 @@ def recorded_fingerprint(path: Path, option: str = "--like") -> dict:
     training run (its latest checkpoint, else its newest step-*) or a model folder written by `mellow export`
     (encoder.json). A ValueError naming `option` for anything else."""
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{option} {path}: no such folder; pass a store, a run or checkpoint folder, or an exported "
+                         "model")
     candidates = [path / "meta.json", path / "trainer.json", path / "encoder.json"]
     if (path / "latest.json").is_file():
         candidates.append(path / read_json(path / "latest.json")["path"] / "trainer.json")

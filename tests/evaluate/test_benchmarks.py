@@ -285,6 +285,10 @@ def test_a_store_made_otherwise_is_refused(trained_elsewhere, tmp_path):
     assert "--encoder.tokens 8 (it has 4): contradicts --like" in output
     output = invoke("precompute", dataset, "--like", tmp_path, "--store-root", tmp_path / "s", code=2)
     assert "not a store (meta.json), a run or checkpoint folder" in output
+    output = invoke("precompute", dataset, "--like", tmp_path / "typo", "--store-root", tmp_path / "s", code=2)
+    assert "typo: no such folder" in output
+    output = invoke("eval", run_dir, "--dataset", tmp_path / "datasets" / "mmar-typo", code=2)
+    assert "mmar-typo: no audio.jsonl there" in output
     invoke("precompute", dataset, "--encoder", "mel", "--clip-seconds", "3", "--tokens", "8", "--store-root",
            tmp_path / "s")
     other = next((tmp_path / "s" / "mmar").iterdir())
