@@ -42,6 +42,7 @@ from mellow.settings import (
     ExportConfig,
     PrecomputeConfig,
     QuickstartConfig,
+    ServeConfig,
     TrainJob,
     encoder_settings,
 )
@@ -366,6 +367,32 @@ def export_command(context: typer.Context, config: Optional[Path] = CONFIG_FILE)
     from mellow.evaluate import export
 
     export.export(exported)
+
+
+@app.command("serve", cls=stage(ServeConfig))
+@friendly_errors
+def serve_command(
+    context: typer.Context,
+    model: Optional[Path] = typer.Argument(None, help="A training run folder, one checkpoint folder, or a model "
+                                                      "folder written by `mellow export` (default: the most recent "
+                                                      "run under checkpoints/); the same as --model.",
+                                           show_default=False),
+    config: Optional[Path] = CONFIG_FILE,
+) -> None:
+    """Serve a trained model through an OpenAI-compatible API: POST /v1/chat/completions with one or two
+    input_audio parts and a text prompt, GET /v1/models, GET /health.
+
+    Concurrent requests are answered in shared generation batches. `uv run mellow serve` serves the most recent
+    run (after `mellow quickstart`, its model); docs/serving.md has a client."""
+    try:
+        served = settings(context, ServeConfig, config, arguments={"model": model}, needs="no model given")
+    except MissingSetting:  # the most recent run under checkpoints/ (after `mellow quickstart`: its model)
+        model = runs.most_recent_run("a run folder", "uv run mellow serve checkpoints/<run>")
+        runs.announce(model, "serving", "a run or exported model folder (uv run mellow serve checkpoints/<run>)")
+        served = settings(context, ServeConfig, config, arguments={"model": model})
+    from mellow.evaluate import serve
+
+    serve.serve(served)
 
 
 store_app = typer.Typer(help="Inspect and check embedding stores.", no_args_is_help=True)

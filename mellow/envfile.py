@@ -29,6 +29,7 @@ VARIABLES: dict[str, tuple[str, bool]] = {
     "HF_HOME": ("the Hugging Face cache (hf: encoders, decoders and datasets are found there)", False),
     "HF_HUB_OFFLINE": ("1: never reach the Hugging Face Hub, only the cache", False),
     "HF_TOKEN": ("a Hugging Face token, for gated models and datasets", True),
+    "MELLOW_API_KEY": ("the key `mellow serve` requires of every request (Authorization: Bearer <key>)", True),
     "WANDB_API_KEY": ("a Weights & Biases key: training logs to W&B (--train.wandb auto)", True),
     "WANDB_MODE": ("online, offline or disabled: W&B's mode (set: training logs to W&B unless disabled)", False),
 }

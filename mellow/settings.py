@@ -701,6 +701,47 @@ class AskConfig:
             raise ValueError(f"--model {self.model}: no such folder; pass a folder written by `mellow export`")
 
 
+@dataclass
+class ServeConfig:
+    model: Path | None = setting(None, "What to serve: a training run folder (its latest or best checkpoint), one "
+                                       "checkpoint folder, or a model folder written by `mellow export`.")
+    which: Literal["latest", "best"] = setting("latest", "Checkpoint of a run folder to serve: latest or best.")
+    name: str = setting("", "The model's name in the API (`model` of requests, GET /v1/models); default: the "
+                            "folder's name.")
+    host: str = setting("127.0.0.1", "Address to listen on: 127.0.0.1 (this machine only) or 0.0.0.0 (every "
+                                     "interface: set --api-key).")
+    port: int = setting(8000, "Port to listen on.")
+    api_key: str = setting("", "A key every /v1 request must send as `Authorization: Bearer <key>` (else 401); "
+                               "better given as MELLOW_API_KEY in .env than here, where the process list shows it. "
+                               "Never logged.")
+    batch_size: int = setting(16, "Most requests answered in one generation batch.")
+    batch_wait_ms: float = setting(5.0, "How long a batch waits for more requests after the first, in ms.")
+    max_tokens: int = setting(48, "Answer length of a request that gives no max_tokens.")
+    max_tokens_limit: int = setting(512, "The largest max_tokens a request may ask for.")
+    max_audio_seconds: float = setting(600.0, "Longest audio a request may send (the model hears its first "
+                                              "clip_seconds, cropped as its store was).")
+    max_request_mb: float = setting(25.0, "Largest request body, in MB (base64 audio included).")
+    threads: int = setting(0, "CPU threads of the decoder (0: half the cores: the encoder takes the next "
+                              "requests' audio while a batch generates).")
+    device: str = setting("auto", DEVICES)
+
+    def __post_init__(self) -> None:
+        check_device(self.device, "--device")
+        if self.which not in ("latest", "best"):
+            raise ValueError(f"--which {self.which!r} must be latest or best")
+        if self.model is None or not self.model.is_dir():
+            raise ValueError(f"--model {self.model}: no such folder; pass a run folder made by 03_train or a model "
+                             "folder written by `mellow export`")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port} must be between 1 and 65535")
+        if self.batch_size < 1 or self.batch_wait_ms < 0 or self.max_tokens < 1 or self.max_tokens_limit < 1:
+            raise ValueError("--batch-size, --max-tokens and --max-tokens-limit must be >= 1, --batch-wait-ms >= 0")
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError(f"--max-tokens {self.max_tokens} is over --max-tokens-limit {self.max_tokens_limit}")
+        if self.max_audio_seconds <= 0 or self.max_request_mb <= 0 or self.threads < 0:
+            raise ValueError("--max-audio-seconds and --max-request-mb must be > 0, --threads >= 0")
+
+
 
 @dataclass
 class QuickstartConfig:

@@ -19,7 +19,7 @@ DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted(
 SCRIPTS = {"00_prepare": "prepare", "01_precompute": "precompute", "01_precompute_captions": "precompute-captions",
            "02_align": "align", "03_train": "train", "04_eval": "eval"}
 COMMAND = re.compile(r"(?:stages/(0\d[a-z_]*)\.py|\bmellow (prepare|precompute-captions|precompute|align|train|eval|"
-                     r"ask|export|doctor|quickstart)\b)([^`\n]*)")
+                     r"ask|export|doctor|quickstart|serve)\b)([^`\n]*)")
 
 
 def documented_commands() -> list[tuple[str, str, str]]:
@@ -74,7 +74,7 @@ COMMANDS = documented_commands()
 
 def test_the_docs_show_commands_of_every_stage():
     assert {command for _, command, _ in COMMANDS} >= {"prepare", "precompute", "align", "train", "eval", "ask",
-                                                       "export", "doctor"}
+                                                       "export", "doctor", "serve"}
     assert len(COMMANDS) > 40
 
 

@@ -171,6 +171,25 @@ def decoder_description(backend: DecodeBackend = "auto") -> str:
     return f"ffmpeg cli {find_ffmpeg()}"
 
 
+def declared_seconds(data: bytes, name: str) -> float | None:
+    """How long the audio in a file's bytes says it lasts (its container's or audio stream's duration), read
+    without decoding; None when it does not say. An AudioDecodeError when the bytes are no audio file PyAV opens."""
+    import io
+
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = next((stream for stream in container.streams if stream.type == "audio"), None)
+            if stream is None:
+                raise AudioDecodeError(f"{name}: no audio stream")
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            return container.duration / av.time_base if container.duration is not None else None
+    except av.error.FFmpegError as error:
+        raise AudioDecodeError(f"{name}: {as_sentence(error.strerror or type(error).__name__)}") from None
+
+
 def decode_in_process(source: str | Path | bytes, sample_rate: int, offset_seconds: float | None,
                       duration_seconds: float | None, name: str | None) -> np.ndarray:
     """decode_audio through PyAV: the same FFmpeg decoders and swresample as the CLI, without a process per clip.

@@ -24,9 +24,10 @@ from mellow.train.checkpoint import load_trained_model
 from mellow.train.runs import find_checkpoint
 
 
-def encoder_of_store(fingerprint: dict, device: str) -> AudioEncoder:
-    """The encoder that made a store of `fingerprint`, rebuilt here; refused if its weights or settings differ."""
-    config = EncoderConfig(**encoder_settings(fingerprint), device=device, batch_size=2)
+def encoder_of_store(fingerprint: dict, device: str, threads: int = 0) -> AudioEncoder:
+    """The encoder that made a store of `fingerprint`, rebuilt here (with `threads` CPU threads, 0: its default);
+    refused if its weights or settings differ."""
+    config = EncoderConfig(**encoder_settings(fingerprint), device=device, batch_size=2, threads=threads)
     encoder = build_encoder(config)
     differences = describe_differences({"views": 1, **fingerprint}, encoder.fingerprint())
     if differences:
@@ -45,16 +46,31 @@ def encode_files(encoder: AudioEncoder, paths: list[Path]) -> tuple[torch.Tensor
     return torch.from_numpy(embeddings).float(), torch.from_numpy(valid.astype(np.int64))
 
 
-def prompt_batch(tokenizer, audio: torch.Tensor, valid: torch.Tensor, prompt: str,
-                 prompt_suffix: str) -> dict[str, torch.Tensor]:
-    """A one-example generation batch, built as ExampleSet.batch builds one (the prompt ends with the model's
-    prompt suffix: a newline, or the chat template's end of the user turn)."""
-    input_ids = torch.tensor([tokenizer(prompt + prompt_suffix, add_special_tokens=False)["input_ids"]])
-    two = audio.shape[0] == 2
-    return {"audio1": audio[:1], "audio1_valid": valid[:1],
-            "audio2": audio[1:2] if two else torch.zeros_like(audio[:1]),
-            "audio2_valid": valid[1:2] if two else torch.zeros_like(valid[:1]),
-            "has_audio2": torch.tensor([two]), "input_ids": input_ids, "text_mask": torch.ones_like(input_ids)}
+def prompt_ids(tokenizer, prompt: str, prompt_suffix: str) -> list[int]:
+    """The prompt's token ids as the token cache makes them: the prompt, then the model's prompt suffix (a newline,
+    or the chat template's end of the user turn), without special tokens."""
+    return tokenizer(prompt + prompt_suffix, add_special_tokens=False)["input_ids"]
+
+
+def generation_batch(pad_token_id: int, items: list[tuple[torch.Tensor, torch.Tensor, list[int]]]
+                     ) -> dict[str, torch.Tensor]:
+    """A generation batch of (audio (1 or 2, T, D), valid token counts (1 or 2,), prompt ids) items, built as
+    ExampleSet.batch builds one: prompts left-padded, so every row ends where decoding starts; an item with one
+    audio has no second."""
+    width = max(len(ids) for _, _, ids in items)
+    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    text_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (_, _, ids) in enumerate(items):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        text_mask[row, width - len(ids):] = 1
+    first = [audio[:1] for audio, _, _ in items]
+    second = [audio[1:2] if audio.shape[0] == 2 else torch.zeros_like(audio[:1]) for audio, _, _ in items]
+    return {"audio1": torch.cat(first), "audio1_valid": torch.cat([valid[:1] for _, valid, _ in items]),
+            "audio2": torch.cat(second),
+            "audio2_valid": torch.cat([valid[1:2] if len(valid) == 2 else torch.zeros_like(valid[:1])
+                                       for _, valid, _ in items]),
+            "has_audio2": torch.tensor([audio.shape[0] == 2 for audio, _, _ in items]), "input_ids": input_ids,
+            "text_mask": text_mask}
 
 
 def ask(config: AskConfig, audio_files: list[Path], prompt: str) -> str:
@@ -83,8 +99,8 @@ def ask(config: AskConfig, audio_files: list[Path], prompt: str) -> str:
     else:
         model, tokenizer, trainer = load_trained_model(checkpoint, device)
         described = f"{checkpoint} (update {trainer['update']})"
-    batch = {key: value.to(device) for key, value in prompt_batch(tokenizer, audio, valid, prompt,
-                                                                          model.prompt_suffix).items()}
+    items = [(audio, valid, prompt_ids(tokenizer, prompt, model.prompt_suffix))]
+    batch = {key: value.to(device) for key, value in generation_batch(tokenizer.pad_token_id, items).items()}
     tokens = model.generate(batch, config.max_new_tokens, tokenizer.eos_token_id, num_beams=config.beams)[0]
     console.print(f"[dim]{described}, {encoder.config.name}, "
                   f"{'greedy' if config.beams == 1 else f'beam {config.beams}'}[/]", highlight=False)
