@@ -26,6 +26,7 @@ import hmac
 import json
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -560,11 +561,25 @@ async def stream(job: Job, identity: str, name: str, tokenizer):
     yield "data: [DONE]\n\n"
 
 
+def check_port(host: str, port: int) -> None:
+    """A ValueError naming the option if the server could not listen on host:port (in use, or not an address of
+    this machine)."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(info[0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(info[4])
+    except OSError as error:
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); another "
+                         "server may hold the port: pass another --port") from None
+
+
 def serve(config: ServeConfig) -> None:
     """Load the model and serve it until Ctrl-C."""
     import uvicorn
 
     api_key = config.api_key or os.environ.get("MELLOW_API_KEY", "")
+    check_port(config.host, config.port)  # before the model loads: a port in use is said at once
     engine = Engine(config)
     app = create_app(engine, config, api_key)
     where = f"http://{config.host}:{config.port}/v1"

@@ -296,3 +296,13 @@ def test_a_store_made_otherwise_is_refused(trained_elsewhere, tmp_path):
     assert "tokens: expected 4, found 8" in output
     output = invoke("eval", run_dir, "--dataset", dataset, "--similarity", "false", code=2)
     assert "no store of" in output and "--like" in output
+
+
+def test_a_leaderboard_says_when_its_scores_come_from_different_release_versions():
+    from mellow.evaluate.run_report import release_versions
+
+    rows = [{"checkpoint": f"step-00000{n}", "benchmark": {"file_sha256": sha}} for n, sha in
+            ((1, "a" * 64), (2, "a" * 64), (3, "b" * 64))]
+    warning = release_versions(rows)
+    assert "Not comparable" in warning and "2 versions" in warning and "step-000003" in warning
+    assert release_versions(rows[:2]) == "" and release_versions([{"checkpoint": "step-1"}]) == ""

@@ -46,14 +46,16 @@ def test_scores_are_exact_on_perfect_and_wrong_answers():
         {"task": "caption", "subtask": "caption", "answer": "a loud tone", "references": ["a loud tone",
                                                                                        "a strong beep"]},
     ]
-    perfect = metrics.score(examples, ["Yes.", "no", "c) three", "a loud tone"])
+    scorer = metrics.CaptionScorer(similarity=False)  # one scorer (one METEOR process) for both
+    perfect = metrics.score(examples, ["Yes.", "no", "c) three", "a loud tone"], scorer)
     assert perfect["yes_no"] == {"count": 2, "accuracy": 1.0, "chance": 0.5,
                                  "confusion": {"no": {"no": 1, "yes": 0, "other": 0},
                                                "yes": {"no": 0, "yes": 1, "other": 0}}}
     assert perfect["multiple_choice"]["accuracy"] == 1.0
     assert perfect["multiple_choice"]["chance"] == pytest.approx(1 / 3)
     assert perfect["caption"]["rouge_l"] == pytest.approx(1.0)
-    wrong = metrics.score(examples, ["no", "yes", "a) one", "silence"])
+    wrong = metrics.score(examples, ["no", "yes", "a) one", "silence"], scorer)
+    scorer.close()
     assert wrong["yes_no"]["accuracy"] == 0.0 and wrong["multiple_choice"]["accuracy"] == 0.0
     assert wrong["caption"]["bleu_4"] < 1e-6 and wrong["caption"]["rouge_l"] == 0.0
 

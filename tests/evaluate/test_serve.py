@@ -201,6 +201,7 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_a_load_with_bad_requests_mixed_in_gives_no_5xx_and_flat_memory(server):
     clips, name = server["clips"], server["name"]
     good = {"model": name, "messages": question(audio_part(clips["wav"]))}
@@ -223,3 +224,16 @@ def test_a_load_with_bad_requests_mixed_in_gives_no_5xx_and_flat_memory(server):
     assert all(status < 500 for status in statuses)
     assert statuses.count(200) == sum(body is good for body in requests)
     assert _rss_mb(server["process"].pid) < warm * 1.1 + 20  # 200 more requests: no growth to speak of
+
+
+def test_a_port_in_use_is_said_before_the_model_loads(tmp_path):
+    from mellow.evaluate.serve import check_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(ValueError, match=f"--port {port}: cannot listen there .*pass another --port"):
+            check_port("127.0.0.1", port)
+    with pytest.raises(ValueError, match="--host 203.0.113.9"):
+        check_port("203.0.113.9", 8000)  # an address this machine does not have
