@@ -333,8 +333,8 @@ def parse_request(body: bytes, config: ServeConfig, name: str) -> dict:
         raise ApiError(400, "the request body must be a JSON object")
     model = request.get("model")
     if model != name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {name!r} (GET /v1/models)",
-                       "model", "model_not_found")
+        raise ApiError(404, f"the model {str(model)[:80]!r} does not exist; this server serves {name!r} (GET "
+                            "/v1/models)", "model", "model_not_found")
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ApiError(400, "messages must be a non-empty list of message objects", "messages")
