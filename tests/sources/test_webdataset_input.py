@@ -83,6 +83,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow  # it waits out a stalled server's timeout
 @pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http:// tars with curl")
 def test_pipe_and_http_tars_a_dead_url_and_a_stalled_server(tars, tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler,

@@ -26,6 +26,7 @@ def page_faults(mode: str) -> tuple[str, int]:
     return applied, int(faults)
 
 
+@pytest.mark.slow  # two processes that each allocate and free 40 MB blocks many times
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_freed_blocks_are_reused_without_page_faults():
     _, faults_default = page_faults("default")
