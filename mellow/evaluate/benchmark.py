@@ -108,9 +108,12 @@ def benchmark_markdown(block: dict) -> str:
     """The benchmark block as Markdown: the total, then each breakdown as a table (accuracy in percent, as the
     benchmarks' leaderboards print it)."""
     sha = (block.get("file_sha256") or "")[:12]
+    scored = (f"**{_percent(block['accuracy'])}** over {block['scored']} scored record(s); no choice matched: "
+              f"{_percent(block['no_match'])}" if block["scored"] else
+              "no record has an answer to score here (the release withholds them): submit the submission file to "
+              "the benchmark's own evaluation")
     lines = [f"## {block['name']}", "",
-             f"Release file `{Path(block.get('file') or '?').name}` (sha256 {sha}…): **{_percent(block['accuracy'])}**"
-             f" over {block['scored']} scored record(s); no choice matched: {_percent(block['no_match'])}"
+             f"Release file `{Path(block.get('file') or '?').name}` (sha256 {sha}…): {scored}"
              + (f"; {block['withheld']} predicted without an answer to score (withheld)" if block["withheld"] else "")
              + (f"; {block['not_predicted']} not predicted (no audio in the store)" if block["not_predicted"] else ""),
              ""]

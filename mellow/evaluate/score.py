@@ -314,6 +314,8 @@ def _main_metric(values: dict) -> tuple[str, float, float | None]:
 
 
 def markdown_summary(scores: dict[str, dict], checkpoint: Path) -> str:
+    if not scores:
+        return f"# Scores of `{checkpoint}`\n\nNo example of this split has an answer to score.\n"
     lines = [f"# Scores of `{checkpoint}`", "", "| task | n | metric | score | chance | other |",
              "|---|---|---|---|---|---|"]
     for name, values in scores.items():

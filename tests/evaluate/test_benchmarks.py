@@ -17,7 +17,7 @@ from mellow.answers import matched_choice, matches_choice
 from mellow.audio.decode import encode_audio_file
 from mellow.cli import app
 from mellow.config import from_names
-from mellow.evaluate.benchmark import benchmark_scores, write_submission
+from mellow.evaluate.benchmark import benchmark_markdown, benchmark_scores, write_submission
 from mellow.files import read_json, read_jsonl
 from mellow.settings import ModelConfig, TrainConfig
 from mellow.train import loop
@@ -206,6 +206,7 @@ def test_a_test_set_without_answers_is_predicted_not_scored(tmp_path):
     assert all(example["answer_withheld"] and example["answer"] == "" for example in examples)
     block = benchmark_scores(info, examples, ["dog"] * len(examples))
     assert block["accuracy"] is None and block["scored"] == 0 and block["withheld"] == 6
+    assert "no record has an answer to score here" in benchmark_markdown(block)
     submitted = json.loads(write_submission(tmp_path, info, examples, ["dog"] * len(examples)).read_text())
     assert [record.get("model_output") for record in submitted] == ["dog"] * 6 + [None]
 
