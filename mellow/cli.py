@@ -382,8 +382,8 @@ def serve_command(
     """Serve a trained model through an OpenAI-compatible API: POST /v1/chat/completions with one or two
     input_audio parts and a text prompt, GET /v1/models, GET /health.
 
-    Concurrent requests are answered in shared generation batches. `uv run mellow serve` serves the most recent
-    run (after `mellow quickstart`, its model); docs/serving.md has a client."""
+    Concurrent requests are decoded together, each joining at the next step. `uv run mellow serve` serves the
+    most recent run (after `mellow quickstart`, its model); docs/serving.md has a client."""
     try:
         served = settings(context, ServeConfig, config, arguments={"model": model}, needs="no model given")
     except MissingSetting:  # the most recent run under checkpoints/ (after `mellow quickstart`: its model)

@@ -714,8 +714,9 @@ class ServeConfig:
     api_key: str = setting("", "A key every /v1 request must send as `Authorization: Bearer <key>` (else 401); "
                                "better given as MELLOW_API_KEY in .env than here, where the process list shows it. "
                                "Never logged.")
-    batch_size: int = setting(16, "Most requests answered in one generation batch.")
-    batch_wait_ms: float = setting(5.0, "How long a batch waits for more requests after the first, in ms.")
+    batch_size: int = setting(16, "Most requests decoded together (each joins at the next step and leaves when "
+                                  "its answer ends).")
+    batch_wait_ms: float = setting(5.0, "How long the first request to an idle server waits for others, in ms.")
     max_tokens: int = setting(48, "Answer length of a request that gives no max_tokens.")
     max_tokens_limit: int = setting(512, "The largest max_tokens a request may ask for.")
     max_audio_seconds: float = setting(600.0, "Longest audio a request may send (the model hears its first "

@@ -11,10 +11,10 @@
 
 Audio is decoded and encoded as 01_precompute does for the model's store (the encoder must have the store's
 fingerprint; the first view, cropped or padded to its clip_seconds), so an answer is the one `mellow ask` gives
-for the same clip and prompt. Requests that arrive together are answered in one generation batch: the first
-waits up to --batch-wait-ms for others, up to --batch-size, and the model runs one batch at a time while the
-next gathers; a greedy answer is the same in a batch as alone. Bad input gets a 4xx with OpenAI's error body
-({"error": {"message", "type", "param", "code"}}) and the server goes on serving.
+for the same clip and prompt. The model decodes up to --batch-size requests together, one token of each per
+step: a request joins at the next step and leaves when its answer ends (continuous batching); a greedy answer is
+the same in a batch as alone. Bad input gets a 4xx with OpenAI's error body ({"error": {"message", "type",
+"param", "code"}}) and the server goes on serving.
 """
 
 from __future__ import annotations
