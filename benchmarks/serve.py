@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import glob
-import json
 import socket
 import statistics
 import subprocess
@@ -68,34 +67,20 @@ def clips(count: int) -> list[tuple[str, str]]:
     return [(base64.b64encode(Path(path).read_bytes()).decode(), Path(path).suffix[1:]) for path in found]
 
 
-def load(port: int, name: str, audio: list[tuple[str, str]], clients: int, requests: int, lean: bool = False) -> dict:
+def load(port: int, name: str, audio: list[tuple[str, str]], clients: int, requests: int) -> dict:
     """Each of `clients` threads sends `requests` requests one after another; returns rps and latencies."""
     latencies: list[float] = []
     lock = threading.Lock()
 
-    bodies = [json.dumps({"model": name, "max_tokens": 48, "messages": [{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"data": data, "format": fmt}},
-        {"type": "text", "text": "Describe the audio."}]}]}).encode() for data, fmt in audio]
-
     def client(number: int) -> None:
-        if lean:  # the request bodies made once: the load generator shares the server's cores
-            session = httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=600)
-        else:
-            openai = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        openai = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         for index in range(requests):
-            which = (number * requests + index) % len(audio)
+            data, fmt = audio[(number * requests + index) % len(audio)]
             started = time.perf_counter()
-            if lean:
-                reply = session.post("/chat/completions", content=bodies[which],
-                                     headers={"content-type": "application/json"})
-                answer = reply.json()["choices"][0]["message"]["content"]
-            else:
-                data, fmt = audio[which]
-                answer = openai.chat.completions.create(model=name, max_tokens=48, messages=[{
-                    "role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": fmt}},
-                                                {"type": "text", "text": "Describe the audio."}]}]
-                ).choices[0].message.content
-            assert answer is not None
+            answer = openai.chat.completions.create(model=name, max_tokens=48, messages=[{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": data, "format": fmt}},
+                {"type": "text", "text": "Describe the audio."}]}])
+            assert answer.choices[0].message.content is not None
             with lock:
                 latencies.append(time.perf_counter() - started)
 

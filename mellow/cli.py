@@ -292,6 +292,18 @@ def train_command(
         raise typer.Exit(130)  # saved; Ctrl-C still ends a chain of commands (`03_train ... && 04_eval ...`)
 
 
+def settings_or_recent_run(context: typer.Context, cls: type, config: Path | None, name: str, value: Path | None,
+                           doing: str, folder: str, command: str):
+    """A command's settings whose argument `name` is a run folder; given nowhere, the most recent run under
+    checkpoints/, said (`doing` it; pass `folder` to `command` for another)."""
+    try:
+        return settings(context, cls, config, arguments={name: value}, needs=f"no {name} given")
+    except MissingSetting:
+        run = runs.most_recent_run("a run folder", f"{command} checkpoints/<run>")
+        runs.announce(run, doing, f"{folder} ({command} checkpoints/<run>)")
+        return settings(context, cls, config, arguments={name: run})
+
+
 @app.command("eval", cls=stage(EvalConfig))
 @friendly_errors
 def eval_command(
@@ -303,12 +315,8 @@ def eval_command(
 ) -> None:
     """Stage 04: generate answers for a split from the store and score them per task, for every checkpoint of
     a run not scored yet; then the run's leaderboard and report (Markdown + PNG plots) in <run>/eval-<split>/."""
-    try:
-        scoring = settings(context, EvalConfig, config, arguments={"run": run}, needs="no run given")
-    except MissingSetting:  # the most recent run under checkpoints/
-        run = runs.most_recent_run("a run folder", "uv run stages/04_eval.py checkpoints/<run>")
-        runs.announce(run, "scoring", "a run folder (uv run stages/04_eval.py checkpoints/<run>)")
-        scoring = settings(context, EvalConfig, config, arguments={"run": run})
+    scoring = settings_or_recent_run(context, EvalConfig, config, "run", run, "scoring", "a run folder",
+                                     "uv run stages/04_eval.py")
     from mellow.evaluate import score
 
     score.run(scoring)
@@ -384,12 +392,8 @@ def serve_command(
 
     Concurrent requests are decoded together, each joining at the next step. `uv run mellow serve` serves the
     most recent run (after `mellow quickstart`, its model); docs/serving.md has a client."""
-    try:
-        served = settings(context, ServeConfig, config, arguments={"model": model}, needs="no model given")
-    except MissingSetting:  # the most recent run under checkpoints/ (after `mellow quickstart`: its model)
-        model = runs.most_recent_run("a run folder", "uv run mellow serve checkpoints/<run>")
-        runs.announce(model, "serving", "a run or exported model folder (uv run mellow serve checkpoints/<run>)")
-        served = settings(context, ServeConfig, config, arguments={"model": model})
+    served = settings_or_recent_run(context, ServeConfig, config, "model", model, "serving",
+                                    "a run or exported model folder", "uv run mellow serve")
     from mellow.evaluate import serve
 
     serve.serve(served)

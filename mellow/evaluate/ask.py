@@ -24,10 +24,9 @@ from mellow.train.checkpoint import load_trained_model
 from mellow.train.runs import find_checkpoint
 
 
-def encoder_of_store(fingerprint: dict, device: str, threads: int = 0) -> AudioEncoder:
-    """The encoder that made a store of `fingerprint`, rebuilt here (with `threads` CPU threads, 0: its default);
-    refused if its weights or settings differ."""
-    config = EncoderConfig(**encoder_settings(fingerprint), device=device, batch_size=2, threads=threads)
+def encoder_of_store(fingerprint: dict, device: str) -> AudioEncoder:
+    """The encoder that made a store of `fingerprint`, rebuilt here; refused if its weights or settings differ."""
+    config = EncoderConfig(**encoder_settings(fingerprint), device=device, batch_size=2)
     encoder = build_encoder(config)
     differences = describe_differences({"views": 1, **fingerprint}, encoder.fingerprint())
     if differences:

@@ -126,11 +126,16 @@ def checkpoints_to_score(config: EvalConfig) -> list[Path]:
 def eval_tag(config: EvalConfig, checkpoint: Path) -> str:
     """The eval folders' suffix: the split (and -rank), after the dataset's name when --dataset names another
     dataset than the one the checkpoint was trained on (eval-mmau-test-mini-test beside eval-test)."""
-    if config.dataset is None or not (checkpoint / "trainer.json").is_file():
+    trainer = checkpoint / "trainer.json"
+    if config.dataset is None or not trainer.is_file() or not scores_another_dataset(config, read_json(trainer)):
         return config.tag
-    trained = read_json(checkpoint / "trainer.json")["config"]["train"].get("dataset")
-    own = trained and Path(trained).name == config.dataset.name
-    return config.tag if own else f"{config.dataset.name}-{config.tag}"
+    return f"{config.dataset.name}-{config.tag}"
+
+
+def scores_another_dataset(config: EvalConfig, trainer: dict) -> bool:
+    """Whether --dataset names another dataset than the one the checkpoint (its trainer.json) was trained on."""
+    trained = trainer["config"]["train"].get("dataset")
+    return config.dataset is not None and not (trained and Path(trained).name == config.dataset.name)
 
 
 def score_checkpoint(checkpoint: Path, config: EvalConfig, scorer: metrics.CaptionScorer,
@@ -190,8 +195,7 @@ def inputs_of(checkpoint: Path, config: EvalConfig) -> tuple[EmbeddingStore, Pat
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no trainer.json)")
     trainer = read_json(trainer_path)
     trained_store = Path(trainer["store"])
-    elsewhere = eval_tag(config, checkpoint) != config.tag  # --dataset names another dataset than the trained one
-    if config.store is None and elsewhere:
+    if config.store is None and scores_another_dataset(config, trainer):
         store = EmbeddingStore(matching_store(config.dataset, trainer["store_fingerprint"], trained_store, checkpoint))
     else:
         if config.store is None and not trained_store.exists():

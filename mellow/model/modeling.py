@@ -252,18 +252,15 @@ class MellowModel(nn.Module):
 
     @torch.inference_mode()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int,
-                 num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> list[list[int]]:
-        """Batched greedy (num_beams 1), beam-search or, with a temperature > 0, sampled (nucleus `top_p`)
-        decoding with a KV cache, by transformers' `generate` on the audio + prompt embeddings; each answer stops
-        at EOS or max_new_tokens. The prompt text must be left-padded. `streamer`: a transformers streamer, handed
-        each step's tokens (B,). Returns the answer token ids of every example, without the EOS."""
+                 num_beams: int = 1) -> list[list[int]]:
+        """Batched greedy (num_beams 1) or beam-search decoding with a KV cache, by transformers' `generate` on
+        the audio + prompt embeddings; each answer stops at EOS or max_new_tokens. The prompt text must be
+        left-padded. Returns the answer token ids of every example, without the EOS."""
         embeds, mask, _, _ = self.build_inputs(batch, for_generation=True)  # generate derives positions from the mask
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
-            else {"do_sample": False}
-        settings = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=eos_token_id,
-                                    pad_token_id=eos_token_id, **sampling)
-        tokens = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=settings,
-                                              streamer=streamer).tolist()  # (B, new tokens)
+        settings = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                    eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        tokens = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                              generation_config=settings).tolist()  # (B, new tokens)
         return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
